@@ -1,0 +1,597 @@
+"""The one MLflow interface of the pipeline: every component logs through `stage_run`.
+
+    from components.tracking import stage_run
+
+    with stage_run("train", params) as run:      # params: the whole params.yaml dict
+        run.log_metrics({"loss": 0.3}, step=10)
+        run.log_artifact("artifacts/train/curve.csv")
+
+Design
+- One MLflow run per pipeline run. The Prefect flow opens a *pipeline run* and exports its id
+  in `CPCSAM_MLFLOW_PARENT_RUN_ID`; each stage (a `dvc repro` child process) then opens a
+  nested run under it (tag `mlflow.parentRunId`) and mirrors its metrics onto the parent as
+  `<stage>/<metric>`, so pipeline runs compare side by side in the UI.
+  Without a parent (plain `dvc repro` / `make run`) a stage makes its own run in experiment
+  `tracking.experiment`.
+- Tracking URI: `MLFLOW_TRACKING_URI`, else `tracking.uri`, else `sqlite:///mlflow.db` with
+  local artifacts under `tracking.artifact_location` (the embedded default: no server).
+- Lineage tags on every run: git commit + dirty flag, the `dvc.lock` hash and the hash of
+  the data stages' outs, the Prefect flow-run id when there is one, the dataset profile.
+- `tracking.enabled: false` (or `CPCSAM_TRACKING=off`) gives a no-op logger.
+- Logging never breaks a stage: each call is retried, then downgraded to a warning (the
+  stage's real outputs are DVC outs on disk, so nothing trained is lost). After repeated
+  failures the logger stops trying for the rest of the stage.
+- `preflight` is the fail-fast check a flow calls *before* any training: a configured
+  tracking server or S3 endpoint that does not answer raises `PreflightError` with a clear
+  message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from cpcsam.errors import CpcSamError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PARENT_RUN_ENV = "CPCSAM_MLFLOW_PARENT_RUN_ID"
+FLOW_RUN_ENV = "CPCSAM_PREFECT_FLOW_RUN_ID"
+# Set by Prefect in the process of a flow run; stages started by the flow inherit it.
+PREFECT_FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
+TRACKING_SWITCH_ENV = "CPCSAM_TRACKING"
+
+DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "uri": "sqlite:///mlflow.db",
+    "experiment": "cpcsam",
+    "artifact_location": "mlruns",
+    "data_stages": ["ingest", "validate"],
+    "retries": 3,
+    "retry_wait_s": 0.5,
+    "max_consecutive_failures": 5,
+    "preflight_timeout_s": 5.0,
+}
+
+# MLflow's own HTTP client retries 7 times with exponential back-off (minutes when a server
+# is gone); our retry loop is the policy, so keep MLflow's short. Users may override.
+_MLFLOW_HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+class PreflightError(CpcSamError):
+    """A service the run needs (tracking server, S3 endpoint) does not answer."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def tracking_config(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `tracking:` section merged over `DEFAULTS` (environment switch applied)."""
+    section = dict((params or {}).get("tracking") or {})
+    cfg = {**DEFAULTS, **section}
+    switch = os.environ.get(TRACKING_SWITCH_ENV, "").strip().lower()
+    if switch in {"0", "off", "false", "no"}:
+        cfg["enabled"] = False
+    elif switch in {"1", "on", "true", "yes"}:
+        cfg["enabled"] = True
+    return cfg
+
+
+def resolve_tracking_uri(params: Mapping[str, Any] | None) -> str:
+    """`MLFLOW_TRACKING_URI` wins over `tracking.uri`, which wins over the sqlite default."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or str(tracking_config(params)["uri"])
+
+
+def is_remote_uri(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in {"http", "https"}
+
+
+def _load_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """params.yaml of the working directory, or {} (tracking works with defaults)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _configure_mlflow_env() -> None:
+    for key, value in _MLFLOW_HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def make_client(params: Mapping[str, Any] | None = None, uri: str | None = None):
+    """An `MlflowClient` on the resolved URI (tracking and registry on the same store)."""
+    _configure_mlflow_env()
+    from mlflow import MlflowClient
+
+    uri = uri or resolve_tracking_uri(params)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def get_or_create_experiment(client, name: str, artifact_location: str | None, uri: str) -> str:
+    """Experiment id by name; local stores get an explicit artifact root (servers choose their own)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_location and not is_remote_uri(uri):
+        # one folder per experiment under the configured root
+        loc = str(artifact_location).rstrip("/")
+        location = f"{loc}/{name}" if "://" in loc else (Path(loc) / name).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Another stage or process created it between the lookup and the create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def dvc_lock_hashes(root: Path, data_stages: list[str]) -> dict[str, str]:
+    """md5 of `dvc.lock` and a combined hash of the data stages' outs recorded in it."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    text = lock.read_bytes()
+    tags = {"cpcsam.dvc.lock_md5": hashlib.md5(text).hexdigest()}
+    try:
+        stages = (yaml.safe_load(text) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return tags
+    parts = []
+    for stage in data_stages:
+        for out in (stages.get(stage) or {}).get("outs", []) or []:
+            parts.append(f"{out.get('path')}:{out.get('md5') or out.get('etag') or out.get('hash')}")
+    if parts:
+        tags["cpcsam.dvc.data_md5"] = hashlib.md5("\n".join(sorted(parts)).encode()).hexdigest()
+        tags["cpcsam.dvc.data_outs"] = ";".join(sorted(parts))[:5000]
+    return tags
+
+
+def lineage_tags(root: str | Path = ".", data_stages: list[str] | None = None) -> dict[str, str]:
+    """Tags that trace a run back to code (git), data (dvc.lock) and orchestration (Prefect)."""
+    root = Path(root)
+    tags: dict[str, str] = {}
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["cpcsam.git.commit"] = commit
+        status = _git(root, "status", "--porcelain", "--untracked-files=no")
+        tags["cpcsam.git.dirty"] = "true" if status else "false"
+    tags.update(dvc_lock_hashes(root, data_stages if data_stages is not None else DEFAULTS["data_stages"]))
+    flow_run = os.environ.get(FLOW_RUN_ENV) or os.environ.get(PREFECT_FLOW_RUN_ENV)
+    if flow_run:
+        tags["cpcsam.prefect.flow_run_id"] = flow_run
+    return tags
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params as dotted keys with string values (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple, bool)) or value is None else str(value)
+            flat[name] = text[:6000]  # MLflow's param value limit
+    return flat
+
+
+# --------------------------------------------------------------------------- the loggers
+
+
+class NullRun:
+    """The logger when tracking is off: accepts every call, logs nothing."""
+
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    failures = 0
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_dict(self, obj: Any, name: str) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_dataset(self, df: Any, name: str, source: str | None = None, context: str = "training") -> None: ...
+
+
+@dataclass
+class StageRun:
+    """An open MLflow run of one stage. Every method swallows (after retries) logging errors."""
+
+    client: Any
+    run_id: str
+    parent_run_id: str | None = None
+    stage: str = ""
+    retries: int = 3
+    retry_wait_s: float = 0.5
+    max_consecutive_failures: int = 5
+    failures: int = 0
+    _consecutive: int = field(default=0, repr=False)
+    _gave_up: bool = field(default=False, repr=False)
+
+    # -- retry policy
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        if self._gave_up:
+            return None
+        for attempt in range(1, self.retries + 1):
+            try:
+                result = fn(*args, **kwargs)
+                self._consecutive = 0
+                return result
+            except Exception as exc:  # any logging failure: network, store, bad value
+                if attempt < self.retries:
+                    logger.info("MLflow %s failed (attempt %d/%d): %s", what, attempt, self.retries, exc)
+                    time.sleep(self.retry_wait_s * attempt)
+                    continue
+                self.failures += 1
+                self._consecutive += 1
+                logger.warning(
+                    "MLflow %s failed after %d attempts, continuing without it (outputs stay on disk): %s",
+                    what, self.retries, exc,
+                )
+                if self._consecutive >= self.max_consecutive_failures:
+                    self._gave_up = True
+                    logger.warning(
+                        "MLflow logging for stage %r stopped after %d consecutive failures", self.stage, self._consecutive
+                    )
+        return None
+
+    # -- public API (matches cpcsam.training.logging.MetricLogger)
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Numeric metrics on the stage run, mirrored on the pipeline run as `<stage>/<key>`."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        clean = {str(k): float(v) for k, v in metrics.items() if v is not None and not _is_nan(v)}
+        if not clean:
+            return
+        own = [Metric(k, v, now, step or 0) for k, v in clean.items()]
+        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=own)
+        if self.parent_run_id:
+            mirrored = [Metric(f"{self.stage}/{k}", v, now, step or 0) for k, v in clean.items()]
+            self._call("log_metrics(parent)", self.client.log_batch, self.parent_run_id, metrics=mirrored)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, v) for k, v in flat.items()]
+        # log_batch takes at most 100 params per call
+        for i in range(0, len(items), 100):
+            self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or a whole directory (its contents under `artifact_path`)."""
+        path = Path(path)
+        if path.is_dir():
+            self._call("log_artifacts", self.client.log_artifacts, self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self._call("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
+        else:
+            logger.warning("MLflow log_artifact: %s does not exist, not logged", path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """`obj` as JSON (or YAML for .yaml/.yml names) at artifact path `name`."""
+        self._call("log_dict", self.client.log_dict, self.run_id, obj, name)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)[:5000]) for k, v in tags.items()]
+        if items:
+            self._call("set_tags", self.client.log_batch, self.run_id, tags=items)
+
+    def log_dataset(self, df: Any, name: str, source: str | None = None, context: str = "training") -> None:
+        """Dataset lineage (`mlflow.log_input`): schema, digest and source of a pandas frame."""
+
+        def _log() -> None:
+            import warnings
+
+            import mlflow.data
+            from mlflow.entities import DatasetInput, InputTag
+
+            with warnings.catch_warnings():  # schema-inference hints about int columns
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_pandas(df, source=source, name=name)
+            entity = dataset._to_mlflow_entity()
+            tag = InputTag(key="mlflow.data.context", value=context)
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=[tag])])
+
+        self._call("log_input", _log)
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return True
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[StageRun | NullRun]:
+    """Open the MLflow run of one pipeline stage; close it FINISHED or FAILED.
+
+    `params` is the whole params.yaml mapping (read from the working directory when None):
+    its `tracking:` section configures the logger, and `seed` + the stage's own section are
+    logged as the run's params. If MLflow cannot be reached, the stage runs untracked (a
+    warning says so); the fail-fast check belongs to `preflight`, called by the flows.
+    """
+    params = dict(params) if params is not None else _load_params_file()
+    cfg = tracking_config(params)
+    if not cfg["enabled"]:
+        yield NullRun()
+        return
+
+    uri = resolve_tracking_uri(params)
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    run = _open_stage_run(stage, params, cfg, uri, parent)
+    if run is None:
+        yield NullRun()
+        return
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        run._gave_up = False  # always try to close the run
+        run._call("set_terminated", run.client.set_terminated, run.run_id, status)
+
+
+def _open_stage_run(
+    stage: str, params: Mapping[str, Any], cfg: Mapping[str, Any], uri: str, parent: str | None
+) -> StageRun | None:
+    retries = int(cfg["retries"])
+    wait = float(cfg["retry_wait_s"])
+
+    def _create():
+        client = make_client(uri=uri)
+        if parent:
+            experiment_id = client.get_run(parent).info.experiment_id
+        else:
+            experiment_id = get_or_create_experiment(client, str(cfg["experiment"]), cfg.get("artifact_location"), uri)
+        tags = {
+            "cpcsam.stage": stage,
+            **lineage_tags(".", list(cfg["data_stages"])),
+        }
+        profile = (params.get("data") or {}).get("profile") if isinstance(params.get("data"), Mapping) else None
+        if profile:
+            tags["cpcsam.profile"] = str(profile)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        created = client.create_run(experiment_id, tags=tags, run_name=stage)
+        return client, created.info.run_id
+
+    last: Exception | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            client, run_id = _create()
+            break
+        except Exception as exc:
+            last = exc
+            if attempt < retries:
+                time.sleep(wait * attempt)
+    else:
+        logger.warning("MLflow at %s unavailable, stage %r runs untracked: %s", uri, stage, last)
+        return None
+
+    run = StageRun(
+        client=client,
+        run_id=run_id,
+        parent_run_id=parent,
+        stage=stage,
+        retries=retries,
+        retry_wait_s=wait,
+        max_consecutive_failures=int(cfg["max_consecutive_failures"]),
+    )
+    logged: dict[str, Any] = {}
+    if "seed" in params:
+        logged["seed"] = params["seed"]
+    if isinstance(params.get(stage), Mapping):
+        logged[stage] = params[stage]
+    if logged:
+        run.log_params(logged)
+    return run
+
+
+@contextlib.contextmanager
+def pipeline_run(
+    params: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[StageRun | NullRun]:
+    """The parent run of a whole pipeline run (opened by a flow).
+
+    While open, `CPCSAM_MLFLOW_PARENT_RUN_ID` is set in this process's environment, so the
+    stages it starts (`dvc repro` children) nest under it. Unlike `stage_run`, failing to
+    create it raises: the flow must have called `preflight` first.
+    """
+    params = dict(params) if params is not None else _load_params_file()
+    cfg = tracking_config(params)
+    if not cfg["enabled"]:
+        yield NullRun()
+        return
+    uri = resolve_tracking_uri(params)
+    client = make_client(uri=uri)
+    experiment_id = get_or_create_experiment(client, str(cfg["experiment"]), cfg.get("artifact_location"), uri)
+    all_tags = {"cpcsam.stage": "pipeline", **lineage_tags(".", list(cfg["data_stages"])), **(tags or {})}
+    created = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
+    run = StageRun(
+        client=client,
+        run_id=created.info.run_id,
+        stage="pipeline",
+        retries=int(cfg["retries"]),
+        retry_wait_s=float(cfg["retry_wait_s"]),
+        max_consecutive_failures=int(cfg["max_consecutive_failures"]),
+    )
+    saved = os.environ.get(PARENT_RUN_ENV)
+    os.environ[PARENT_RUN_ENV] = run.run_id
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        if saved is None:
+            os.environ.pop(PARENT_RUN_ENV, None)
+        else:
+            os.environ[PARENT_RUN_ENV] = saved
+        run._gave_up = False
+        run._call("set_terminated", client.set_terminated, run.run_id, status)
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def _http_reachable(url: str, timeout: float) -> tuple[bool, str]:
+    """(True, status) when something answers HTTP at `url` (any status code counts)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return True, str(resp.status)
+    except urllib.error.HTTPError as exc:  # an answer, even if 4xx/5xx
+        return True, str(exc.code)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, str(reason)
+
+
+def check_tracking(params: Mapping[str, Any] | None, timeout: float | None = None) -> str:
+    """Raise `PreflightError` unless the configured tracking store can be used. Returns the URI."""
+    cfg = tracking_config(params)
+    uri = resolve_tracking_uri(params)
+    timeout = float(timeout if timeout is not None else cfg["preflight_timeout_s"])
+    parsed = urllib.parse.urlparse(uri)
+    if is_remote_uri(uri):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as resp:
+                if resp.status == 200:
+                    return uri
+                problem = f"/health answered HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            problem = f"/health answered HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = f"no answer ({getattr(exc, 'reason', exc)})"
+        raise PreflightError(
+            f"MLflow tracking server {uri} is unreachable: {problem}. Start the local stack with "
+            "`make stack-up`, or point MLFLOW_TRACKING_URI / params tracking.uri at a running server "
+            "(sqlite:///mlflow.db needs no server). Nothing was trained."
+        )
+    if parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if db is not None and str(db):
+            folder = db.parent if db.parent != Path("") else Path(".")
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise PreflightError(f"MLflow store {uri}: folder {folder.resolve()} is missing or not writable")
+        return uri
+    if parsed.scheme in {"", "file"}:
+        folder = Path(parsed.path if parsed.scheme == "file" else uri)
+        probe = folder if folder.exists() else folder.parent
+        if not os.access(probe if str(probe) else ".", os.W_OK):
+            raise PreflightError(f"MLflow store {uri}: {probe} is not writable")
+        return uri
+    raise PreflightError(f"MLflow tracking URI {uri!r}: unsupported scheme {parsed.scheme!r} (use sqlite:///, http(s)://)")
+
+
+def check_s3_endpoint(endpoint_url: str | None, bucket: str | None = None, timeout: float = 5.0) -> None:
+    """Raise `PreflightError` unless an S3 endpoint answers (and `bucket` exists when given).
+
+    With no endpoint URL (real AWS), only the bucket check applies, and only when a bucket is named.
+    """
+    what = endpoint_url or "AWS S3"
+    if endpoint_url:
+        ok, detail = _http_reachable(endpoint_url, timeout)
+        if not ok:
+            raise PreflightError(
+                f"S3 endpoint {endpoint_url} is unreachable ({detail}). Start it with `make stack-up` "
+                "(moto_server) or fix the endpoint URL. Nothing was trained."
+            )
+    if bucket:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
+        try:
+            boto3.client("s3", endpoint_url=endpoint_url, config=config).head_bucket(Bucket=bucket)
+        except Exception as exc:
+            raise PreflightError(f"S3 bucket s3://{bucket} on {what} cannot be used: {exc}") from exc
+
+
+def preflight(
+    params: Mapping[str, Any] | None = None,
+    s3_endpoints: list[tuple[str | None, str | None]] | None = None,
+    timeout: float | None = None,
+) -> list[str]:
+    """Fail fast before any training. Checks the tracking store, MLflow's direct S3 artifact
+    endpoint (`MLFLOW_S3_ENDPOINT_URL`, when set) and the given `(endpoint_url, bucket)` pairs.
+
+    Returns one line per check that passed; raises `PreflightError` at the first that fails.
+    """
+    cfg = tracking_config(params)
+    timeout = float(timeout if timeout is not None else cfg["preflight_timeout_s"])
+    done: list[str] = []
+    if cfg["enabled"]:
+        uri = check_tracking(params, timeout)
+        done.append(f"tracking store {uri}")
+        mlflow_s3 = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+        if mlflow_s3 and not is_remote_uri(uri):
+            check_s3_endpoint(mlflow_s3, None, timeout)
+            done.append(f"MLflow S3 endpoint {mlflow_s3}")
+    for endpoint, bucket in s3_endpoints or []:
+        check_s3_endpoint(endpoint, bucket, timeout)
+        done.append(f"S3 {endpoint or 'aws'} bucket={bucket or '-'}")
+    return done
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON via a temporary file + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(obj, tmp, indent=2, sort_keys=True)
+    os.replace(tmp.name, path)

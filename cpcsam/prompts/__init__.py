@@ -1,0 +1,41 @@
+"""Prompts for SAM: perturbed training prompts and ground-truth prompts with noise."""
+
+from cpcsam.prompts.perturb import (
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_NEGATIVE,
+    LABEL_PAD,
+    LABEL_POSITIVE,
+    PROMPT_KINDS,
+    PerturbConfig,
+    Prompt,
+    entity_rng,
+    jitter_box,
+    load_prompts,
+    mask_box,
+    pad_prompt,
+    perturb_entity,
+    perturb_manifest,
+    prompt_from_mask,
+    training_entities,
+)
+
+__all__ = [
+    "LABEL_BOX_BOTTOM_RIGHT",
+    "LABEL_BOX_TOP_LEFT",
+    "LABEL_NEGATIVE",
+    "LABEL_PAD",
+    "LABEL_POSITIVE",
+    "PROMPT_KINDS",
+    "PerturbConfig",
+    "Prompt",
+    "entity_rng",
+    "jitter_box",
+    "load_prompts",
+    "mask_box",
+    "pad_prompt",
+    "perturb_entity",
+    "perturb_manifest",
+    "prompt_from_mask",
+    "training_entities",
+]

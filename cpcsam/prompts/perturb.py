@@ -1,0 +1,428 @@
+"""Prompt geometry: perturbed training prompts (METHOD.md §1) and ground-truth prompts with noise.
+
+This module is the one home of prompt geometry in the project. A prompt is a small set of
+points in *original image pixels* with ONNX-style labels (SAM's `utils/onnx.py` convention):
+
+    1 positive point, 0 negative point, 2 box top-left corner, 3 box bottom-right corner,
+    -1 padding ("not a point"), added only when prompts are batched to a fixed number of slots.
+
+Conventions: a point is a pixel index `(x=column, y=row)` (SAM's prompt encoder adds the
+half-pixel shift itself); a box is `(x0, y0, x1, y1)` in pixel *edges*, so the tight box of a
+mask equals the manifest's `bbox_x, bbox_y, bbox_x + bbox_w, bbox_y + bbox_h`.
+
+Training prompts (`perturb_entity`) are a pure function of `(seed, image_id, entity_id, k)`:
+the random generator is derived from a cryptographic hash of those four values, never from
+Python's salted `hash`, so the `perturb` stage gives the same bytes in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from cpcsam.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+LABEL_PAD = -1
+LABEL_NEGATIVE = 0
+LABEL_POSITIVE = 1
+LABEL_BOX_TOP_LEFT = 2
+LABEL_BOX_BOTTOM_RIGHT = 3
+
+PROMPT_KINDS: tuple[str, ...] = ("box", "points", "box+points")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt for one entity: points in original image pixels plus their labels."""
+
+    kind: str
+    coords: np.ndarray  # float64 [n, 2], (x, y)
+    labels: np.ndarray  # int64 [n]
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROMPT_KINDS:
+            raise ValueError(f"prompt kind {self.kind!r} not in {PROMPT_KINDS}")
+        if self.coords.shape != (len(self.labels), 2):
+            raise ValueError(f"prompt coords shape {self.coords.shape} does not match {len(self.labels)} labels")
+
+    @property
+    def num_points(self) -> int:
+        return int(len(self.labels))
+
+    def flat_coords(self) -> list[float]:
+        """`[x0, y0, x1, y1, ...]` as stored in `prompts.parquet`."""
+        return [float(v) for v in self.coords.reshape(-1)]
+
+    @classmethod
+    def from_flat(cls, kind: str, coords: Sequence[float], labels: Sequence[int]) -> "Prompt":
+        return cls(
+            kind=kind,
+            coords=np.asarray(coords, dtype=np.float64).reshape(-1, 2),
+            labels=np.asarray(labels, dtype=np.int64),
+        )
+
+    def box(self) -> np.ndarray | None:
+        """The box `(x0, y0, x1, y1)` when the prompt has one, else None."""
+        tl = self.coords[self.labels == LABEL_BOX_TOP_LEFT]
+        br = self.coords[self.labels == LABEL_BOX_BOTTOM_RIGHT]
+        if len(tl) == 0 or len(br) == 0:
+            return None
+        return np.concatenate([tl[0], br[0]])
+
+
+@dataclass(frozen=True)
+class PerturbConfig:
+    """The `perturb:` section of params.yaml (see METHOD.md §1)."""
+
+    k: int = 4
+    sigma_box: float = 0.1
+    kind_probs: tuple[tuple[str, float], ...] = (("box", 0.4), ("points", 0.3), ("box+points", 0.3))
+    positives: tuple[int, int] = (1, 3)
+    negatives: tuple[int, int] = (0, 2)
+    # Width of the band outside the mask that negatives come from, as a fraction of the
+    # tight box's longer side (at least 2 px): close enough to the object to be informative.
+    negative_band: float = 0.2
+    # Fixed number of point slots per prompt when batched (ONNX-style padding with -1).
+    prompt_slots: int = 8
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any]) -> "PerturbConfig":
+        """Build from the `perturb:` mapping, raising ConfigError naming the bad key."""
+        known = {"k", "sigma_box", "kinds", "positives", "negatives", "negative_band", "prompt_slots", "seed"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"params perturb: unknown keys {unknown}; known keys are {sorted(known)}")
+        default = cls()
+        kinds = section.get("kinds", dict(default.kind_probs))
+        if not isinstance(kinds, Mapping) or not kinds:
+            raise ConfigError(f"params perturb.kinds: expected a mapping kind -> probability, got {kinds!r}")
+        bad = sorted(set(kinds) - set(PROMPT_KINDS))
+        if bad:
+            raise ConfigError(f"params perturb.kinds: unknown kinds {bad}; allowed {list(PROMPT_KINDS)}")
+        probs = [float(kinds.get(kind, 0.0)) for kind in PROMPT_KINDS]
+        if any(p < 0 for p in probs) or sum(probs) <= 0:
+            raise ConfigError(f"params perturb.kinds: probabilities must be >= 0 with a positive sum, got {kinds!r}")
+        cfg = cls(
+            k=int(section.get("k", default.k)),
+            sigma_box=float(section.get("sigma_box", default.sigma_box)),
+            kind_probs=tuple((kind, p / sum(probs)) for kind, p in zip(PROMPT_KINDS, probs)),
+            positives=_int_range(section, "positives", default.positives, low=1),
+            negatives=_int_range(section, "negatives", default.negatives, low=0),
+            negative_band=float(section.get("negative_band", default.negative_band)),
+            prompt_slots=int(section.get("prompt_slots", default.prompt_slots)),
+        )
+        if cfg.k < 1:
+            raise ConfigError(f"params perturb.k: must be >= 1, got {cfg.k}")
+        if not 0.0 <= cfg.sigma_box < 0.5:
+            raise ConfigError(f"params perturb.sigma_box: must be in [0, 0.5), got {cfg.sigma_box}")
+        if cfg.negative_band <= 0:
+            raise ConfigError(f"params perturb.negative_band: must be > 0, got {cfg.negative_band}")
+        if cfg.prompt_slots < cfg.max_points:
+            raise ConfigError(
+                f"params perturb.prompt_slots: {cfg.prompt_slots} slots cannot hold a box and "
+                f"{cfg.positives[1]} + {cfg.negatives[1]} points ({cfg.max_points} needed)"
+            )
+        return cfg
+
+    @property
+    def max_points(self) -> int:
+        """The most points one prompt can hold: 2 box corners + positives + negatives."""
+        return 2 + self.positives[1] + self.negatives[1]
+
+
+def _int_range(section: Mapping[str, Any], key: str, default: tuple[int, int], low: int) -> tuple[int, int]:
+    value = section.get(key, list(default))
+    try:
+        lo, hi = (int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"params perturb.{key}: expected [min, max] integers, got {value!r}") from exc
+    if not low <= lo <= hi:
+        raise ConfigError(f"params perturb.{key}: expected {low} <= min <= max, got {value!r}")
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Random generators
+# ---------------------------------------------------------------------------------------------
+
+
+def entity_rng(seed: int, image_id: str, entity_id: str, k: int) -> np.random.Generator:
+    """A numpy Generator that depends only on `(seed, image_id, entity_id, k)`.
+
+    BLAKE2b of an unambiguous encoding of the four values seeds PCG64; Python's `hash` is
+    salted per process and would break reproducibility.
+    """
+    key = "\x1f".join(["cpcsam.perturb.v1", str(int(seed)), str(image_id), str(entity_id), str(int(k))])
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_mask(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise DataError(f"entity mask must be 2-D [H, W], got shape {mask.shape}")
+    mask = mask.astype(bool, copy=False)
+    if not mask.any():
+        raise DataError(f"entity mask of shape {mask.shape} is empty: cannot place a prompt on it")
+    return mask
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Tight box `(x0, y0, x1, y1)` of a non-empty mask, in pixel edges (x1 = last column + 1)."""
+    mask = _check_mask(mask)
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
+
+
+def jitter_box(box: np.ndarray, sigma: float, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Move each side by `u * side`, `u ~ U(-sigma, sigma)`, then clip to the image.
+
+    `side` is the box width for the left/right sides and its height for the top/bottom ones.
+    The result keeps at least one pixel of extent so that it is always a valid box.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = x1 - x0, y1 - y0
+    if sigma > 0:
+        u = rng.uniform(-sigma, sigma, size=4)
+        x0, y0, x1, y1 = x0 + u[0] * w, y0 + u[1] * h, x1 + u[2] * w, y1 + u[3] * h
+    x0, x1 = np.clip([x0, x1], 0.0, float(width))
+    y0, y1 = np.clip([y0, y1], 0.0, float(height))
+    # Keep a valid box after clipping (a degenerate one would encode as two equal corners).
+    if x1 - x0 < 1.0:
+        x0, x1 = _widen(x0, x1, float(width))
+    if y1 - y0 < 1.0:
+        y0, y1 = _widen(y0, y1, float(height))
+    return np.array([x0, y0, x1, y1], dtype=np.float64)
+
+
+def _widen(lo: float, hi: float, limit: float) -> tuple[float, float]:
+    mid = min(max((lo + hi) / 2.0, 0.5), limit - 0.5)
+    return mid - 0.5, mid + 0.5
+
+
+def _crop_bounds(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = mask_box(mask).astype(int)
+    h, w = mask.shape
+    return slice(max(0, y0 - margin), min(h, y1 + margin)), slice(max(0, x0 - margin), min(w, x1 + margin))
+
+
+def sample_positive_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` distinct pixels drawn uniformly from the mask (repeats only if it has fewer pixels)."""
+    mask = _check_mask(mask)
+    rows, cols = _crop_bounds(mask, 0)
+    ys, xs = np.nonzero(mask[rows, cols])
+    idx = rng.choice(len(xs), size=n, replace=len(xs) < n)
+    return np.stack([xs[idx] + cols.start, ys[idx] + rows.start], axis=1).astype(np.float64)
+
+
+def negative_band(mask: np.ndarray, band_fraction: float) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Pixels outside the mask within `band` pixels of it (a crop around the entity, and its offset).
+
+    `band = max(2, round(band_fraction * longer side of the tight box))`.
+    """
+    mask = _check_mask(mask)
+    x0, y0, x1, y1 = mask_box(mask)
+    band = max(2, int(round(band_fraction * max(x1 - x0, y1 - y0))))
+    rows, cols = _crop_bounds(mask, band)
+    crop = mask[rows, cols]
+    # Distance of every outside pixel to the nearest mask pixel (the crop holds the whole mask).
+    distance = ndimage.distance_transform_edt(~crop)
+    return (distance > 0) & (distance <= band), (rows, cols)
+
+
+def sample_negative_points(
+    mask: np.ndarray, n: int, rng: np.random.Generator, band_fraction: float
+) -> np.ndarray:
+    """Up to `n` distinct pixels from the band just outside the mask (fewer if the band is small)."""
+    if n <= 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    band, (rows, cols) = negative_band(mask, band_fraction)
+    ys, xs = np.nonzero(band)
+    if len(xs) == 0:  # the mask fills its surroundings (e.g. the whole image): no negatives
+        return np.zeros((0, 2), dtype=np.float64)
+    idx = rng.choice(len(xs), size=min(n, len(xs)), replace=False)
+    return np.stack([xs[idx] + cols.start, ys[idx] + rows.start], axis=1).astype(np.float64)
+
+
+def interior_point(mask: np.ndarray) -> np.ndarray:
+    """The mask pixel farthest from the background (first such pixel in row-major order).
+
+    The standard deterministic click of interactive-segmentation evaluation.
+    """
+    mask = _check_mask(mask)
+    rows, cols = _crop_bounds(mask, 1)
+    distance = ndimage.distance_transform_edt(np.pad(mask[rows, cols], 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return np.array([[x + cols.start, y + rows.start]], dtype=np.float64)
+
+
+def _assemble(kind: str, box: np.ndarray | None, positives: np.ndarray, negatives: np.ndarray) -> Prompt:
+    coords: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    if box is not None:
+        coords.append(box.reshape(2, 2))
+        labels.append(np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], dtype=np.int64))
+    if kind != "box":
+        coords += [positives, negatives]
+        labels += [
+            np.full(len(positives), LABEL_POSITIVE, dtype=np.int64),
+            np.full(len(negatives), LABEL_NEGATIVE, dtype=np.int64),
+        ]
+    return Prompt(kind=kind, coords=np.concatenate(coords).astype(np.float64), labels=np.concatenate(labels))
+
+
+def prompt_from_mask(
+    mask: np.ndarray,
+    kind: str,
+    sigma: float,
+    rng: np.random.Generator,
+    num_positive: int = 1,
+    num_negative: int = 0,
+    band_fraction: float = 0.2,
+) -> Prompt:
+    """A prompt from a ground-truth mask with noise level `sigma` (evaluation and pretraining).
+
+    - box: the tight box, each side moved by `u * side`, `u ~ U(-sigma, sigma)` (sigma = 0: exact);
+    - points: the first positive is the most interior pixel, further positives are uniform in
+      the mask; with sigma > 0 every positive is displaced by `u * (box w, box h)` with
+      `u ~ U(-sigma, sigma)` per axis and clipped to the image (a careless click may miss);
+      negatives come from the band outside the mask;
+    - box+points: both.
+    """
+    if kind not in PROMPT_KINDS:
+        raise ConfigError(f"prompt kind {kind!r} not in {PROMPT_KINDS}")
+    mask = _check_mask(mask)
+    height, width = mask.shape
+    tight = mask_box(mask)
+    box = jitter_box(tight, sigma, rng, width, height) if kind != "points" else None
+    positives = np.zeros((0, 2))
+    negatives = np.zeros((0, 2))
+    if kind != "box":
+        positives = interior_point(mask)
+        if num_positive > 1:
+            positives = np.concatenate([positives, sample_positive_points(mask, num_positive - 1, rng)])
+        if sigma > 0:
+            side = np.array([tight[2] - tight[0], tight[3] - tight[1]])
+            positives = positives + rng.uniform(-sigma, sigma, size=positives.shape) * side
+            positives = np.clip(np.round(positives), 0, [width - 1, height - 1])
+        negatives = sample_negative_points(mask, num_negative, rng, band_fraction)
+    return _assemble(kind, box, positives, negatives)
+
+
+def perturb_entity(
+    seed: int, image_id: str, entity_id: str, k: int, mask: np.ndarray, cfg: PerturbConfig
+) -> Prompt:
+    """The k-th perturbed training prompt of an entity (METHOD.md §1), a pure function of its inputs.
+
+    Kind drawn from `cfg.kind_probs`; box = tight box with side jitter `sigma_box`; points =
+    U{positives} positives uniform inside the mask and U{negatives} negatives from the band
+    outside it (fewer when the band is too small).
+    """
+    mask = _check_mask(mask)
+    rng = entity_rng(seed, image_id, entity_id, k)
+    kinds = [kind for kind, _ in cfg.kind_probs]
+    kind = kinds[int(rng.choice(len(kinds), p=[p for _, p in cfg.kind_probs]))]
+    height, width = mask.shape
+    box = jitter_box(mask_box(mask), cfg.sigma_box, rng, width, height) if kind != "points" else None
+    positives = np.zeros((0, 2))
+    negatives = np.zeros((0, 2))
+    if kind != "box":
+        n_pos = int(rng.integers(cfg.positives[0], cfg.positives[1] + 1))
+        n_neg = int(rng.integers(cfg.negatives[0], cfg.negatives[1] + 1))
+        positives = sample_positive_points(mask, n_pos, rng)
+        negatives = sample_negative_points(mask, n_neg, rng, cfg.negative_band)
+    return _assemble(kind, box, positives, negatives)
+
+
+def pad_prompt(prompt: Prompt, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates `[slots, 2]` (float32) and labels `[slots]` (int64), padded with label -1."""
+    n = prompt.num_points
+    if n > slots:
+        raise ConfigError(f"a {prompt.kind!r} prompt with {n} points does not fit in {slots} prompt slots")
+    coords = np.zeros((slots, 2), dtype=np.float32)
+    labels = np.full((slots,), LABEL_PAD, dtype=np.int64)
+    coords[:n] = prompt.coords
+    labels[:n] = prompt.labels
+    return coords, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The perturb stage's table
+# ---------------------------------------------------------------------------------------------
+
+PROMPT_COLUMNS = ["entity_id", "image_id", "k", "kind", "coords", "labels"]
+
+
+def training_entities(manifest: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
+    """Entities that training sees: the train split, base classes only, in a stable order."""
+    rows = manifest[(manifest["split"] == "train") & (manifest["role"] == "base")]
+    return rows.sort_values(["image_id", "entity_id"], kind="stable").reset_index(drop=True)
+
+
+def perturb_manifest(
+    manifest: "pd.DataFrame",  # noqa: F821
+    cfg: PerturbConfig,
+    seed: int,
+    decode: Callable[[str, int, int], np.ndarray] | None = None,
+    progress: bool = True,
+) -> "pd.DataFrame":  # noqa: F821
+    """K prompts for every training entity of the manifest, one row per (entity, k)."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    if decode is None:
+        from cpcsam.data import decode_mask as decode
+    entities = training_entities(manifest)
+    if entities.empty:
+        raise DataError("manifest has no training entities (split == 'train' and role == 'base')")
+    records: list[dict[str, Any]] = []
+    for row in tqdm(entities.itertuples(index=False), total=len(entities), desc="perturb", disable=not progress):
+        mask = decode(row.rle_counts, int(row.height), int(row.width))
+        if not np.asarray(mask).any():
+            raise DataError(f"manifest entity {row.entity_id!r} (image {row.image_id!r}) has an empty mask")
+        for k in range(cfg.k):
+            prompt = perturb_entity(seed, str(row.image_id), str(row.entity_id), k, mask, cfg)
+            records.append(
+                {
+                    "entity_id": str(row.entity_id),
+                    "image_id": str(row.image_id),
+                    "k": k,
+                    "kind": prompt.kind,
+                    "coords": prompt.flat_coords(),
+                    "labels": [int(v) for v in prompt.labels],
+                }
+            )
+    logger.info("perturb: %d prompts for %d entities (K=%d)", len(records), len(entities), cfg.k)
+    return pd.DataFrame.from_records(records, columns=PROMPT_COLUMNS)
+
+
+def load_prompts(path: "str | Any") -> "pd.DataFrame":  # noqa: F821
+    """Read `prompts.parquet`, checking the columns this module writes."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompts file not found (run the perturb stage)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
+    missing = [c for c in PROMPT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing prompt columns {missing}")
+    return frame

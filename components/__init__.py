@@ -1,1 +1,1 @@
-"""Pipeline components: one module per DVC stage (`python -m components.<step>`)."""
+"""Pipeline components: one module per step, `python -m components.<step>`."""

@@ -1,0 +1,260 @@
+"""Building SAM from a config and loading its weights with strict key checks.
+
+`segment_anything.build_sam._build_sam` fixes the input at 1024² and loads checkpoints with
+a bare `torch.load`; here the same modules (`ImageEncoderViT`, `PromptEncoder`, `MaskDecoder`,
+`TwoWayTransformer`) are composed from a `SamArch`, so that the official ViT-B/L/H and the small
+CPU configurations come from one code path, and checkpoints load with `weights_only=True` and
+fail loudly when keys or shapes do not match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from cpcsam.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# SAM's pixel statistics (ImageNet, 0..255 scale); `cpcsam.modeling.transforms` uses the same.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class SamArch:
+    """Every size that defines a SAM model; the official values are SAM's ViT-B."""
+
+    image_size: int = 1024
+    patch_size: int = 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_window_size: int = 14
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding grid (64 for the official models)."""
+        return self.image_size // self.patch_size
+
+
+ARCHS: dict[str, SamArch] = {
+    "vit_b": SamArch(),
+    "vit_l": SamArch(
+        encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)
+    ),
+    "vit_h": SamArch(
+        encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)
+    ),
+    # CPU configurations (no SA-1B weights here): ~1.2 M parameters, 16×16 embedding grid.
+    "small": SamArch(
+        image_size=256,
+        encoder_embed_dim=128,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_window_size=8,
+        encoder_global_attn_indexes=(1, 3),
+        prompt_embed_dim=64,
+        decoder_depth=2,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=64,
+    ),
+    # A somewhat larger CPU configuration: 384² input, 24×24 grid (windows of 12 tile it).
+    "base_small": SamArch(
+        image_size=384,
+        encoder_embed_dim=256,
+        encoder_depth=6,
+        encoder_num_heads=8,
+        encoder_window_size=12,
+        encoder_global_attn_indexes=(2, 5),
+        prompt_embed_dim=128,
+        decoder_depth=2,
+        decoder_mlp_dim=512,
+        decoder_num_heads=8,
+        iou_head_hidden_dim=128,
+    ),
+}
+OFFICIAL_TYPES = ("vit_b", "vit_l", "vit_h")
+
+
+def resolve_arch(cfg: Mapping[str, Any]) -> SamArch:
+    """The architecture named by `cfg["type"]`, with `cfg["sizes"][type]` overrides for small types.
+
+    The official types take no overrides: their sizes are fixed by the released checkpoints.
+    """
+    sam_type = cfg.get("type")
+    if sam_type not in ARCHS:
+        raise ConfigError(f"model.type: {sam_type!r} is not one of {sorted(ARCHS)}")
+    arch = ARCHS[sam_type]
+    overrides = dict((cfg.get("sizes") or {}).get(sam_type) or {})
+    if overrides and sam_type in OFFICIAL_TYPES:
+        raise ConfigError(f"model.sizes.{sam_type}: the official {sam_type} sizes cannot be overridden")
+    known = {f.name for f in dataclasses.fields(SamArch)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"model.sizes.{sam_type}: unknown keys {unknown}; known: {sorted(known)}")
+    if "encoder_global_attn_indexes" in overrides:
+        overrides["encoder_global_attn_indexes"] = tuple(overrides["encoder_global_attn_indexes"])
+    arch = dataclasses.replace(arch, **overrides)
+    _check_arch(arch, f"model.sizes.{sam_type}")
+    return arch
+
+
+def _check_arch(arch: SamArch, where: str) -> None:
+    if arch.image_size % arch.patch_size:
+        raise ConfigError(f"{where}: image_size {arch.image_size} is not a multiple of patch_size {arch.patch_size}")
+    if arch.encoder_embed_dim % arch.encoder_num_heads:
+        raise ConfigError(f"{where}: encoder_num_heads must divide encoder_embed_dim")
+    # The decoder's cross attention halves the dimension before splitting heads.
+    if (arch.prompt_embed_dim // 2) % arch.decoder_num_heads or arch.prompt_embed_dim % 8:
+        raise ConfigError(f"{where}: prompt_embed_dim must be a multiple of 8 and of 2·decoder_num_heads")
+    if any(not 0 <= i < arch.encoder_depth for i in arch.encoder_global_attn_indexes):
+        raise ConfigError(f"{where}: encoder_global_attn_indexes must lie in [0, encoder_depth)")
+
+
+def build_sam_from_arch(arch: SamArch) -> Sam:
+    """A randomly initialised `Sam` of the given sizes (same composition as segment-anything's)."""
+    grid = arch.embedding_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=arch.encoder_depth,
+            embed_dim=arch.encoder_embed_dim,
+            img_size=arch.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=arch.encoder_num_heads,
+            patch_size=arch.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=arch.encoder_global_attn_indexes,
+            window_size=arch.encoder_window_size,
+            out_chans=arch.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=arch.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(arch.image_size, arch.image_size),
+            mask_in_chans=arch.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=arch.decoder_depth,
+                embedding_dim=arch.prompt_embed_dim,
+                mlp_dim=arch.decoder_mlp_dim,
+                num_heads=arch.decoder_num_heads,
+            ),
+            transformer_dim=arch.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=arch.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
+    )
+    return sam
+
+
+def build_sam(cfg: Mapping[str, Any]) -> Sam:
+    """Build SAM from the `model` section of `params.yaml`.
+
+    `cfg["type"]`: `small | base_small | vit_b | vit_l | vit_h`; `cfg["sizes"][type]` overrides the
+    small configurations; `cfg["checkpoint"]` (optional, local path or `s3://bucket/key`) is a
+    segment-anything state dict loaded with strict key and shape checks. The model is returned in
+    eval mode on the CPU; move it with `.to(device)`.
+    """
+    arch = resolve_arch(cfg)
+    sam = build_sam_from_arch(arch)
+    checkpoint = cfg.get("checkpoint")
+    if checkpoint:
+        state = read_state_dict(str(checkpoint))
+        load_state_dict_strict(sam, state, source=str(checkpoint))
+        logger.info("loaded SAM %s weights from %s", cfg["type"], checkpoint)
+    sam.eval()
+    return sam
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """The bytes of a local file or an `s3://bucket/key` object."""
+    if uri.startswith("s3://"):
+        try:
+            from cpcsam.data.storage import read_bytes  # the project's one S3 client
+        except ImportError:  # storage module not written yet: plain boto3 with the AWS_* environment
+            read_bytes = _read_s3_bytes
+        try:
+            return read_bytes(uri)
+        except Exception as exc:  # botocore errors carry no file name of ours
+            raise CheckpointError(f"{uri}: cannot read checkpoint: {exc}") from exc
+    path = Path(uri)
+    if not path.is_file():
+        raise CheckpointError(f"{uri}: checkpoint file not found")
+    return path.read_bytes()
+
+
+def _read_s3_bytes(uri: str) -> bytes:
+    import boto3
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or not key:
+        raise CheckpointError(f"{uri}: expected s3://bucket/key")
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def read_state_dict(uri: str) -> dict[str, Any]:
+    """Load a checkpoint file with `torch.load(weights_only=True)` onto the CPU."""
+    data = read_uri_bytes(uri)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors name no file
+        raise CheckpointError(f"{uri}: not a loadable torch checkpoint (weights_only=True): {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{uri}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    return obj
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, Any], source: str) -> None:
+    """Raise `CheckpointError` naming every missing, unexpected and wrongly shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {_shape(state[k])} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
+                parts.append(f"{len(items)} {title}: {shown}")
+        raise CheckpointError(f"{source}: checkpoint does not match the model: " + "; ".join(parts))
+
+
+def _shape(value: Any) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}, not a tensor"
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, Any], source: str) -> None:
+    """`check_state_dict`, then `load_state_dict(strict=True)`."""
+    check_state_dict(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

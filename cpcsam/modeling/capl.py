@@ -1,0 +1,270 @@
+"""The Causal Prompt Learner (CaPL): task causal module, entity causal module, soft prompt.
+
+CaPL is the small network φ of CPC-SAM (METHOD.md §2). Every part of it starts as the identity
+(its last layers are zero-initialised), so a fresh CPC-SAM reproduces the SAM it calibrates bit
+for bit.
+
+- `TaskCausalModule` g_φ reweights each sparse prompt token channel-wise from the token and its
+  context ē (the mean over the K prompt groups and over the entity's non-padding tokens):
+  ẽ = e ⊙ (1 + tanh(g_φ([e, ē]))).
+- `EntityCausalModule` h_φ calibrates the cross attention of the mask decoder's two-way
+  transformer (token→image and image→token in every layer, and the final token→image), per
+  layer and head, in a low-rank form: s_{t,p} = q_t · k_p / √r with q_t = h_φ^{(l)}(token_t)
+  and k_p = W^{(l)}(image embedding + positional encoding at p). The gate C = 2σ(s) multiplies
+  the attention probabilities (renormalised), i.e. log C is added to the logits before the
+  softmax. At init q = 0, so s = 0, C = 1 and log C = 0: the identity. Token self-attention
+  (prompt↔prompt) gets no calibration at all.
+- `SoftPrompt` is the `learnable` ablation: one learnable additive embedding per prompt label
+  type (negative, positive, box corners), zero-initialised.
+
+`CalibratedAttention` replaces segment-anything's decoder `Attention` at run time: it takes over
+the original projections under the same names (`q_proj`, `k_proj`, `v_proj`, `out_proj`), so the
+state-dict keys of SAM do not change (official checkpoints still load, PEFT can target them) and
+it computes exactly what `Attention` computes, plus an optional additive logit bias.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from segment_anything.modeling.transformer import Attention, TwoWayTransformer
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+_LOG2 = math.log(2.0)
+
+CAPL_MODES = ("fixed", "learnable", "task", "causal")
+
+# Defaults of `params.yaml` `model.capl`; see `CaPLConfig.from_dict`.
+DEFAULT_CAPL_CFG: dict[str, Any] = {"mode": "causal", "task_hidden": 128, "entity_hidden": 64, "entity_rank": 8}
+
+
+class CalibratedAttention(nn.Module):
+    """segment-anything's `Attention`, plus an optional additive bias on the attention logits.
+
+    Holds the original module's projections (not copies), so wrapping changes no parameter and
+    no state-dict key. With no bias set, `forward` performs exactly the operations of
+    `Attention.forward`, in the same order: the outputs are bit-for-bit identical.
+
+    The bias is set per call by the owner (`CPCSAM.decode`) through `logit_bias` and cleared
+    afterwards; the last attention probabilities are kept in `last_attn` when `keep_attn` is on
+    (used for the attention map A_j of Eq. 2). Both are plain tensor attributes, so tracing for
+    ONNX records them as ordinary graph values.
+    """
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__()
+        self.embedding_dim = attention.embedding_dim
+        self.internal_dim = attention.internal_dim
+        self.num_heads = attention.num_heads
+        self.q_proj = attention.q_proj
+        self.k_proj = attention.k_proj
+        self.v_proj = attention.v_proj
+        self.out_proj = attention.out_proj
+        self.logit_bias: Tensor | None = None
+        self.keep_attn = False
+        self.last_attn: Tensor | None = None
+
+    def _separate_heads(self, x: Tensor, num_heads: int) -> Tensor:
+        b, n, c = x.shape
+        x = x.reshape(b, n, num_heads, c // num_heads)
+        return x.transpose(1, 2)  # B x N_heads x N_tokens x C_per_head
+
+    def _recombine_heads(self, x: Tensor) -> Tensor:
+        b, n_heads, n_tokens, c_per_head = x.shape
+        x = x.transpose(1, 2)
+        return x.reshape(b, n_tokens, n_heads * c_per_head)  # B x N_tokens x C
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = self.q_proj(q)
+        k = self.k_proj(k)
+        v = self.v_proj(v)
+
+        q = self._separate_heads(q, self.num_heads)
+        k = self._separate_heads(k, self.num_heads)
+        v = self._separate_heads(v, self.num_heads)
+
+        _, _, _, c_per_head = q.shape
+        attn = q @ k.permute(0, 1, 3, 2)  # B x N_heads x N_queries x N_keys
+        attn = attn / math.sqrt(c_per_head)
+        if self.logit_bias is not None:
+            attn = attn + self.logit_bias  # log of the entity gate C: a multiplicative gate after softmax
+        attn = torch.softmax(attn, dim=-1)
+        if self.keep_attn:
+            self.last_attn = attn
+
+        out = attn @ v
+        out = self._recombine_heads(out)
+        out = self.out_proj(out)
+        return out
+
+
+# The cross-attention sites of a two-way transformer, by module path inside the transformer.
+# "t2i" = tokens are the queries, image positions the keys; "i2t" = the reverse.
+def cross_attention_sites(transformer: TwoWayTransformer) -> dict[str, str]:
+    """{module path relative to the transformer: direction} for every cross attention."""
+    sites: dict[str, str] = {}
+    for i in range(len(transformer.layers)):
+        sites[f"layers.{i}.cross_attn_token_to_image"] = "t2i"
+        sites[f"layers.{i}.cross_attn_image_to_token"] = "i2t"
+    sites["final_attn_token_to_image"] = "t2i"
+    return sites
+
+
+FINAL_SITE = "final_attn_token_to_image"
+
+
+def wrap_cross_attention(transformer: TwoWayTransformer) -> dict[str, CalibratedAttention]:
+    """Replace each cross `Attention` of the transformer by a `CalibratedAttention` (in place).
+
+    Idempotent. Self-attention modules are left as they are: prompt↔prompt attention is never
+    calibrated.
+    """
+    wrapped: dict[str, CalibratedAttention] = {}
+    for path in cross_attention_sites(transformer):
+        parent_path, _, name = path.rpartition(".")
+        parent = transformer.get_submodule(parent_path) if parent_path else transformer
+        module = getattr(parent, name)
+        if not isinstance(module, CalibratedAttention):
+            module = CalibratedAttention(module)
+            setattr(parent, name, module)
+        wrapped[path] = module
+    return wrapped
+
+
+def _zero_init(linear: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+class TaskCausalModule(nn.Module):
+    """g_φ: channel-wise reweighting of sparse prompt tokens from the token and its context.
+
+    ẽ = e ⊙ (1 + tanh(g_φ([e, ē]))), with ē the mean of the entity's non-padding tokens over all
+    K groups and P slots, which makes the context independent of the order of the groups and
+    defined for K = 1 (inference). Padding tokens (label −1, SAM's not-a-point embedding) are
+    passed through unchanged, as SAM itself treats them as "no prompt here".
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = _zero_init(nn.Linear(hidden, dim))  # identity at init: tanh(0) = 0
+
+    def forward(self, sparse: Tensor, labels: Tensor) -> Tensor:
+        """sparse [N, K, P, C], labels [N, K, P] → calibrated sparse [N, K, P, C]."""
+        valid = (labels != -1).to(sparse.dtype).unsqueeze(-1)  # N x K x P x 1
+        count = valid.sum(dim=(1, 2)).clamp_min(1.0)  # N x 1
+        context = (sparse * valid).sum(dim=(1, 2)) / count  # N x C
+        context = context[:, None, None, :].expand_as(sparse)
+        gate = torch.tanh(self.fc2(self.act(self.fc1(torch.cat([sparse, context], dim=-1)))))
+        return sparse * (1 + gate * valid)
+
+
+class SoftPrompt(nn.Module):
+    """The `learnable` ablation: e + u[label] with one zero-initialised vector per label type."""
+
+    def __init__(self, dim: int, num_label_types: int = 4) -> None:
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(num_label_types, dim))
+
+    def forward(self, sparse: Tensor, labels: Tensor) -> Tensor:
+        valid = (labels != -1).to(sparse.dtype).unsqueeze(-1)
+        offsets = self.embeddings[labels.clamp_min(0)] * valid
+        return sparse + offsets
+
+
+class EntityCausalModule(nn.Module):
+    """h_φ and W: a low-rank logit bias for each cross-attention site of the decoder.
+
+    For a site with H heads and rank r: q = h(tokens) ∈ R^{T×H×r} (2-layer MLP, last layer
+    zero-initialised), k = W(image + pe) ∈ R^{HW×H×r}; s = q·k/√r per head; the bias is
+    log C = log(2σ(s)), in (−∞, log 2]: a gate that can suppress a token↔position pair or at most
+    double it. `l1` measures ‖C − 1‖₁ (mean): the L1 term of Eq. 2 on the *calibration* rather
+    than on C itself, because C = 1 means "as SAM had it" — a sparse calibration changes few
+    positions, whereas ‖C‖₁ would push every gate towards 0 and starve the attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, rank: int, hidden: int, sites: Mapping[str, str]) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.rank = rank
+        self.sites = dict(sites)
+        self.query_mlps = nn.ModuleDict()
+        self.key_projs = nn.ModuleDict()
+        for path in self.sites:
+            key = _module_key(path)
+            self.query_mlps[key] = nn.Sequential(
+                nn.Linear(dim, hidden), nn.GELU(), _zero_init(nn.Linear(hidden, num_heads * rank))
+            )
+            self.key_projs[key] = nn.Linear(dim, num_heads * rank, bias=False)
+
+    def forward(self, tokens: Tensor, image_with_pe: Tensor, image_index: Tensor) -> dict[str, Tensor]:
+        """tokens [N, T, C] (entering the transformer), image_with_pe [B, HW, C], image_index [N].
+
+        Returns {site path: log C} with shape [N, H, T, HW] for token→image sites and
+        [N, H, HW, T] for image→token sites.
+        """
+        n, t, _ = tokens.shape
+        hw = image_with_pe.shape[1]
+        scale = 1.0 / math.sqrt(self.rank)
+        biases: dict[str, Tensor] = {}
+        for path, direction in self.sites.items():
+            key = _module_key(path)
+            q = self.query_mlps[key](tokens).reshape(n, t, self.num_heads, self.rank).transpose(1, 2)
+            # Project each image once, then pick each entity's image (cheaper than N projections).
+            k = self.key_projs[key](image_with_pe)[image_index]
+            k = k.reshape(n, hw, self.num_heads, self.rank).transpose(1, 2)
+            s = (q @ k.transpose(-1, -2)) * scale  # N x H x T x HW
+            # log(2σ(s)) written as log 2 + logσ(s): finite for any s (log(2·sigmoid) hits
+            # −inf below s ≈ −104 in float32, and a row of −inf makes the softmax NaN); exactly 0 at s = 0.
+            log_gate = F.logsigmoid(s) + _LOG2
+            biases[path] = log_gate if direction == "t2i" else log_gate.transpose(-1, -2)
+        return biases
+
+
+def _module_key(path: str) -> str:
+    # ModuleDict keys may not contain dots.
+    return path.replace(".", "_")
+
+
+def calibration_l1(biases: Mapping[str, Tensor]) -> Tensor:
+    """mean |C − 1| over all sites, entities, heads and positions (C = exp(bias))."""
+    terms = [(torch.exp(b) - 1).abs().mean() for b in biases.values()]
+    return torch.stack(terms).mean()
+
+
+class CaPL(nn.Module):
+    """The Causal Prompt Learner for one ablation `mode` (see `CAPL_MODES`)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        sites: Mapping[str, str],
+        mode: str = "causal",
+        task_hidden: int = 128,
+        entity_hidden: int = 64,
+        entity_rank: int = 8,
+    ) -> None:
+        super().__init__()
+        if mode not in CAPL_MODES:
+            raise ValueError(f"CaPL mode {mode!r} is not one of {CAPL_MODES}")
+        self.mode = mode
+        self.soft_prompt = SoftPrompt(dim) if mode == "learnable" else None
+        self.task = TaskCausalModule(dim, task_hidden) if mode in ("task", "causal") else None
+        self.entity = (
+            EntityCausalModule(dim, num_heads, entity_rank, entity_hidden, sites) if mode == "causal" else None
+        )
+
+    def calibrate_prompts(self, sparse: Tensor, labels: Tensor) -> Tensor:
+        if self.task is not None:
+            return self.task(sparse, labels)
+        if self.soft_prompt is not None:
+            return self.soft_prompt(sparse, labels)
+        return sparse

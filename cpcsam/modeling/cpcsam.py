@@ -1,0 +1,255 @@
+"""CPC-SAM: SAM (optionally LoRA-tuned) + the Causal Prompt Learner, with one decoder pass.
+
+`Sam.forward` runs under `torch.no_grad()` and loops over images in Python, so CPC-SAM calls
+SAM's parts directly: `encode_images` (image encoder), `embed_prompts` (ONNX-style point
+embedding with fixed slots), `calibrate_prompts` (task causal module) and `decode` (the mask
+decoder's computation for N entities drawn from B images, with the entity causal module's
+attention calibration). `decode` is a straight sequence of tensor operations, so it can be traced
+for ONNX export, and it runs the decoder exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, NamedTuple
+
+import torch
+from segment_anything.modeling import Sam
+from torch import Tensor, nn
+
+from cpcsam.errors import ConfigError
+from cpcsam.modeling.capl import (
+    CAPL_MODES,
+    DEFAULT_CAPL_CFG,
+    FINAL_SITE,
+    CaPL,
+    CalibratedAttention,
+    calibration_l1,
+    cross_attention_sites,
+    wrap_cross_attention,
+)
+
+# In SAM's decoder the output tokens are [iou token, mask token 0 (single mask), mask tokens 1..3].
+SINGLE_MASK_TOKEN = 1
+
+
+class DecoderOutput(NamedTuple):
+    """What `CPCSAM.decode` returns (single-mask output), one row per entity."""
+
+    low_res_logits: Tensor  # N x 1 x 4h x 4w, mask logits in the padded model frame
+    iou_pred: Tensor  # N x 1, predicted IoU of that mask
+    attn_map: Tensor  # N x h x w, final token→image attention of the mask token, head mean, max-scaled to [0, 1]
+    calibration_l1: Tensor  # scalar, mean |C − 1| of the entity calibration (0 without it)
+
+
+def resolve_capl_cfg(capl_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`model.capl` with defaults filled in; unknown keys and bad values raise `ConfigError`."""
+    cfg = dict(DEFAULT_CAPL_CFG)
+    given = dict(capl_cfg or {})
+    unknown = sorted(set(given) - set(cfg))
+    if unknown:
+        raise ConfigError(f"model.capl: unknown keys {unknown}; known: {sorted(cfg)}")
+    cfg.update(given)
+    if cfg["mode"] not in CAPL_MODES:
+        raise ConfigError(f"model.capl.mode: {cfg['mode']!r} is not one of {list(CAPL_MODES)}")
+    for key in ("task_hidden", "entity_hidden", "entity_rank"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"model.capl.{key}: expected a positive integer, got {cfg[key]!r}")
+    return cfg
+
+
+class CPCSAM(nn.Module):
+    """SAM + CaPL. `mode` (from `capl_cfg`) selects the prompt-embedding ablation:
+
+    - `fixed`: plain SAM prompts, no CaPL parameters;
+    - `learnable`: a zero-initialised soft prompt per label type;
+    - `task`: the task causal module only;
+    - `causal`: task + entity causal modules (CPC-SAM).
+
+    Every mode is the identity at initialisation: outputs equal SAM's bit for bit.
+    """
+
+    def __init__(self, sam: Sam, capl_cfg: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.capl_cfg = resolve_capl_cfg(capl_cfg)
+        self.sam = sam
+        transformer = sam.mask_decoder.transformer
+        # Cross attentions become CalibratedAttention (same parameters and state-dict keys).
+        # Kept in a plain dict (not registered twice); re-read after LoRA merges, see `_cross_attention`.
+        wrap_cross_attention(transformer)
+        self.capl = CaPL(
+            dim=transformer.embedding_dim,
+            num_heads=transformer.num_heads,
+            sites=cross_attention_sites(transformer),
+            mode=self.capl_cfg["mode"],
+            task_hidden=self.capl_cfg["task_hidden"],
+            entity_hidden=self.capl_cfg["entity_hidden"],
+            entity_rank=self.capl_cfg["entity_rank"],
+        )
+
+    @property
+    def mode(self) -> str:
+        return self.capl.mode
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square model frame (the encoder's input size)."""
+        return self.sam.image_encoder.img_size
+
+    @property
+    def embedding_size(self) -> tuple[int, int]:
+        return tuple(self.sam.prompt_encoder.image_embedding_size)
+
+    def _cross_attention(self) -> dict[str, CalibratedAttention]:
+        transformer = self.sam.mask_decoder.transformer
+        return {path: transformer.get_submodule(path) for path in cross_attention_sites(transformer)}
+
+    # ---- the four steps -------------------------------------------------------------------------
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """[B, 3, S, S] preprocessed images (see `cpcsam.modeling.transforms`) → [B, C, h, w]."""
+        return self.sam.image_encoder(images)
+
+    def embed_prompts(self, coords: Tensor, labels: Tensor) -> Tensor:
+        """Sparse prompt tokens, ONNX-style: coords [..., P, 2] (model frame, x y), labels [..., P].
+
+        Labels: −1 padding (SAM's not-a-point embedding, positional part zeroed), 0 negative point,
+        1 positive point, 2 box top-left, 3 box bottom-right. Same numbers as SAM's `PromptEncoder`
+        for the same points and box.
+        """
+        pe = self.sam.prompt_encoder
+        coords = (coords + 0.5) / self.image_size  # the model frame is square
+        embedding = pe.pe_layer._pe_encoding(coords.to(torch.float))
+        labels = labels.unsqueeze(-1)
+        embedding = embedding * (labels != -1)
+        embedding = embedding + pe.not_a_point_embed.weight * (labels == -1)
+        for i in range(pe.num_point_embeddings):
+            embedding = embedding + pe.point_embeddings[i].weight * (labels == i)
+        return embedding
+
+    def calibrate_prompts(self, sparse: Tensor, labels: Tensor) -> Tensor:
+        """Task causal module (or soft prompt, or identity, by mode): [N, K, P, C] → [N, K, P, C]."""
+        return self.capl.calibrate_prompts(sparse, labels)
+
+    def decode(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor) -> DecoderOutput:
+        """Masks for N entities: image_embeddings [B, C, h, w], image_index [N] (which image), sparse [N, P, C].
+
+        The mask decoder's `predict_masks`, with the images gathered per entity (SAM repeats one
+        image for all prompts) and the entity calibration applied to the cross attention. No dense
+        mask prompt: `no_mask_embed` everywhere.
+        """
+        decoder = self.sam.mask_decoder
+        prompt_encoder = self.sam.prompt_encoder
+        n = sparse.shape[0]
+        _, c, h, w = image_embeddings.shape
+
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1)
+        tokens = torch.cat((output_tokens, sparse), dim=1)
+
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        image_pe = prompt_encoder.get_dense_pe()
+        src = image_embeddings[image_index] + dense
+        pos_src = image_pe.expand(n, -1, -1, -1)
+
+        if self.capl.entity is not None:
+            image_with_pe = (image_embeddings + dense + image_pe).flatten(2).transpose(1, 2)  # B x HW x C
+            biases = self.capl.entity(tokens, image_with_pe, image_index)
+            l1 = calibration_l1(biases)
+        else:
+            biases = {}
+            l1 = sparse.new_zeros(())
+
+        attention = self._cross_attention()
+        final = attention[FINAL_SITE]
+        try:
+            for path, module in attention.items():
+                module.logit_bias = biases.get(path)
+            final.keep_attn = True
+            hs, src = decoder.transformer(src, pos_src, tokens)
+            final_attn = final.last_attn  # N x heads x T x HW
+        finally:  # never leave a bias behind for the next call
+            for module in attention.values():
+                module.logit_bias = None
+            final.keep_attn = False
+            final.last_attn = None
+
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
+        src = src.transpose(1, 2).reshape(n, c, h, w)
+        upscaled = decoder.output_upscaling(src)
+        # All mask tokens go through their hypernetworks, as in SAM, so that the single-mask output
+        # is bit-identical to SAM's (a 1-row matmul may round differently); the cost is tiny.
+        hyper_in = torch.stack(
+            [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(decoder.num_mask_tokens)],
+            dim=1,
+        )
+        b2, c2, h2, w2 = upscaled.shape
+        masks = (hyper_in @ upscaled.view(b2, c2, h2 * w2)).view(b2, -1, h2, w2)
+        iou_pred = decoder.iou_prediction_head(iou_token_out)
+
+        # A_j for Eq. 2: divide by the per-entity max, so each map spans [0, 1] whatever its spread
+        # (a softmax over HW positions sums to 1, so its raw values shrink with the grid size).
+        attn_map = final_attn[:, :, SINGLE_MASK_TOKEN, :].mean(dim=1)
+        attn_map = attn_map / attn_map.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+        attn_map = attn_map.reshape(n, h, w)
+
+        return DecoderOutput(
+            low_res_logits=masks[:, 0:1, :, :],
+            iou_pred=iou_pred[:, 0:1],
+            attn_map=attn_map,
+            calibration_l1=l1,
+        )
+
+    def forward(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor) -> DecoderOutput:
+        """Same as `decode` (so that hooks and `torch.onnx.export` see a module call)."""
+        return self.decode(image_embeddings, image_index, sparse)
+
+    def entity_calibration(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor) -> dict[str, Tensor]:
+        """The log-gates log C that `decode` adds to each cross attention (for tests and plots).
+
+        Keys are the cross-attention paths inside the decoder transformer; self-attention never
+        appears (prompt↔prompt positions are not calibrated). Empty unless mode is `causal`.
+        """
+        if self.capl.entity is None:
+            return {}
+        decoder = self.sam.mask_decoder
+        prompt_encoder = self.sam.prompt_encoder
+        n = sparse.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        image_with_pe = (image_embeddings + dense + prompt_encoder.get_dense_pe()).flatten(2).transpose(1, 2)
+        return self.capl.entity(tokens, image_with_pe, image_index)
+
+
+# ---- parameter groups (the bi-level trainer optimises them separately) -----------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.sam if isinstance(model, CPCSAM) else model
+
+
+def capl_parameters(model: CPCSAM) -> list[nn.Parameter]:
+    """CaPL's parameters (φ): empty in `fixed` mode."""
+    return list(model.capl.parameters())
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA adapter parameters injected by `apply_lora` (θ of the lower level)."""
+    return [p for name, p in _unwrap(model).named_parameters() if "lora_" in name]
+
+
+def sam_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """SAM's own weights (no LoRA, no CaPL): what `full-finetune` trains."""
+    return [p for name, p in _unwrap(model).named_parameters() if "lora_" not in name]
+
+
+def named_parameter_groups(model: CPCSAM) -> Iterator[tuple[str, str]]:
+    """(group, parameter name) for every parameter: group in capl / lora / sam."""
+    for name, _ in model.named_parameters():
+        if name.startswith("capl."):
+            yield "capl", name
+        elif "lora_" in name:
+            yield "lora", name
+        else:
+            yield "sam", name

@@ -1,0 +1,104 @@
+"""LoRA adapters on SAM through PEFT, and merging them back for export.
+
+Adapters go on the image encoder's fused `qkv` projections and on the mask decoder transformer's
+attention projections (`q_proj`, `k_proj`, `v_proj`, `out_proj` of the self and cross
+attentions); every other SAM weight is frozen. PEFT's `inject_adapter_in_model` modifies SAM in
+place (no `PeftModel` wrapper, so module paths and SAM's own state-dict keys keep their shape,
+apart from PEFT's `base_layer.` level). CaPL lives outside `sam` and is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from cpcsam.errors import ConfigError
+from cpcsam.modeling.cpcsam import CPCSAM, _unwrap
+
+logger = logging.getLogger(__name__)
+
+# Named target groups (params.yaml `model.lora.targets`) → regex on module paths inside `Sam`.
+LORA_TARGETS: dict[str, str] = {
+    "image_encoder_qkv": r"image_encoder\.blocks\.\d+\.attn\.qkv",
+    "decoder_attention": r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
+}
+DEFAULT_LORA_CFG: dict[str, Any] = {
+    "rank": 4,
+    "alpha": 4,
+    "dropout": 0.0,
+    "targets": ["image_encoder_qkv", "decoder_attention"],
+}
+
+
+def resolve_lora_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`model.lora` with defaults filled in; unknown keys and bad values raise `ConfigError`."""
+    out = dict(DEFAULT_LORA_CFG)
+    given = dict(cfg or {})
+    unknown = sorted(set(given) - set(out))
+    if unknown:
+        raise ConfigError(f"model.lora: unknown keys {unknown}; known: {sorted(out)}")
+    out.update(given)
+    if not isinstance(out["rank"], int) or out["rank"] < 1:
+        raise ConfigError(f"model.lora.rank: expected a positive integer, got {out['rank']!r}")
+    if not 0.0 <= float(out["dropout"]) < 1.0:
+        raise ConfigError(f"model.lora.dropout: expected a value in [0, 1), got {out['dropout']!r}")
+    bad = [t for t in out["targets"] if t not in LORA_TARGETS]
+    if bad or not out["targets"]:
+        raise ConfigError(f"model.lora.targets: {bad or 'empty'}; choose from {sorted(LORA_TARGETS)}")
+    out["targets"] = list(out["targets"])
+    return out
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in _unwrap(model).modules())
+
+
+def apply_lora(model: nn.Module, cfg: Mapping[str, Any] | None = None) -> nn.Module:
+    """Inject LoRA adapters into SAM (a `Sam` or the `sam` of a `CPCSAM`) and freeze the rest of SAM.
+
+    Returns `model` (modified in place). CaPL's parameters keep their `requires_grad`.
+    """
+    cfg = resolve_lora_cfg(cfg)
+    sam = _unwrap(model)
+    if has_lora(sam):
+        raise ConfigError("apply_lora: the model already carries LoRA adapters")
+    pattern = "|".join(f"(?:{LORA_TARGETS[t]})" for t in cfg["targets"])
+    config = LoraConfig(
+        r=cfg["rank"],
+        lora_alpha=cfg["alpha"],
+        lora_dropout=float(cfg["dropout"]),
+        target_modules=f"^(?:{pattern})$",
+        bias="none",
+    )
+    inject_adapter_in_model(config, sam)
+    for name, param in sam.named_parameters():
+        param.requires_grad_("lora_" in name)
+    n_layers = sum(isinstance(m, BaseTunerLayer) for m in sam.modules())
+    logger.info("LoRA rank %d on %d layers (%s)", cfg["rank"], n_layers, ", ".join(cfg["targets"]))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its base `nn.Linear` and remove the adapter (in place).
+
+    Afterwards SAM holds plain `nn.Linear` layers again and `model.sam.state_dict()` (or the
+    `Sam`'s) loads into a plain segment-anything `Sam` with strict keys. Returns `model`.
+    """
+    sam = _unwrap(model)
+    tuner_paths = [name for name, m in sam.named_modules() if isinstance(m, BaseTunerLayer)]
+    for path in tuner_paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = sam.get_submodule(parent_path) if parent_path else sam
+        layer = getattr(parent, child)
+        layer.merge()
+        setattr(parent, child, layer.get_base_layer())
+    if hasattr(sam, "peft_config"):
+        del sam.peft_config
+    return model
+
+
+__all__ = ["apply_lora", "merge_lora", "has_lora", "resolve_lora_cfg", "LORA_TARGETS", "CPCSAM"]

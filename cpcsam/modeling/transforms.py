@@ -1,0 +1,117 @@
+"""The one home of the image ↔ model-frame geometry.
+
+SAM's model frame is a square of side `image_size` (1024 for the official models): the image is
+resized so that its longest side is `image_size` (aspect kept, sizes rounded as SAM rounds them),
+normalised with SAM's pixel mean/std, and zero-padded at the bottom and right. Point and box
+coordinates scale by the same per-axis factors; predicted masks go back by upsampling the
+low-resolution logits to the square frame, cropping the padding and resizing to the original size.
+
+Everything here is plain torch (or numpy in, torch out) and device-agnostic: tensors stay on the
+device they come on.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from cpcsam.modeling.build import PIXEL_MEAN, PIXEL_STD
+
+
+def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """(h, w) of an image of (height, width) after resizing its longest side to `image_size`.
+
+    Rounds as `segment_anything.utils.transforms.ResizeLongestSide.get_preprocess_shape` does.
+    """
+    scale = image_size * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def _as_float_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an H×W×3 image, got shape {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a 3×H×W tensor, got shape {tuple(image.shape)}")
+    return image.float()
+
+
+def preprocess_image(image: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
+    """An RGB image (H×W×3 uint8 array, or 3×H×W tensor in 0..255) → normalised, padded [3, S, S].
+
+    Resizing is bilinear with antialiasing on float pixels (SAM resizes a PIL image; the two
+    agree to within rounding of uint8 values).
+    """
+    x = _as_float_chw(image)
+    h, w = x.shape[-2:]
+    new_h, new_w = resized_shape(h, w, image_size)
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x[None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    mean = torch.tensor(PIXEL_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    x = (x - mean) / std
+    return F.pad(x, (0, image_size - new_w, 0, image_size - new_h))
+
+
+def preprocess_images(images: Sequence[np.ndarray | torch.Tensor], image_size: int) -> torch.Tensor:
+    """A batch [B, 3, S, S] from images of any sizes (see `preprocess_image`)."""
+    return torch.stack([preprocess_image(im, image_size) for im in images])
+
+
+def coords_to_model(
+    coords: np.ndarray | torch.Tensor, original_size: tuple[int, int], image_size: int
+) -> torch.Tensor:
+    """Pixel coordinates [..., 2] as (x, y) in the original image → model-frame coordinates."""
+    h, w = original_size
+    new_h, new_w = resized_shape(h, w, image_size)
+    coords = torch.as_tensor(coords, dtype=torch.float32)
+    scale = torch.tensor([new_w / w, new_h / h], dtype=coords.dtype, device=coords.device)
+    return coords * scale
+
+
+def coords_to_original(coords: torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """Model-frame coordinates [..., 2] (x, y) → pixel coordinates in the original image."""
+    h, w = original_size
+    new_h, new_w = resized_shape(h, w, image_size)
+    scale = torch.tensor([w / new_w, h / new_h], dtype=coords.dtype, device=coords.device)
+    return coords * scale
+
+
+def boxes_to_model(boxes: np.ndarray | torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """Boxes [..., 4] as (x0, y0, x1, y1) in original pixels → model frame."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    return coords_to_model(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, image_size).reshape(boxes.shape)
+
+
+def postprocess_masks(low_res_logits: torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """Low-resolution logits [N, M, h, w] → logits [N, M, H, W] at the original image size.
+
+    Upsample to the square model frame, crop the padding, resize to (H, W): SAM's
+    `Sam.postprocess_masks` with the sizes computed here.
+    """
+    h, w = original_size
+    new_h, new_w = resized_shape(h, w, image_size)
+    masks = F.interpolate(low_res_logits, (image_size, image_size), mode="bilinear", align_corners=False)
+    masks = masks[..., :new_h, :new_w]
+    return F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
+
+
+def mask_to_model(mask: np.ndarray | torch.Tensor, image_size: int, out_size: int | None = None) -> torch.Tensor:
+    """A binary mask [H, W] (original frame) → float mask [S, S] in the padded model frame.
+
+    With `out_size` (e.g. the decoder's low-resolution side 4·h), the padded square is then
+    resized to `out_size`², which is the frame of `DecoderOutput.low_res_logits`. Values are in
+    [0, 1] (area-averaged), threshold at 0.5 for a binary target.
+    """
+    m = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask).float()
+    h, w = m.shape[-2:]
+    new_h, new_w = resized_shape(h, w, image_size)
+    m = F.interpolate(m[None, None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    m = F.pad(m, (0, image_size - new_w, 0, image_size - new_h))
+    if out_size is not None and out_size != image_size:
+        m = F.interpolate(m, (out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+    return m[0, 0]

@@ -1,0 +1,247 @@
+"""Model registration and gated promotion in the MLflow model registry.
+
+    python -m components.register [--run-id RUN] [--params params.yaml]
+
+Reads the evaluation gate (`artifacts/eval/gate.json`: `passed` + `reasons`), logs the
+exported model (`artifacts/export/`) and the gate on the pipeline run, and registers a new
+version of `cpcsam-<profile>` (name pattern `tracking.registry.model_name`):
+
+- gate passed   → the version gets alias `champion` (moved from the previous champion);
+- gate rejected → the version is registered all the same, tagged `cpcsam.verdict=rejected` with
+  the failed checks in `cpcsam.gate.reasons` and its description; no alias moves.
+
+Registering the same run twice gives the same version (idempotent). The champion's gating
+numbers are stored on its version (tag `cpcsam.headline`) so the next gate can compare
+against it: `champion_headline(params)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from cpcsam.config import load_params
+from cpcsam.errors import ConfigError, CpcSamError, DataError
+
+from components import tracking
+
+logger = logging.getLogger(__name__)
+
+GATE_PATH = Path("artifacts/eval/gate.json")
+EXPORT_DIR = Path("artifacts/export")
+MODEL_ARTIFACT_PATH = "model"
+
+
+@dataclass
+class Registration:
+    """What happened to one candidate model."""
+
+    model_name: str
+    version: str | None
+    passed: bool
+    promoted: bool
+    reasons: list[str] = field(default_factory=list)
+    champion_version: str | None = None
+    run_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def registry_config(params: Mapping[str, Any]) -> dict[str, str]:
+    reg = dict(tracking.tracking_config(params).get("registry") or {})
+    return {
+        "model_name": str(reg.get("model_name", "cpcsam-{profile}")),
+        "champion_alias": str(reg.get("champion_alias", "champion")),
+    }
+
+
+def profile_of(params: Mapping[str, Any]) -> str:
+    data = params.get("data") or {}
+    profile = data.get("profile") if isinstance(data, Mapping) else None
+    if not profile:
+        raise ConfigError("params data.profile: not set (the registered model is named after the dataset profile)")
+    return str(profile)
+
+
+def model_name_for(params: Mapping[str, Any], profile: str | None = None) -> str:
+    return registry_config(params)["model_name"].format(profile=profile or profile_of(params))
+
+
+def read_gate(path: str | Path = GATE_PATH) -> dict[str, Any]:
+    """The gate decision; `reasons` normalised to one sentence per check (failed ones first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: gate result not found (run the evaluate/gate stages first)")
+    try:
+        gate = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):
+        raise DataError(f"{path}: expected an object with a boolean 'passed'")
+    return gate
+
+
+def reason_lines(gate: Mapping[str, Any]) -> list[str]:
+    """Human-readable reasons: failed checks first, each as 'FAIL check: detail' / 'ok check: detail'."""
+    lines: list[tuple[bool, str]] = []
+    for reason in gate.get("reasons") or []:
+        if isinstance(reason, Mapping):
+            ok = bool(reason.get("passed"))
+            name = reason.get("check", "check")
+            lines.append((ok, f"{'ok' if ok else 'FAIL'} {name}: {reason.get('detail', '')}".strip()))
+        else:
+            lines.append((bool(gate.get("passed")), str(reason)))
+    return [text for ok, text in sorted(lines, key=lambda item: item[0])]
+
+
+def _existing_version(client, name: str, run_id: str):
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.run_id == run_id:
+            return version
+    return None
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="CPC-SAM: LoRA-merged SAM + CaPL, exported to ONNX")
+        except MlflowException:
+            client.get_registered_model(name)  # created concurrently
+
+
+def register_candidate(
+    run_id: str,
+    params: Mapping[str, Any],
+    gate_path: str | Path = GATE_PATH,
+    export_dir: str | Path = EXPORT_DIR,
+    profile: str | None = None,
+    client=None,
+) -> Registration:
+    """Log model + gate on `run_id`, register a version, move `champion` only if the gate passed."""
+    gate = read_gate(gate_path)
+    export_dir = Path(export_dir)
+    model_files = sorted(export_dir.glob("*.onnx")) if export_dir.is_dir() else []
+    if not model_files:
+        raise DataError(f"{export_dir}: no exported *.onnx model to register (run the export stage first)")
+
+    client = client or tracking.make_client(params)
+    cfg = registry_config(params)
+    profile = profile or profile_of(params)
+    name = model_name_for(params, profile)
+    passed = bool(gate["passed"])
+    reasons = reason_lines(gate)
+
+    version = _existing_version(client, name, run_id)
+    if version is None:
+        # The model: the whole export folder (ONNX graphs, external weights, parity report).
+        client.log_artifacts(run_id, str(export_dir), MODEL_ARTIFACT_PATH)
+        client.log_dict(run_id, gate, "gate/gate.json")
+        client.log_metric(run_id, "gate/passed", 1.0 if passed else 0.0)
+        client.set_tag(run_id, "cpcsam.gate.passed", str(passed).lower())
+        client.set_tag(run_id, "cpcsam.gate.reasons", "\n".join(reasons)[:5000])
+        _ensure_registered_model(client, name)
+        run = client.get_run(run_id)
+        tags = {
+            "cpcsam.profile": profile,
+            "cpcsam.gate.passed": str(passed).lower(),
+            "cpcsam.gate.reasons": "\n".join(reasons)[:5000],
+            "cpcsam.verdict": "passed" if passed else "rejected",
+            "cpcsam.headline": json.dumps(gate.get("candidate") or {}, sort_keys=True)[:5000],
+        }
+        for key in ("cpcsam.git.commit", "cpcsam.git.dirty", "cpcsam.dvc.lock_md5", "cpcsam.dvc.data_md5"):
+            if key in run.data.tags:
+                tags[key] = run.data.tags[key]
+        verdict = "passed the gate" if passed else "REJECTED by the gate"
+        version = client.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT_PATH}",
+            run_id=run_id,
+            tags=tags,
+            description=f"{verdict}:\n" + "\n".join(reasons),
+        )
+        logger.info("registered %s version %s (%s)", name, version.version, verdict)
+    else:
+        logger.info("run %s is already %s version %s", run_id, name, version.version)
+
+    if passed:
+        client.set_registered_model_alias(name, cfg["champion_alias"], version.version)
+    champion = champion_version(client, name, cfg["champion_alias"])
+    return Registration(
+        model_name=name,
+        version=str(version.version),
+        passed=passed,
+        promoted=passed,
+        reasons=reasons,
+        champion_version=champion,
+        run_id=run_id,
+    )
+
+
+def champion_version(client, name: str, alias: str = "champion") -> str | None:
+    """The version the alias points at, or None (no model / no champion yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def champion_headline(params: Mapping[str, Any], profile: str | None = None) -> dict[str, Any] | None:
+    """The gating numbers (`target_dice`, `base_dice`, ...) of the current champion, or None.
+
+    For the gate stage: compare a candidate with the champion. None when tracking is off,
+    the store is unreachable, or there is no champion yet.
+    """
+    cfg = tracking.tracking_config(params)
+    if not cfg["enabled"]:
+        return None
+    try:
+        client = tracking.make_client(params)
+        name = model_name_for(params, profile)
+        alias = registry_config(params)["champion_alias"]
+        version = client.get_model_version_by_alias(name, alias)
+    except Exception as exc:  # no registered model/alias, or no store: no champion to compare to
+        logger.info("no champion found: %s", exc)
+        return None
+    raw = (version.tags or {}).get("cpcsam.headline")
+    return json.loads(raw) if raw else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.register", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--run-id", help="the pipeline's MLflow run (default: a new 'register' run)")
+    parser.add_argument("--gate", default=str(GATE_PATH))
+    parser.add_argument("--export-dir", default=str(EXPORT_DIR))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        if not tracking.tracking_config(params)["enabled"]:
+            raise ConfigError(f"{args.params}: tracking.enabled is false; nothing to register into")
+        tracking.preflight(params)
+        if args.run_id:
+            result = register_candidate(args.run_id, params, args.gate, args.export_dir)
+        else:
+            with tracking.stage_run("register", params) as run:
+                result = register_candidate(run.run_id, params, args.gate, args.export_dir)
+    except CpcSamError as exc:
+        print(f"register: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,6 +53,7 @@ class QuarantineItem:
     detail: str  # what exactly is wrong
     kind: str  # "image" (the image and all its annotations dropped) or "annotation"
     item_id: str = ""  # image id / annotation id when known
+    dropped_annotations: int = 0  # annotations that went with a quarantined image
 
 
 class Quarantine:
@@ -65,17 +66,21 @@ class Quarantine:
     def saw(self, kind: str, n: int = 1) -> None:
         self.seen[kind] += n
 
-    def add(self, file: str, reason: str, detail: str, kind: str, item_id: str = "") -> None:
+    def add(self, file: str, reason: str, detail: str, kind: str, item_id: str = "", dropped_annotations: int = 0) -> None:
         assert reason in REASONS, reason
-        self.items.append(QuarantineItem(str(file), reason, detail, kind, str(item_id)))
+        self.items.append(QuarantineItem(str(file), reason, detail, kind, str(item_id), int(dropped_annotations)))
 
     def counts(self) -> dict[str, int]:
         return dict(sorted(collections.Counter(i.reason for i in self.items).items()))
 
     def fraction(self) -> float:
-        """Quarantined items / items examined (images + annotations)."""
+        """Items lost / items examined, items = images + annotations.
+
+        An annotation dropped because its image was quarantined counts as lost too.
+        """
         total = sum(self.seen.values())
-        return len(self.items) / total if total else 0.0
+        lost = len(self.items) + sum(i.dropped_annotations for i in self.items)
+        return min(1.0, lost / total) if total else 0.0
 
     def to_json(self) -> dict:
         return {

@@ -23,6 +23,14 @@ from cpcsam.errors import DataError
 S3_SCHEME = "s3://"
 
 
+class ImageError(DataError):
+    """An image that cannot be used; `reason` is its quarantine reason."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith(S3_SCHEME)
 
@@ -176,16 +184,19 @@ def open_image(data: bytes, uri: str, max_pixels: int | None = None) -> Image.Im
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
-                raise DataError(f"{uri}: image of {w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
+                raise ImageError(
+                    f"{uri}: image of {w}x{h} = {w * h} pixels is over the limit of {max_pixels}", "image_too_large"
+                )
             img.load()  # full decode: raises OSError on truncated data
     except DataError:
         raise
     except Image.DecompressionBombError as exc:  # pragma: no cover - guard disabled above
-        raise DataError(f"{uri}: decompression bomb: {exc}") from exc
+        raise ImageError(f"{uri}: decompression bomb: {exc}", "image_too_large") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         msg = str(exc)
-        kind = "truncated image" if "truncated" in msg.lower() else "unreadable image"
-        raise DataError(f"{uri}: {kind}: {msg}") from exc
+        if "truncated" in msg.lower() or "broken data stream" in msg.lower():
+            raise ImageError(f"{uri}: truncated image: {msg}", "truncated_image") from exc
+        raise ImageError(f"{uri}: unreadable image: {msg}", "unreadable_image") from exc
     return img
 
 

@@ -9,11 +9,13 @@ labels 1 / 0 / 2 / 3) that goes through the same CaPL → decoder path as a user
 Everything here is tensor maths on embeddings, independent of which model made them; the caller
 (evaluation, prediction) runs the image encoder.
 
-Choices (ours): the thresholded region for the box is every valid cell whose similarity is at
-least `min + box_threshold · (max − min)` of the map (relative, so it adapts to each model's
-similarity scale); peaks are the strongest cells of that region, and two
-positives prefer cells two apart within the region (greedy suppression); troughs are the lowest valid cells outside the
-box, so negatives stay off the object.
+Choices (ours): the region is the 4-connected component, around the strongest cell, of the
+valid cells whose similarity is at least `min + box_threshold · (max − min)` (relative, so it
+adapts to each model's similarity scale; connected, so stray background cells that happen to
+look alike do not stretch the box). One prompt therefore targets one object, the most
+prototype-like; a class with several instances in the image gets its strongest one. Positives
+are the strongest cells of the region, preferring cells two apart (greedy suppression);
+negatives are the lowest valid cells outside the box, so they stay off the object.
 """
 
 from __future__ import annotations
@@ -105,6 +107,19 @@ def _cell_centres(cells: torch.Tensor, stride: tuple[float, float]) -> np.ndarra
     return torch.stack([(cols + 0.5) * stride[1], (rows + 0.5) * stride[0]], dim=1).numpy()
 
 
+def _component(mask: torch.Tensor, seed: tuple[int, int]) -> torch.Tensor:
+    """The 4-connected component of boolean `mask` [h, w] that contains `seed` (row, col)."""
+    keep = mask.numpy()
+    out = np.zeros_like(keep)
+    stack = [seed]
+    while stack:
+        r, c = stack.pop()
+        if 0 <= r < keep.shape[0] and 0 <= c < keep.shape[1] and keep[r, c] and not out[r, c]:
+            out[r, c] = True
+            stack.extend(((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)))
+    return torch.from_numpy(out)
+
+
 def _spread_peaks(filled: torch.Tensor, region: torch.Tensor, count: int) -> torch.Tensor:
     """Up to `count` cells of `region`, strongest first, preferring cells ≥ 2 apart (Chebyshev).
 
@@ -138,7 +153,8 @@ def prompt_from_similarity(sim: torch.Tensor, img_size: int, input_size: tuple[i
     filled = torch.where(valid, sim, torch.full_like(sim, -torch.inf))
     top, bottom = float(filled.max()), float(sim[valid].min())
 
-    region = valid & (filled >= bottom + cfg.box_threshold * (top - bottom))
+    above = valid & (filled >= bottom + cfg.box_threshold * (top - bottom))
+    region = _component(above, divmod(int(torch.argmax(filled)), w))
     rows, cols = region.any(dim=1).nonzero()[:, 0], region.any(dim=0).nonzero()[:, 0]
     r0, r1, c0, c1 = int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
     in_box = torch.zeros_like(valid)

@@ -1,0 +1,341 @@
+"""The evaluation protocols of one run (METHOD.md §5–6) and the loop that scores every model.
+
+Protocols, named as they appear in the table and in `metrics.json`:
+- `box@σ`, `points@σ` (σ ∈ `evaluate.sigmas`): one prompt per ground-truth entity, derived from
+  its mask by `cpcsam.prompts.perturb.prompt_from_mask` with noise σ. The random draws depend on
+  (seed, image, entity, protocol) only, so every model sees the very same prompts.
+- `box@σ+ttaK`: test-time calibration: the protocol's prompt plus K−1 jittered copies of its box
+  (`jitter_prompt`), calibrated together and their logits averaged. Points-only prompts carry no
+  object scale to jitter by, so TTA is defined for prompts with a box.
+- `auto`: automatic prompts for the target classes: prototypes from the support subset (default
+  10% of the evaluation images, disjoint from the query images), one prompt per (query image,
+  target class present), see `cpcsam.prompts.auto`. Scored per class like the others.
+
+The support subset first covers every target class once (a seeded pick among the images that
+hold it), then fills up to `support_fraction` at random: a purely random 10% would often miss
+the rarer target classes altogether and leave them unmeasured.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cpcsam.errors import ConfigError
+from cpcsam.evaluation.engine import EncodedImage, TorchEngine
+from cpcsam.evaluation.metrics import ClassScores
+from cpcsam.prompts.auto import AutoPromptConfig, auto_prompt, class_prototypes, mask_to_grid, masked_average
+from cpcsam.prompts.perturb import (
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    Prompt,
+    entity_rng,
+    jitter_box,
+    prompt_from_mask,
+)
+
+logger = logging.getLogger(__name__)
+
+_PROTOCOL = re.compile(r"^(box|points|box\+points)@([0-9.]+)(?:\+tta(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    kind: str  # box | points | box+points | auto
+    sigma: float = 0.0
+    tta: int = 1
+
+    @classmethod
+    def parse(cls, name: str) -> "Protocol":
+        if name == "auto":
+            return cls("auto", "auto")
+        m = _PROTOCOL.match(name)
+        if not m:
+            raise ConfigError(f"evaluation protocol {name!r}: expected 'box@σ', 'points@σ', 'box+points@σ' (+ttaK) or 'auto'")
+        tta = int(m.group(3) or 1)
+        if tta > 1 and m.group(1) == "points":
+            raise ConfigError(f"evaluation protocol {name!r}: test-time calibration needs a box to jitter")
+        return cls(name, m.group(1), float(m.group(2)), tta)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sigma": self.sigma, "tta": self.tta}
+
+
+def protocol_names(cfg: Mapping[str, Any]) -> list[str]:
+    """The protocol list of the `evaluate` params: kinds × sigmas, the TTA rows, `auto`."""
+    names = [f"{kind}@{float(s):g}" for kind in cfg.get("kinds", ["box", "points"]) for s in cfg.get("sigmas", [0.0])]
+    tta = cfg.get("tta") or {}
+    if int(tta.get("k", 1)) > 1:
+        names += [f"{base}+tta{int(tta['k'])}" for base in tta.get("protocols", [])]
+    if (cfg.get("auto") or {}).get("enabled", True):
+        names.append("auto")
+    return names
+
+
+@dataclass
+class EntityRecord:
+    entity_id: str
+    class_name: str
+    mask: np.ndarray  # bool [H, W]
+
+
+@dataclass
+class ImageRecord:
+    image_id: str
+    uri: str
+    entities: list[EntityRecord] = field(default_factory=list)
+
+
+def jitter_prompt(prompt: Prompt, sigma: float, rng: np.random.Generator, width: int, height: int) -> Prompt:
+    """A perturbed copy of a prompt that has a box: box sides moved by U(−σ, σ)·side
+    (`perturb.jitter_box`), its points displaced by U(−σ, σ)·(box w, box h), clipped to the image."""
+    box = prompt.box()
+    if box is None:
+        raise ConfigError(f"test-time calibration needs a box in the prompt, got a {prompt.kind!r} prompt")
+    new_box = jitter_box(box, sigma, rng, width, height)
+    coords = prompt.coords.copy()
+    is_point = ~np.isin(prompt.labels, [LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT])
+    if is_point.any():
+        side = np.array([box[2] - box[0], box[3] - box[1]])
+        moved = coords[is_point] + rng.uniform(-sigma, sigma, size=(int(is_point.sum()), 2)) * side
+        coords[is_point] = np.clip(np.round(moved), 0, [width - 1, height - 1])
+    coords[prompt.labels == LABEL_BOX_TOP_LEFT] = new_box[:2]
+    coords[prompt.labels == LABEL_BOX_BOTTOM_RIGHT] = new_box[2:]
+    return Prompt(kind=prompt.kind, coords=coords, labels=prompt.labels.copy())
+
+
+def entity_prompts(protocol: Protocol, image: ImageRecord, seed: int, num_positive: int = 1,
+                   num_negative: int = 0, tta_sigma: float = 0.1) -> list[list[Prompt]]:
+    """K' prompt variants per entity of the image (K' = 1 without TTA), the same for every model."""
+    out = []
+    for ent in image.entities:
+        tag = f"{ent.entity_id}|{protocol.kind}@{protocol.sigma:g}"
+        rng = entity_rng(seed, image.image_id, tag, 0)
+        base = prompt_from_mask(ent.mask, protocol.kind, protocol.sigma, rng, num_positive, num_negative)
+        variants = [base]
+        h, w = ent.mask.shape
+        for k in range(1, protocol.tta):
+            variants.append(jitter_prompt(base, tta_sigma, entity_rng(seed, image.image_id, tag + "|tta", k), w, h))
+        out.append(variants)
+    return out
+
+
+def choose_support(images: Sequence[ImageRecord], target: Iterable[str], fraction: float, seed: int) -> list[str]:
+    """Image ids of the support subset: each target class covered once, then random up to `fraction`."""
+    rng = np.random.default_rng([int(seed), 104729])
+    ids = [im.image_id for im in images]
+    want = max(1, math.ceil(fraction * len(ids))) if fraction > 0 else 0
+    chosen: list[str] = []
+    for name in sorted(set(target)):
+        if any(name in {e.class_name for e in im.entities} for im in images if im.image_id in chosen):
+            continue
+        holders = [im.image_id for im in images if name in {e.class_name for e in im.entities}]
+        if holders:
+            chosen.append(holders[int(rng.integers(len(holders)))])
+    rest = [i for i in ids if i not in chosen]
+    extra = max(0, want - len(chosen))
+    if extra and rest:
+        chosen += [rest[int(j)] for j in rng.choice(len(rest), size=min(extra, len(rest)), replace=False)]
+    # Never leave no query image at all.
+    if len(chosen) >= len(ids) and len(ids) > 1:
+        chosen = chosen[: len(ids) - 1]
+    return chosen
+
+
+@dataclass
+class EvalConfig:
+    protocols: list[Protocol]
+    seed: int = 0
+    num_positive: int = 1
+    num_negative: int = 0
+    tta_sigma: float = 0.1
+    support_fraction: float = 0.1
+    auto: AutoPromptConfig = field(default_factory=AutoPromptConfig)
+    threshold: float = 0.0
+    overlay_images: int = 4
+    overlay_protocol: str = "box@0"
+
+    @classmethod
+    def from_params(cls, cfg: Mapping[str, Any], seed: int) -> "EvalConfig":
+        protocols = [Protocol.parse(n) for n in protocol_names(cfg)]
+        tta = cfg.get("tta") or {}
+        return cls(
+            protocols=protocols,
+            seed=int(seed),
+            num_positive=int(cfg.get("num_positive", 1)),
+            num_negative=int(cfg.get("num_negative", 0)),
+            tta_sigma=float(tta.get("sigma", 0.1)),
+            support_fraction=float(cfg.get("support_fraction", 0.1)),
+            auto=AutoPromptConfig.from_dict(cfg.get("auto")),
+            threshold=float(cfg.get("threshold", 0.0)),
+            overlay_images=int(cfg.get("overlays", 4)),
+            overlay_protocol=str(cfg.get("overlay_protocol", "box@0")),
+        )
+
+
+@dataclass
+class ModelResult:
+    protocols: dict[str, dict[str, Any]]
+    overlays: dict[str, list[np.ndarray]]  # image id → predicted masks under the overlay protocol
+    auto_missing: list[str]  # target classes with no prototype (no support instance)
+
+
+def support_prototypes(engine: TorchEngine, support: Sequence[ImageRecord], classes: Iterable[str],
+                       load_image: Callable[[ImageRecord], np.ndarray]) -> dict[str, torch.Tensor]:
+    """Per-class prototypes from the support images' ground truth, with this model's encoder."""
+    wanted = set(classes)
+    feats: dict[str, list[torch.Tensor]] = {}
+    for im in support:
+        enc = engine.encode(load_image(im))
+        emb = enc.embedding[0]
+        grid = (int(emb.shape[-2]), int(emb.shape[-1]))
+        for ent in im.entities:
+            if ent.class_name in wanted:
+                weights = mask_to_grid(ent.mask, enc.input_size, engine.image_size, grid)
+                feat = masked_average(emb, weights)
+                if feat is not None:
+                    feats.setdefault(ent.class_name, []).append(feat)
+    return class_prototypes(feats)
+
+
+def evaluate_model(
+    engine: TorchEngine,
+    images: Sequence[ImageRecord],
+    base: Sequence[str],
+    target: Sequence[str],
+    support_ids: Sequence[str],
+    cfg: EvalConfig,
+    load_image: Callable[[ImageRecord], np.ndarray],
+    name: str = "model",
+) -> ModelResult:
+    """Every protocol of `cfg` on every image, for one model."""
+    scores = {p.name: ClassScores() for p in cfg.protocols}
+    overlays: dict[str, list[np.ndarray]] = {}
+    overlay_ids = {im.image_id for im in images[: cfg.overlay_images]}
+    has_auto = any(p.kind == "auto" for p in cfg.protocols)
+    support_set = set(support_ids)
+    prototypes: dict[str, torch.Tensor] = {}
+    if has_auto:
+        prototypes = support_prototypes(engine, [im for im in images if im.image_id in support_set], target, load_image)
+
+    for im in tqdm(images, desc=f"evaluate {name}", leave=False):
+        if not im.entities:
+            continue
+        enc = engine.encode(load_image(im))
+        gt = [e.mask for e in im.entities]
+        names = [e.class_name for e in im.entities]
+        for protocol in cfg.protocols:
+            if protocol.kind == "auto":
+                if im.image_id not in support_set:
+                    _score_auto(engine, enc, im, target, prototypes, cfg.auto, scores[protocol.name], cfg.threshold)
+                continue
+            prompts = entity_prompts(protocol, im, cfg.seed, cfg.num_positive, cfg.num_negative, cfg.tta_sigma)
+            logits = engine.predict(enc, prompts)
+            preds = list(logits > cfg.threshold)
+            scores[protocol.name].add_image(preds, gt, names, logits=logits, threshold=cfg.threshold)
+            if protocol.name == cfg.overlay_protocol and im.image_id in overlay_ids:
+                overlays[im.image_id] = preds
+    summaries = {p.name: scores[p.name].summary(base, target) for p in cfg.protocols}
+    missing = sorted(set(target) - set(prototypes)) if has_auto else []
+    return ModelResult(summaries, overlays, missing)
+
+
+def _score_auto(engine: TorchEngine, enc: EncodedImage, im: ImageRecord, target: Sequence[str],
+                prototypes: Mapping[str, torch.Tensor], auto_cfg: AutoPromptConfig, scores: ClassScores,
+                threshold: float) -> None:
+    present = sorted({e.class_name for e in im.entities} & set(target) & set(prototypes))
+    if not present:
+        return
+    coords, labels = [], []
+    for name in present:
+        prompt = auto_prompt(enc.embedding[0], prototypes[name], engine.image_size, enc.input_size, auto_cfg)
+        coords.append(torch.from_numpy(prompt.coords))
+        labels.append(torch.from_numpy(prompt.labels))
+    p = max(len(lab) for lab in labels)
+    c = torch.zeros(len(present), 1, p, 2)
+    lab = torch.full((len(present), 1, p), -1, dtype=torch.long)
+    for i, (xy, ll) in enumerate(zip(coords, labels)):
+        c[i, 0, : len(ll)] = xy
+        lab[i, 0, : len(ll)] = ll
+    logits = engine.predict_model_frame(enc, c, lab)
+    for i, name in enumerate(present):
+        gt = np.logical_or.reduce([e.mask for e in im.entities if e.class_name == name])
+        scores.add_class_score(name, logits[i] > threshold, gt)
+
+
+def evaluate_models(
+    engines: Mapping[str, TorchEngine],
+    images: Sequence[ImageRecord],
+    base: Sequence[str],
+    target: Sequence[str],
+    cfg: EvalConfig,
+    load_image: Callable[[ImageRecord], np.ndarray],
+    headline_model: str = "cpcsam",
+    headline_protocol: str = "box@0.1",
+) -> tuple[dict[str, Any], dict[str, dict[str, list[np.ndarray]]]]:
+    """All models on all protocols: the `metrics.json` dict and the overlay masks per model."""
+    support = choose_support(images, target, cfg.support_fraction, cfg.seed) if any(
+        p.kind == "auto" for p in cfg.protocols) else []
+    metrics: dict[str, Any] = {
+        "protocols": {p.name: p.spec() for p in cfg.protocols},
+        "classes": {"base": list(base), "target": list(target)},
+        "images": {"evaluated": len(images), "auto_support": sorted(support),
+                   "auto_queries": len(images) - len(support)},
+        "models": {},
+    }
+    overlays: dict[str, dict[str, list[np.ndarray]]] = {}
+    for name, engine in engines.items():
+        result = evaluate_model(engine, images, base, target, support, cfg, load_image, name)
+        metrics["models"][name] = {"protocols": result.protocols}
+        if result.auto_missing:
+            metrics["models"][name]["auto_classes_without_prototype"] = result.auto_missing
+        overlays[name] = result.overlays
+        logger.info("evaluated %s: %s", name, {p: s["target"]["dice"] for p, s in result.protocols.items()})
+    metrics["headline"] = headline_numbers(metrics, headline_model, headline_protocol)
+    return metrics, overlays
+
+
+def headline_numbers(metrics: Mapping[str, Any], model: str, protocol: str) -> dict[str, Any]:
+    """The gating numbers: one model under one protocol (ConfigError when either is absent)."""
+    if model not in metrics["models"]:
+        raise ConfigError(f"evaluate.headline.model: {model!r} was not evaluated (have {sorted(metrics['models'])})")
+    protocols = metrics["models"][model]["protocols"]
+    if protocol not in protocols:
+        raise ConfigError(f"evaluate.headline.protocol: {protocol!r} is not a protocol of this run ({sorted(protocols)})")
+    s = protocols[protocol]
+    return {
+        "model": model,
+        "protocol": protocol,
+        "target_dice": s["target"]["dice"],
+        "base_dice": s["base"]["dice"],
+        "overall_dice": s["overall"]["dice"],
+        "target_iou": s["target"]["iou"],
+        "base_iou": s["base"]["iou"],
+        "label_map_miou": s.get("label_map_miou"),
+    }
+
+
+def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """`model/protocol/group_metric` → value, for MLflow (None values left out)."""
+    out: dict[str, float] = {}
+    for model, entry in metrics["models"].items():
+        for protocol, s in entry["protocols"].items():
+            key = f"{model}/{protocol.replace('+', '_').replace('@', '_s')}"
+            for group in ("base", "target", "overall"):
+                for metric in ("dice", "iou"):
+                    if s[group][metric] is not None:
+                        out[f"{key}/{group}_{metric}"] = float(s[group][metric])
+            if s.get("label_map_miou") is not None:
+                out[f"{key}/label_map_miou"] = float(s["label_map_miou"])
+    for k, v in metrics.get("headline", {}).items():
+        if isinstance(v, (int, float)) and v is not None:
+            out[f"headline/{k}"] = float(v)
+    return out

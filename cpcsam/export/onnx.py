@@ -1,0 +1,224 @@
+"""ONNX export of a trained CPC-SAM: the image encoder, and CaPL + prompt encoder + mask decoder.
+
+Two graphs, as in SAM's deployment: the heavy image encoder runs once per image, the light
+decoder graph once per image for all of its entities.
+
+`DecoderOnnxModel` follows the style of segment-anything's `utils/onnx.py` (`SamOnnxModel`):
+points padded with label −1, box corners as labels 2/3, an optional low-resolution mask input
+with a `has_mask_input` flag, no data-dependent control flow. It differs where CPC-SAM needs it
+or where the official export is wrong:
+
+- CaPL is inside: the task causal module calibrates the sparse tokens (K = 1 group at inference)
+  and the entity causal module biases the decoder's cross attention (`CPCSAM.decode`).
+- LoRA is merged into the base weights before export (`prepare_for_export`): no adapter ops.
+- Both the number of entities N and the number of point slots P are dynamic axes; one graph
+  serves every N and P.
+- Full-size masks are right for any image size: the official export computes the crop with
+  `int(tensor)`, which the tracer freezes to the example's numbers (STACK.md). Here the crop
+  bounds stay tensors (`orig_im_size`-driven arithmetic), so the tracer records them as graph
+  computations; the export tests compare several aspect ratios against PyTorch.
+- The mask prompt enters where SAM adds it, the decoder's image tokens (`src`), through a
+  forward pre-hook on the decoder transformer: `CPCSAM.decode` has no dense-prompt argument and
+  is not ours to change, and the entity calibration keeps reading the image embedding alone.
+  With `has_mask_input = 0` the hook adds exact zeros.
+- Single-mask output (mask token 0), as CPC-SAM is trained; no multimask selection.
+
+Inputs (float32 unless said): `image_embeddings` [1, C, h, w]; `point_coords` [N, P, 2] in the
+model-input frame (x, y); `point_labels` [N, P] (−1, 0, 1, 2, 3); `mask_input` [N, 1, 4h, 4w];
+`has_mask_input` [N]; `orig_im_size` [2] (H, W). Outputs: `masks` [N, 1, H, W] full-size logits,
+`iou_predictions` [N, 1], `low_res_masks` [N, 1, 4h, 4w].
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpcsam.modeling import CPCSAM, has_lora, merge_lora
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
+DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
+
+
+def prepare_for_export(model: CPCSAM) -> CPCSAM:
+    """A copy of `model` in eval mode with LoRA merged into the base weights (the original is untouched)."""
+    model = copy.deepcopy(model).cpu().eval()
+    if has_lora(model):
+        merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def prepadded_size(orig_im_size: Tensor, image_size: int) -> Tensor:
+    """(h, w) of the image inside the square model frame, as int64 tensors (traceable).
+
+    Same rounding as `cpcsam.modeling.transforms.resized_shape`: int(x·scale + 0.5).
+    """
+    size = orig_im_size.to(torch.float32)
+    scale = image_size / torch.max(size)
+    return torch.floor(size * scale + 0.5).to(torch.int64)
+
+
+def postprocess_masks_traceable(low_res: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
+    """`transforms.postprocess_masks` with the sizes as tensors, so the traced graph stays exact.
+
+    Upsample to the square frame, crop the padding to the resized image, resize to (H, W).
+    """
+    masks = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
+    inner = prepadded_size(orig_im_size, image_size)
+    masks = masks[..., : inner[0], : inner[1]]  # tensor bounds: a dynamic Slice in the graph
+    out_size = orig_im_size.to(torch.int64)
+    return F.interpolate(masks, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
+
+
+class DecoderOnnxModel(nn.Module):
+    """CaPL + prompt encoder + mask decoder (+ mask postprocessing) of one image, N entities."""
+
+    def __init__(self, model: CPCSAM) -> None:
+        super().__init__()
+        self.model = model
+        self.image_size = int(model.image_size)
+
+    def _mask_prompt_delta(self, mask_input: Tensor, has_mask_input: Tensor) -> Tensor:
+        """has·(mask_downscaling(mask) − no_mask_embed): what turns SAM's "no mask" dense prompt into the mask's."""
+        pe = self.model.sam.prompt_encoder
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        flag = has_mask_input.to(mask_input.dtype).reshape(-1, 1, 1, 1)
+        return flag * (pe.mask_downscaling(mask_input) - no_mask)
+
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        point_coords: Tensor,
+        point_labels: Tensor,
+        mask_input: Tensor,
+        has_mask_input: Tensor,
+        orig_im_size: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        labels = point_labels.to(torch.int64)
+        sparse = self.model.embed_prompts(point_coords, labels)  # N x P x C
+        sparse = self.model.calibrate_prompts(sparse.unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
+        image_index = torch.zeros_like(labels[:, 0])  # every entity reads image 0
+        delta = self._mask_prompt_delta(mask_input, has_mask_input)
+
+        def add_mask_prompt(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            src, pos_src, tokens = args
+            return src + delta, pos_src, tokens
+
+        handle = self.model.sam.mask_decoder.transformer.register_forward_pre_hook(add_mask_prompt)
+        try:
+            out = self.model.decode(image_embeddings, image_index, sparse)
+        finally:
+            handle.remove()
+        masks = postprocess_masks_traceable(out.low_res_logits, orig_im_size, self.image_size)
+        return masks, out.iou_pred, out.low_res_logits
+
+
+class ImageEncoderOnnxModel(nn.Module):
+    """The (LoRA-merged) image encoder: preprocessed [1, 3, S, S] → embedding [1, C, h, w]."""
+
+    def __init__(self, model: CPCSAM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.model.encode_images(image)
+
+
+def decoder_example_inputs(model: CPCSAM, num_entities: int = 2, num_points: int = 3) -> tuple[Tensor, ...]:
+    """Example inputs for tracing (any values: nothing in the graph depends on them)."""
+    c = model.sam.prompt_encoder.embed_dim
+    h, w = model.embedding_size
+    gen = torch.Generator().manual_seed(0)
+    coords = torch.rand(num_entities, num_points, 2, generator=gen) * model.image_size
+    labels = torch.tensor([[2, 3, 1][i % 3] for i in range(num_points)], dtype=torch.float32).repeat(num_entities, 1)
+    return (
+        torch.randn(1, c, h, w, generator=gen),
+        coords,
+        labels,
+        torch.randn(num_entities, 1, 4 * h, 4 * w, generator=gen),
+        torch.ones(num_entities),
+        torch.tensor([float(model.image_size) * 0.75, float(model.image_size)]),
+    )
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
+            output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated (but it is the one that handles SAM; STACK.md).
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def export_decoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export `DecoderOnnxModel(model)` (call `prepare_for_export` first) with dynamic N and P."""
+    if opset < 17:
+        raise ValueError(f"opset {opset} < 17")
+    path = Path(path)
+    wrapper = DecoderOnnxModel(model).eval()
+    dynamic = {
+        "point_coords": {0: "num_entities", 1: "num_points"},
+        "point_labels": {0: "num_entities", 1: "num_points"},
+        "mask_input": {0: "num_entities"},
+        "has_mask_input": {0: "num_entities"},
+        "masks": {0: "num_entities", 2: "height", 3: "width"},
+        "iou_predictions": {0: "num_entities"},
+        "low_res_masks": {0: "num_entities"},
+    }
+    with torch.no_grad():
+        _export(wrapper, decoder_example_inputs(model), path, DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset)
+    logger.info("exported decoder + CaPL to %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
+def export_image_encoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export the image encoder for one preprocessed image [1, 3, S, S]."""
+    path = Path(path)
+    example = torch.zeros(1, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        _export(ImageEncoderOnnxModel(model).eval(), (example,), path, ["image"], ["image_embeddings"], {}, opset)
+    logger.info("exported image encoder to %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
+def describe_graph(path: str | Path) -> dict[str, Any]:
+    """Inputs/outputs with their (symbolic) shapes and the opset: for parity.json and the README."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+
+    def shape(value) -> list[Any]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    return {
+        "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+        "inputs": {i.name: shape(i) for i in graph.graph.input},
+        "outputs": {o.name: shape(o) for o in graph.graph.output},
+    }

@@ -1,0 +1,138 @@
+"""onnxruntime sessions for the exported graphs, with honest execution-provider selection.
+
+`onnxruntime-gpu` on a machine without a usable CUDA lists `CUDAExecutionProvider` in
+`get_available_providers()` and then silently runs on the CPU. So a session is asked for CUDA
+only when CUDA is listed, and what it *really* got is read back from `session.get_providers()`;
+a fallback is logged as a warning that says so. `cpu` never asks for CUDA; `cuda` insists and
+raises when CUDA does not load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cpcsam.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class SessionInfo:
+    path: str
+    requested: list[str]
+    providers: list[str]  # what the session really runs on, best first
+
+    @property
+    def on_cuda(self) -> bool:
+        return bool(self.providers) and self.providers[0] == CUDA
+
+    @property
+    def fell_back(self) -> bool:
+        return CUDA in self.requested and not self.on_cuda
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # neither onnxruntime nor onnxruntime-gpu installed
+        raise ConfigError("onnxruntime is not installed: pip install 'cpcsam[cpu]' (or '[gpu]')") from exc
+    return ort
+
+
+def requested_providers(device: str, available: list[str]) -> list[str]:
+    """The provider list to ask for: CUDA first when it is wanted and listed, CPU always last."""
+    if device not in DEVICES:
+        raise ConfigError(f"ONNX device {device!r} is not one of {DEVICES}")
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise ConfigError(f"device 'cuda': onnxruntime has no {CUDA} here (available: {available})")
+    return [CPU]
+
+
+def create_session(path: str | Path, device: str = "auto", threads: int | None = None):
+    """An `InferenceSession` for `path` and a `SessionInfo` of the providers it really uses."""
+    ort = _ort()
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: ONNX model not found (run the export stage)")
+    requested = requested_providers(device, list(ort.get_available_providers()))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3  # onnxruntime's own provider warnings: we report the outcome ourselves
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise CheckpointError(f"{path}: onnxruntime cannot load this model: {exc}") from exc
+    info = SessionInfo(str(path), requested, list(session.get_providers()))
+    if info.fell_back:
+        if device == "cuda":
+            raise ConfigError(f"{path}: CUDA was requested but did not load; session runs on {info.providers}")
+        logger.warning("%s: CUDA is listed by onnxruntime but did not load; FELL BACK TO CPU (%s)", path.name,
+                       info.providers)
+    else:
+        logger.info("%s: onnxruntime session on %s", path.name, info.providers[0])
+    return session, info
+
+
+class OnnxImageEncoder:
+    """The exported image encoder: preprocessed [1, 3, S, S] float32 → embedding [1, C, h, w]."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+        self.session, self.info = create_session(path, device, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.image_size = int(self.session.get_inputs()[0].shape[-1])
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(image, dtype=np.float32)})[0]
+
+
+class OnnxDecoder:
+    """The exported CaPL + prompt encoder + mask decoder graph (see `cpcsam.export.onnx`)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+        self.session, self.info = create_session(path, device, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        mask_input = next(i for i in self.session.get_inputs() if i.name == "mask_input")
+        self.low_res_size = int(mask_input.shape[-1])
+
+    def __call__(
+        self,
+        image_embeddings: np.ndarray,
+        point_coords: np.ndarray,
+        point_labels: np.ndarray,
+        orig_im_size: tuple[int, int],
+        mask_input: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run on one image's embedding [1, C, h, w] and N entities' prompts [N, P, 2] / [N, P].
+
+        Coordinates are in the model-input frame. Returns `masks` [N, 1, H, W] (full-size logits),
+        `iou_predictions` [N, 1] and `low_res_masks` [N, 1, 4h, 4w].
+        """
+        n = point_coords.shape[0]
+        has_mask = mask_input is not None
+        if mask_input is None:
+            mask_input = np.zeros((n, 1, self.low_res_size, self.low_res_size), np.float32)
+        feeds = {
+            "image_embeddings": np.ascontiguousarray(image_embeddings, dtype=np.float32),
+            "point_coords": np.ascontiguousarray(point_coords, dtype=np.float32),
+            "point_labels": np.ascontiguousarray(point_labels, dtype=np.float32),
+            "mask_input": np.ascontiguousarray(mask_input, dtype=np.float32),
+            "has_mask_input": np.full((n,), 1.0 if has_mask else 0.0, np.float32),
+            "orig_im_size": np.asarray(orig_im_size, dtype=np.float32),
+        }
+        outputs = self.session.run(None, feeds)
+        return dict(zip(self.output_names, outputs))

@@ -14,7 +14,6 @@ import io
 import logging
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -190,29 +189,14 @@ def build_sam(cfg: Mapping[str, Any]) -> Sam:
 
 
 def read_uri_bytes(uri: str) -> bytes:
-    """The bytes of a local file or an `s3://bucket/key` object."""
-    if uri.startswith("s3://"):
-        try:
-            from cpcsam.data.storage import read_bytes  # the project's one S3 client
-        except ImportError:  # storage module not written yet: plain boto3 with the AWS_* environment
-            read_bytes = _read_s3_bytes
-        try:
-            return read_bytes(uri)
-        except Exception as exc:  # botocore errors carry no file name of ours
-            raise CheckpointError(f"{uri}: cannot read checkpoint: {exc}") from exc
-    path = Path(uri)
-    if not path.is_file():
-        raise CheckpointError(f"{uri}: checkpoint file not found")
-    return path.read_bytes()
+    """The bytes of a local file or an `s3://bucket/key` object (through `cpcsam.data.storage`)."""
+    from cpcsam.data import storage  # the project's one file/S3 access layer
+    from cpcsam.errors import DataError
 
-
-def _read_s3_bytes(uri: str) -> bytes:
-    import boto3
-
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket or not key:
-        raise CheckpointError(f"{uri}: expected s3://bucket/key")
-    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        return storage.read_bytes(uri)
+    except DataError as exc:  # same message (it names the file), checkpoint-specific type
+        raise CheckpointError(f"checkpoint {exc}") from exc
 
 
 def read_state_dict(uri: str) -> dict[str, Any]:

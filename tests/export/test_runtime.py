@@ -1,0 +1,68 @@
+"""Execution-provider choice: CUDA only when it really loads, a loud fallback otherwise."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from cpcsam.errors import CheckpointError, ConfigError
+from cpcsam.export import runtime
+from cpcsam.export.runtime import CPU, CUDA, create_session, requested_providers
+
+
+def test_requested_providers():
+    assert requested_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert requested_providers("auto", [CPU]) == [CPU]
+    assert requested_providers("cpu", [CUDA, CPU]) == [CPU]
+    with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
+        requested_providers("cuda", [CPU])
+    with pytest.raises(ConfigError, match="'tpu'"):
+        requested_providers("tpu", [CPU])
+
+
+class _FakeOrt:
+    """onnxruntime-gpu on a machine without CUDA: lists CUDA, silently runs on CPU."""
+
+    GraphOptimizationLevel = type("G", (), {"ORT_ENABLE_ALL": 99})
+
+    class SessionOptions:
+        pass
+
+    class InferenceSession:
+        def __init__(self, path, sess_options=None, providers=None):
+            self.asked = providers
+
+        def get_providers(self):
+            return [CPU]
+
+    @staticmethod
+    def get_available_providers():
+        return [CUDA, CPU]
+
+
+def test_cuda_fallback_is_reported(monkeypatch, tmp_path, caplog):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    monkeypatch.setattr(runtime, "_ort", lambda: _FakeOrt)
+    with caplog.at_level(logging.WARNING, logger="cpcsam.export.runtime"):
+        session, info = create_session(model, "auto")
+    assert session.asked == [CUDA, CPU]  # CUDA was asked for...
+    assert info.providers == [CPU] and info.fell_back and not info.on_cuda  # ...and did not load
+    assert "FELL BACK TO CPU" in caplog.text
+    with pytest.raises(ConfigError, match="did not load"):
+        create_session(model, "cuda")
+
+
+def test_real_cpu_session(exported):
+    _, enc_path, _ = exported
+    session, info = create_session(enc_path, "cpu")
+    assert info.providers[0] == CPU and not info.fell_back
+    out = session.run(None, {"image": np.zeros((1, 3, 256, 256), np.float32)})[0]
+    assert out.shape == (1, 64, 16, 16)
+
+
+def test_missing_model_names_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="nothere.onnx"):
+        create_session(tmp_path / "nothere.onnx")

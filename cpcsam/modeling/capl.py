@@ -26,7 +26,7 @@ it computes exactly what `Attention` computes, plus an optional additive logit b
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer
@@ -179,15 +179,26 @@ class SoftPrompt(nn.Module):
         return sparse + offsets
 
 
+class EntityCalibration(NamedTuple):
+    """What the entity causal module produces for one decoder call."""
+
+    biases: dict[str, Tensor]  # site path → log C, [N, H, T, HW] (token→image) or [N, H, HW, T] (image→token)
+    l1: Tensor  # scalar: mean |C − 1| over sites, entities, heads and positions
+
+
 class EntityCausalModule(nn.Module):
     """h_φ and W: a low-rank logit bias for each cross-attention site of the decoder.
 
-    For a site with H heads and rank r: q = h(tokens) ∈ R^{T×H×r} (2-layer MLP, last layer
-    zero-initialised), k = W(image + pe) ∈ R^{HW×H×r}; s = q·k/√r per head; the bias is
-    log C = log(2σ(s)), in (−∞, log 2]: a gate that can suppress a token↔position pair or at most
-    double it. `l1` measures ‖C − 1‖₁ (mean): the L1 term of Eq. 2 on the *calibration* rather
-    than on C itself, because C = 1 means "as SAM had it" — a sparse calibration changes few
-    positions, whereas ‖C‖₁ would push every gate towards 0 and starve the attention.
+    For site l with H heads and rank r: q^{(l)} = h_φ^{(l)}(tokens) ∈ R^{T×H×r} and
+    k^{(l)} = W^{(l)}(image + pe) ∈ R^{HW×H×r}; s = q·k/√r per head; the bias is log C with
+    C = 2σ(s) ∈ (0, 2): a gate that can suppress a token↔position pair or at most double it.
+    h_φ^{(l)} is a 2-layer MLP whose hidden layer is shared by all sites and whose last layer is
+    per site (zero-initialised); all sites are computed in one batched product (S·H "heads"),
+    which costs a few large kernels instead of many small ones.
+
+    `l1` measures ‖C − 1‖₁ (mean) — the L1 term of Eq. 2 put on the *calibration* rather than on
+    C itself: C = 1 means "as SAM had it", so a sparse calibration changes few positions, whereas
+    ‖C‖₁ would push every gate towards 0 and starve the attention. |2σ(s) − 1| = |tanh(s/2)|.
     """
 
     def __init__(self, dim: int, num_heads: int, rank: int, hidden: int, sites: Mapping[str, str]) -> None:
@@ -195,48 +206,28 @@ class EntityCausalModule(nn.Module):
         self.num_heads = num_heads
         self.rank = rank
         self.sites = dict(sites)
-        self.query_mlps = nn.ModuleDict()
-        self.key_projs = nn.ModuleDict()
-        for path in self.sites:
-            key = _module_key(path)
-            self.query_mlps[key] = nn.Sequential(
-                nn.Linear(dim, hidden), nn.GELU(), _zero_init(nn.Linear(hidden, num_heads * rank))
-            )
-            self.key_projs[key] = nn.Linear(dim, num_heads * rank, bias=False)
+        width = len(self.sites) * num_heads * rank
+        self.query_trunk = nn.Sequential(nn.Linear(dim, hidden), nn.GELU())
+        self.query_head = _zero_init(nn.Linear(hidden, width))  # q = 0 at init → C = 1
+        self.key_proj = nn.Linear(dim, width, bias=False)
 
-    def forward(self, tokens: Tensor, image_with_pe: Tensor, image_index: Tensor) -> dict[str, Tensor]:
-        """tokens [N, T, C] (entering the transformer), image_with_pe [B, HW, C], image_index [N].
-
-        Returns {site path: log C} with shape [N, H, T, HW] for token→image sites and
-        [N, H, HW, T] for image→token sites.
-        """
+    def forward(self, tokens: Tensor, image_with_pe: Tensor, image_index: Tensor) -> EntityCalibration:
+        """tokens [N, T, C] (as they enter the transformer), image_with_pe [B, HW, C], image_index [N]."""
         n, t, _ = tokens.shape
-        hw = image_with_pe.shape[1]
-        scale = 1.0 / math.sqrt(self.rank)
+        b, hw, _ = image_with_pe.shape
+        groups = len(self.sites) * self.num_heads
+        q = self.query_head(self.query_trunk(tokens)).reshape(n, t, groups, self.rank).transpose(1, 2)
+        # Project each image once, then pick each entity's image (cheaper than N projections).
+        k = self.key_proj(image_with_pe).reshape(b, hw, groups, self.rank).transpose(1, 2)[image_index]
+        s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.rank))  # N x S·H x T x HW
+        # log(2σ(s)) written as log 2 + logσ(s): finite for any s (log(2·sigmoid) hits −inf below
+        # s ≈ −104 in float32, and a row of −inf makes the softmax NaN); exactly 0 at s = 0.
+        log_gate = (F.logsigmoid(s) + _LOG2).reshape(n, len(self.sites), self.num_heads, t, hw)
+        l1 = torch.tanh(0.5 * s).abs().mean()
         biases: dict[str, Tensor] = {}
-        for path, direction in self.sites.items():
-            key = _module_key(path)
-            q = self.query_mlps[key](tokens).reshape(n, t, self.num_heads, self.rank).transpose(1, 2)
-            # Project each image once, then pick each entity's image (cheaper than N projections).
-            k = self.key_projs[key](image_with_pe)[image_index]
-            k = k.reshape(n, hw, self.num_heads, self.rank).transpose(1, 2)
-            s = (q @ k.transpose(-1, -2)) * scale  # N x H x T x HW
-            # log(2σ(s)) written as log 2 + logσ(s): finite for any s (log(2·sigmoid) hits
-            # −inf below s ≈ −104 in float32, and a row of −inf makes the softmax NaN); exactly 0 at s = 0.
-            log_gate = F.logsigmoid(s) + _LOG2
-            biases[path] = log_gate if direction == "t2i" else log_gate.transpose(-1, -2)
-        return biases
-
-
-def _module_key(path: str) -> str:
-    # ModuleDict keys may not contain dots.
-    return path.replace(".", "_")
-
-
-def calibration_l1(biases: Mapping[str, Tensor]) -> Tensor:
-    """mean |C − 1| over all sites, entities, heads and positions (C = exp(bias))."""
-    terms = [(torch.exp(b) - 1).abs().mean() for b in biases.values()]
-    return torch.stack(terms).mean()
+        for i, (path, direction) in enumerate(self.sites.items()):
+            biases[path] = log_gate[:, i] if direction == "t2i" else log_gate[:, i].transpose(-1, -2)
+        return EntityCalibration(biases, l1)
 
 
 class CaPL(nn.Module):

@@ -23,7 +23,6 @@ from cpcsam.modeling.capl import (
     FINAL_SITE,
     CaPL,
     CalibratedAttention,
-    calibration_l1,
     cross_attention_sites,
     wrap_cross_attention,
 )
@@ -138,23 +137,15 @@ class CPCSAM(nn.Module):
         mask prompt: `no_mask_embed` everywhere.
         """
         decoder = self.sam.mask_decoder
-        prompt_encoder = self.sam.prompt_encoder
         n = sparse.shape[0]
         _, c, h, w = image_embeddings.shape
-
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1)
-        tokens = torch.cat((output_tokens, sparse), dim=1)
-
-        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        image_pe = prompt_encoder.get_dense_pe()
+        tokens, dense, image_pe = self._transformer_inputs(sparse)
         src = image_embeddings[image_index] + dense
         pos_src = image_pe.expand(n, -1, -1, -1)
 
         if self.capl.entity is not None:
             image_with_pe = (image_embeddings + dense + image_pe).flatten(2).transpose(1, 2)  # B x HW x C
-            biases = self.capl.entity(tokens, image_with_pe, image_index)
-            l1 = calibration_l1(biases)
+            biases, l1 = self.capl.entity(tokens, image_with_pe, image_index)
         else:
             biases = {}
             l1 = sparse.new_zeros(())
@@ -212,14 +203,18 @@ class CPCSAM(nn.Module):
         """
         if self.capl.entity is None:
             return {}
+        tokens, dense, image_pe = self._transformer_inputs(sparse)
+        image_with_pe = (image_embeddings + dense + image_pe).flatten(2).transpose(1, 2)
+        return self.capl.entity(tokens, image_with_pe, image_index).biases
+
+    def _transformer_inputs(self, sparse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """tokens [N, T, C] = [iou, mask tokens, prompts]; the no-mask dense embedding; the image PE."""
         decoder = self.sam.mask_decoder
-        prompt_encoder = self.sam.prompt_encoder
-        n = sparse.shape[0]
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
-        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        image_with_pe = (image_embeddings + dense + prompt_encoder.get_dense_pe()).flatten(2).transpose(1, 2)
-        return self.capl.entity(tokens, image_with_pe, image_index)
+        output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
+        tokens = torch.cat((output_tokens, sparse), dim=1)
+        dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return tokens, dense, self.sam.prompt_encoder.get_dense_pe()
 
 
 # ---- parameter groups (the bi-level trainer optimises them separately) -----------------------------

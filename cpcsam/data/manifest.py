@@ -7,6 +7,7 @@ of train images withheld and reported). Reading it: `load_manifest`, `load_class
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -93,29 +94,37 @@ def split_ratios(cfg: dict[str, Any]) -> dict[str, float]:
 def assign_splits(group_sizes: dict[str, int], ratios: dict[str, float], seed: int) -> dict[str, str]:
     """Groups -> split, whole groups only, image counts close to the ratios.
 
-    Groups are shuffled with `seed`, then each goes to the split furthest below its target
-    image count (largest groups first, so the small ones can even out the remainder). Every
-    split with a ratio > 0 gets at least one group when there are enough groups.
+    Groups are ordered by a seeded hash of their id and laid end to end by image count; a
+    group goes to the split whose share of that line holds the group's midpoint. A group's
+    place depends only on its id, the seed and the sizes before it, so losing a few images
+    to quarantine moves at most the groups at a boundary, instead of reshuffling every split.
+    Every split with a ratio > 0 gets at least one group when there are enough groups.
     """
-    groups = sorted(group_sizes)
-    rng = np.random.default_rng(seed)
-    order = [groups[i] for i in rng.permutation(len(groups))]
-    order.sort(key=lambda g: -group_sizes[g])  # stable: ties keep the seeded order
+    order = sorted(group_sizes, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
     total = sum(group_sizes.values())
     active = [s for s in SPLITS if ratios[s] > 0]
-    filled = {s: 0 for s in SPLITS}
+    bounds, acc = [], 0.0
+    for s in active:
+        acc += ratios[s]
+        bounds.append((acc, s))
     assigned: dict[str, str] = {}
-    # Seed every active split with one group, smallest groups first, so none ends up empty.
-    if len(order) >= len(active):
-        for split, group in zip(active, reversed(order[-len(active):])):
-            assigned[group] = split
-            filled[split] += group_sizes[group]
+    midpoints: dict[str, float] = {}
+    pos = 0
     for group in order:
-        if group in assigned:
-            continue
-        split = max(active, key=lambda s: (ratios[s] * total - filled[s], ratios[s]))
-        assigned[group] = split
-        filled[split] += group_sizes[group]
+        mid = (pos + group_sizes[group] / 2) / total
+        pos += group_sizes[group]
+        midpoints[group] = mid
+        assigned[group] = next((s for b, s in bounds if mid < b), active[-1])
+    # a split left empty takes the group nearest to its share from a split that has several
+    if len(order) >= len(active):
+        for b, split in bounds:
+            if split in assigned.values():
+                continue
+            centre = b - ratios[split] / 2
+            counts = {s: sum(1 for v in assigned.values() if v == s) for s in active}
+            donors = [g for g in order if counts[assigned[g]] > 1]
+            group = min(donors, key=lambda g: abs(midpoints[g] - centre))
+            assigned[group] = split
     return assigned
 
 

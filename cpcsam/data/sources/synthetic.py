@@ -294,7 +294,8 @@ class SyntheticSource:
         self.max_entities = int(cfg.get("max_entities", 5))
         self.strength = float(cfg.get("confounder_strength", 0.6))
         self.seed = int(cfg.get("seed", 0))
-        self.min_area = int(cfg.get("min_entity_area", 40))
+        # small enough for tiny test images, large enough that an entity is more than a speck
+        self.min_area = int(cfg.get("min_entity_area", max(12, self.width * self.height // 2000)))
         names = cfg.get("classes") or list(CLASSES)
         unknown = sorted(set(names) - set(CLASSES))
         if unknown:
@@ -331,8 +332,9 @@ class SyntheticSource:
         scale = min(h, w)
         for cls in classes:
             style = CLASSES[cls]
+            placed = False
             for _attempt in range(8):  # re-place when it would mostly hide earlier entities
-                r = rng.uniform(*style.size) * scale
+                r = max(5.0, rng.uniform(*style.size) * scale)
                 cx, cy = rng.uniform(0.15 * w, 0.85 * w), rng.uniform(0.15 * h, 0.85 * h)
                 ang = rng.uniform(0, 2 * math.pi)
                 canvas = Image.new("L", (w, h), 0)
@@ -340,11 +342,12 @@ class SyntheticSource:
                 mask = np.asarray(canvas) > 127
                 if mask.sum() < self.min_area:
                     continue
+                placed = True
                 if (owner[mask] >= 0).mean() < 0.3:
                     break
-            ys, xs = np.nonzero(mask)
-            if len(xs) == 0:
+            if not placed:
                 continue
+            ys, xs = np.nonzero(mask)
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
             tex = _texture(style, rng, h, w, box, ang)
             sub = mask[box[1] : box[3], box[0] : box[2]]
@@ -378,7 +381,7 @@ class SyntheticSource:
             image_id = f"dive{dive:04d}_frame{frame:02d}"
             path = self.images_dir / f"{image_id}.png"
             buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
+            Image.fromarray(img).save(buf, format="PNG", compress_level=1)  # noisy pixels: zlib effort buys little
             path.write_bytes(buf.getvalue())
             quarantine.saw("image")
             quarantine.saw("annotation", len(entities))

@@ -218,6 +218,44 @@ def champion_headline(params: Mapping[str, Any], profile: str | None = None) -> 
     return json.loads(raw) if raw else None
 
 
+def outcome_of_flow_run(params: Mapping[str, Any], flow_run_id: str) -> dict[str, Any] | None:
+    """What a `train` flow run produced, read back from MLflow: its pipeline run, gate, version.
+
+    None when no pipeline run carries that Prefect flow-run id (e.g. tracking was off).
+    """
+    client = tracking.make_client(params)
+    cfg = tracking.tracking_config(params)
+    experiment = client.get_experiment_by_name(str(cfg["experiment"]))
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`cpcsam.prefect.flow_run_id` = '{flow_run_id}' and tags.`cpcsam.stage` = 'pipeline'",
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    outcome: dict[str, Any] = {
+        "mlflow_run_id": run.info.run_id,
+        "gate_passed": {"true": True, "false": False}.get(run.data.tags.get("cpcsam.gate.passed", "")),
+        "registration": None,
+    }
+    versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
+    if versions:
+        version = versions[0]
+        passed = version.tags.get("cpcsam.gate.passed") == "true"
+        outcome["registration"] = Registration(
+            model_name=version.name,
+            version=str(version.version),
+            passed=passed,
+            promoted=passed,
+            reasons=[r for r in version.tags.get("cpcsam.gate.reasons", "").split("\n") if r],
+            champion_version=champion_version(client, version.name, registry_config(params)["champion_alias"]),
+            run_id=run.info.run_id,
+        ).as_dict()
+    return outcome
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.register", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")

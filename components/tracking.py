@@ -185,6 +185,9 @@ def dvc_lock_hashes(root: Path, data_stages: list[str]) -> dict[str, str]:
     return tags
 
 
+_NOT_CODE = (":(exclude)dvc.lock", ":(exclude)params.yaml")
+
+
 def lineage_tags(root: str | Path = ".", data_stages: list[str] | None = None) -> dict[str, str]:
     """Tags that trace a run back to code (git), data (dvc.lock) and orchestration (Prefect)."""
     root = Path(root)
@@ -193,8 +196,13 @@ def lineage_tags(root: str | Path = ".", data_stages: list[str] | None = None) -
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["cpcsam.git.commit"] = commit
-        status = _git(root, "status", "--porcelain", "--untracked-files=no")
-        tags["cpcsam.git.dirty"] = "true" if status else "false"
+        # Dirty = tracked *code/config* changed since the commit. params.yaml and dvc.lock are
+        # left out: a run rewrites dvc.lock, and its params are logged and hashed separately.
+        status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *_NOT_CODE)
+        changed = [line[3:] for line in (status or "").splitlines() if line.strip()]
+        tags["cpcsam.git.dirty"] = "true" if changed else "false"
+        if changed:
+            tags["cpcsam.git.dirty_files"] = " ".join(changed)[:2000]
     tags.update(dvc_lock_hashes(root, data_stages if data_stages is not None else DEFAULTS["data_stages"]))
     flow_run = os.environ.get(FLOW_RUN_ENV) or os.environ.get(PREFECT_FLOW_RUN_ENV)
     if flow_run:

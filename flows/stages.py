@@ -1,0 +1,210 @@
+"""DVC as the flows see it: the stage order (asked of DVC), one stage's repro, params overrides, push.
+
+No Prefect here (plain functions the flows wrap in tasks). The stage graph stays in
+`dvc.yaml`: the order comes from `dvc stage list` + `dvc dag --dot`, never from Python.
+(Not named `dvc.py`: Prefect puts this folder first on `sys.path` when it loads a flow.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+from cpcsam.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_EDGE = re.compile(r'^\s*"?([^"\s]+)"?\s*->\s*"?([^"\s;]+)"?\s*;?\s*$')
+
+
+class StageFailed(RuntimeError):
+    """A `dvc` command exited non-zero (Prefect retries the task per policy)."""
+
+
+def dvc_executable() -> str:
+    """`dvc` of this interpreter's environment (the venv), else the one on PATH."""
+    candidate = Path(sys.executable).with_name("dvc")
+    return str(candidate) if candidate.exists() else "dvc"
+
+
+def run_dvc(
+    root: Path,
+    args: list[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    log_file: Path | None = None,
+) -> str:
+    """Run `dvc <args>` in `root`; return its output, raise `StageFailed` with its tail on failure.
+
+    On timeout the whole process group is killed (dvc and the component it started), so a
+    stuck stage does not keep running beside the retry.
+    """
+    cmd = [dvc_executable(), *args]
+    full_env = {**os.environ, **(env or {})}
+    # stage commands say `python -m components.<step>`: this interpreter's venv first on PATH
+    venv_bin = str(Path(sys.executable).parent)
+    if full_env.get("PATH", "").split(os.pathsep)[0] != venv_bin:
+        full_env["PATH"] = venv_bin + os.pathsep + full_env.get("PATH", "")
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        raise StageFailed(f"`{' '.join(cmd[1:])}` timed out after {timeout:.0f} s; output tail:\n{output[-3000:]}")
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as fh:
+            fh.write(f"$ {' '.join(cmd)}\n{output}\n")
+    if proc.returncode != 0:
+        raise StageFailed(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}); output tail:\n{output[-3000:]}")
+    return output
+
+
+def stage_order(root: Path) -> list[str]:
+    """The stages of `dvc.yaml` in an order DVC can run them one by one (upstream first).
+
+    Nodes from `dvc stage list` (file order breaks ties), edges from `dvc dag --dot`.
+    """
+    listed = run_dvc(root, ["stage", "list", "--name-only"]).split()
+    stages = [s for s in listed if s and not s.startswith("WARNING")]
+    if not stages:
+        return []
+    edges: list[tuple[str, str]] = []
+    for line in run_dvc(root, ["dag", "--dot"]).splitlines():
+        match = _EDGE.match(line)
+        if match:
+            edges.append((match.group(1), match.group(2)))
+    return topological(stages, edges)
+
+
+def topological(nodes: list[str], edges: Iterable[tuple[str, str]]) -> list[str]:
+    """Kahn's algorithm; ties keep the order of `nodes`. Edges are (upstream, downstream)."""
+    index = {n: i for i, n in enumerate(nodes)}
+    downstream: dict[str, list[str]] = {n: [] for n in nodes}
+    indegree = {n: 0 for n in nodes}
+    for up, down in edges:
+        if up in index and down in index:
+            downstream[up].append(down)
+            indegree[down] += 1
+    ready = sorted((n for n in nodes if indegree[n] == 0), key=index.get)
+    order: list[str] = []
+    while ready:
+        node = ready.pop(0)
+        order.append(node)
+        for nxt in downstream[node]:
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                ready.append(nxt)
+                ready.sort(key=index.get)
+    if len(order) != len(nodes):
+        raise ConfigError(f"dvc.yaml: the stage graph has a cycle among {sorted(set(nodes) - set(order))}")
+    return order
+
+
+def repro_stage(
+    root: Path, stage: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
+    log_file: Path | None = None,
+) -> dict[str, object]:
+    """`dvc repro --single-item <stage>`: runs it only when its deps/params changed.
+
+    Returns {"stage", "ran" (False when DVC found it up to date or restored it from its run
+    cache), "restored_from_run_cache", "seconds"}.
+    """
+    start = time.monotonic()
+    output = run_dvc(root, ["repro", "--single-item", stage], env=env, timeout=timeout, log_file=log_file)
+    return {
+        "stage": stage,
+        "ran": f"Running stage '{stage}'" in output,
+        "restored_from_run_cache": "is cached - skipping run" in output,
+        "seconds": round(time.monotonic() - start, 2),
+    }
+
+
+@contextlib.contextmanager
+def params_overrides(root: Path, overrides: list[str], params_file: str = "params.yaml") -> Iterator[Path]:
+    """Apply `key.sub=value` overrides to params.yaml for the duration of one run, then restore it.
+
+    Comments and layout survive (ruamel round-trip). Values are parsed as YAML, like
+    `cpcsam.config.load_params` and `dvc exp run -S`. Unlike `dvc exp run`, the workspace's
+    params.yaml comes back afterwards, so a run with overrides never changes what the next
+    scheduled run trains (DVC's run cache makes switching back cheap).
+    """
+    import io
+
+    import yaml
+    from ruamel.yaml import YAML
+
+    path = root / params_file
+    original = path.read_text()
+    if not overrides:
+        yield path
+        return
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(original)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        node = doc
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping in {path}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    path.write_text(buf.getvalue())
+    try:
+        yield path
+    finally:
+        path.write_text(original)
+
+
+def remote_endpoint(root: Path, remote: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """(remote name, S3 endpoint URL, bucket) of a DVC remote (the default when `remote` is None)."""
+    name = remote
+    if name is None:
+        try:
+            name = run_dvc(root, ["config", "core.remote"]).strip() or None
+        except StageFailed:
+            return None, None, None
+    if not name:
+        return None, None, None
+    try:
+        url = run_dvc(root, ["config", f"remote.{name}.url"]).strip()
+    except StageFailed as exc:
+        raise ConfigError(f".dvc/config: remote {name!r} has no url") from exc
+    try:
+        endpoint = run_dvc(root, ["config", f"remote.{name}.endpointurl"]).strip() or None
+    except StageFailed:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    bucket = url[len("s3://"):].split("/", 1)[0] if url.startswith("s3://") else None
+    return name, endpoint, bucket
+
+
+def push(root: Path, targets: list[str] | None = None, remote: str | None = None) -> str:
+    """`dvc push` (all outs of dvc.yaml/dvc.lock, or the given targets) to the remote."""
+    args = ["push", *(["-r", remote] if remote else []), *(targets or [])]
+    return run_dvc(root, args)

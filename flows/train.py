@@ -1,0 +1,232 @@
+"""Prefect flow `train`: the DVC pipeline as tasks, one MLflow run, gated registration.
+
+    prefect deployment run train/oceancoco --param profile=tiny --param 'overrides=["train.steps=5"]'
+    python -m flows.train --profile tiny train.steps=5          # same flow, no server needed
+
+1. preflight: tracking store (and the DVC remote when `push`) must answer, before any training;
+2. params: `data.profile=<profile>` + `overrides` are written into params.yaml for this run
+   and restored afterwards (DVC sees them as params, dvc.lock records them);
+3. one task per DVC stage, in the order DVC gives (`dvc stage list` + `dvc dag`), each a
+   `dvc repro --single-item <stage>` with retries and a timeout. DVC decides what re-runs;
+   Prefect's result caching is off;
+4. the stages log into nested MLflow runs under this flow's pipeline run;
+5. when the graph produced `artifacts/eval/gate.json`, `components.register` registers the
+   exported model and moves `champion` only if the gate passed.
+Returns a summary dict (also logged on the MLflow run as `summary.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+# The flow may be loaded by path (Prefect) from another working directory.
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from components import register, tracking  # noqa: E402
+from cpcsam.config import load_params  # noqa: E402
+from cpcsam.errors import ConfigError  # noqa: E402
+from flows import stages  # noqa: E402
+
+# Report files of the stage contracts (docs/CONTRACTS.md) also kept on the pipeline run,
+# so one run page shows the whole story; stages log the rest on their nested runs.
+REPORT_FILES = [
+    "data/ingest/summary.json",
+    "data/ingest/quarantine.json",
+    "data/validate/report.json",
+    "artifacts/train/metrics.json",
+    "artifacts/train/curve.csv",
+    "artifacts/eval/metrics.json",
+    "artifacts/eval/table.md",
+    "artifacts/eval/plots",
+    "artifacts/eval/overlays",
+    "artifacts/eval/gate.json",
+    "artifacts/export/parity.json",
+]
+
+
+def project_root() -> Path:
+    """The DVC project the flow runs: `CPCSAM_PROJECT_DIR`, else the repo holding this file."""
+    return Path(os.environ.get("CPCSAM_PROJECT_DIR") or _ROOT).resolve()
+
+
+def flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:
+        return None
+
+
+@task(name="preflight", cache_policy=NO_CACHE, persist_result=False)
+def preflight_task(params: dict[str, Any], s3: list[tuple[str | None, str | None]]) -> list[str]:
+    done = tracking.preflight(params, s3_endpoints=s3)
+    get_run_logger().info("preflight ok: %s", "; ".join(done) or "tracking off")
+    return done
+
+
+@task(name="stage-order", cache_policy=NO_CACHE, persist_result=False)
+def stage_order_task(root: str) -> list[str]:
+    order = stages.stage_order(Path(root))
+    get_run_logger().info("DVC stages in order: %s", " -> ".join(order) or "(none)")
+    return order
+
+
+@task(name="dvc-repro", cache_policy=NO_CACHE, persist_result=False)
+def repro_task(root: str, stage: str, env: dict[str, str], timeout_s: float) -> dict[str, Any]:
+    """One DVC stage. A failure raises, and Prefect retries it per the task's policy."""
+    result = stages.repro_stage(Path(root), stage, env=env, timeout=timeout_s)
+    verb = "ran" if result["ran"] else ("restored from run cache" if result["restored_from_run_cache"] else "up to date")
+    get_run_logger().info("stage %s: %s in %.1f s", stage, verb, result["seconds"])
+    return result
+
+
+@task(name="register", cache_policy=NO_CACHE, persist_result=False)
+def register_task(root: str, run_id: str, params: dict[str, Any], profile: str) -> dict[str, Any]:
+    base = Path(root)
+    result = register.register_candidate(
+        run_id, params, base / register.GATE_PATH, base / register.EXPORT_DIR, profile=profile
+    ).as_dict()
+    logger = get_run_logger()
+    if result["promoted"]:
+        logger.info("gate PASSED: %s version %s is now champion", result["model_name"], result["version"])
+    else:
+        logger.warning(
+            "gate REJECTED %s version %s (champion stays %s): %s",
+            result["model_name"], result["version"], result["champion_version"], "; ".join(result["reasons"]),
+        )
+    return result
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)
+def push_task(root: str) -> None:
+    stages.push(Path(root))
+
+
+def _gate_is_a_dvc_out(root: Path) -> bool:
+    """True when DVC itself recorded the gate file as an out of a stage (in dvc.lock)."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return False
+    data = yaml.safe_load(lock.read_text()) or {}
+    target = str(register.GATE_PATH)
+    for stage in (data.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            path = str(out.get("path", ""))
+            if path == target or target.startswith(path.rstrip("/") + "/"):
+                return True
+    return False
+
+
+def _validate_profile(params: dict[str, Any], profile: str) -> None:
+    profiles = (params.get("data") or {}).get("profiles")
+    if isinstance(profiles, dict) and profiles and profile not in profiles:
+        raise ConfigError(f"params.yaml data.profiles: no profile {profile!r} (known: {', '.join(sorted(profiles))})")
+
+
+@flow(name="train", persist_result=False, log_prints=True)
+def train(profile: str = "oceancoco", overrides: list[str] = [], push: bool = False) -> dict[str, Any]:  # noqa: B006
+    """Run the DVC pipeline for a dataset profile, track it in MLflow, register the model when gated in."""
+    logger = get_run_logger()
+    root = project_root()
+    all_overrides = [f"data.profile={profile}", *overrides]
+    params = load_params(root / "params.yaml", overrides=all_overrides)
+    _validate_profile(params, profile)
+    flow_cfg = dict(tracking.tracking_config(params).get("flow") or {})
+    retries = int(flow_cfg.get("stage_retries", 1))
+    retry_delay = float(flow_cfg.get("stage_retry_delay_s", 5))
+    timeout = float(flow_cfg.get("stage_timeout_s", 3600))
+
+    s3 = []
+    if push:
+        name, endpoint, bucket = stages.remote_endpoint(root)
+        if name is None:
+            raise ConfigError(f"{root / '.dvc/config'}: push requested but no default DVC remote (core.remote)")
+        s3.append((endpoint, bucket))
+    preflight_task(params, s3)  # fails fast: nothing below runs
+    order = stage_order_task(str(root))
+
+    run_id_env = {}
+    fr = flow_run_id()
+    if fr:
+        run_id_env[tracking.FLOW_RUN_ENV] = fr
+    summary: dict[str, Any] = {"profile": profile, "overrides": list(overrides), "stages": [], "gate": None,
+                               "registration": None, "pushed": False, "flow_run_id": fr}
+    prev_cwd = os.getcwd()
+    os.chdir(root)  # tracking resolves relative sqlite paths and lineage (git, dvc.lock) from here
+    try:
+        with stages.params_overrides(root, all_overrides), tracking.pipeline_run(
+            params,
+            run_name=f"train-{profile}",
+            tags={"cpcsam.profile": profile, "cpcsam.overrides": json.dumps(list(overrides)),
+                  **({"cpcsam.prefect.flow_run_id": fr} if fr else {})},
+        ) as run:
+            summary["mlflow_run_id"] = run.run_id
+            run.log_params({k: v for k, v in params.items() if k != "tracking"})
+            env = {**run_id_env, **({tracking.PARENT_RUN_ENV: run.run_id} if run.run_id else {})}
+            for stage in order:
+                task_ = repro_task.with_options(
+                    name=f"dvc-repro-{stage}", retries=retries, retry_delay_seconds=retry_delay,
+                    timeout_seconds=timeout + 60,  # the subprocess's own timeout fires first and kills it
+                )
+                summary["stages"].append(task_(str(root), stage, env, timeout))
+
+            run.set_tags(tracking.lineage_tags(root, list(tracking.tracking_config(params)["data_stages"])))
+            run.log_artifact(root / "params.yaml", "config")  # with this run's overrides applied
+            run.log_artifact(root / "dvc.lock", "config")
+            for rel in REPORT_FILES:
+                if (root / rel).exists():
+                    run.log_artifact(root / rel, str(Path("reports") / Path(rel).parent))
+
+            if _gate_is_a_dvc_out(root) and (root / register.GATE_PATH).is_file():
+                gate = register.read_gate(root / register.GATE_PATH)
+                summary["gate"] = {"passed": gate["passed"], "reasons": register.reason_lines(gate)}
+                if run.run_id:
+                    summary["registration"] = register_task(str(root), run.run_id, params, profile)
+                else:
+                    logger.warning("tracking is off: gate %s, nothing registered",
+                                   "passed" if gate["passed"] else "rejected")
+            else:
+                logger.warning("dvc.yaml has no stage producing %s yet: no gate, nothing registered", register.GATE_PATH)
+            if push:
+                push_task(str(root))
+                summary["pushed"] = True
+            run.log_dict(summary, "summary.json")
+    finally:
+        os.chdir(prev_cwd)
+    verdict = "no gate" if summary["gate"] is None else ("PASSED" if summary["gate"]["passed"] else "REJECTED")
+    print(f"train/{profile}: {len(summary['stages'])} stages, gate {verdict}, MLflow run {summary.get('mlflow_run_id')}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.train", description="Run the train flow once, locally.")
+    parser.add_argument("--profile", default="oceancoco")
+    parser.add_argument("--push", action="store_true", help="dvc push the results to the default remote")
+    parser.add_argument("overrides", nargs="*", help="params overrides key.sub=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    try:
+        summary = train(profile=args.profile, overrides=args.overrides, push=args.push)
+    except (ConfigError, tracking.PreflightError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

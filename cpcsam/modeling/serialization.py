@@ -37,7 +37,7 @@ def build_cpcsam(model_cfg: Mapping[str, Any], with_lora: bool = False) -> CPCSA
 
 
 def save_cpcsam(path: str | Path, model: CPCSAM, model_cfg: Mapping[str, Any]) -> None:
-    """Write `model` and the config that rebuilds it to a local file (atomically)."""
+    """Write `model` and the config that rebuilds it to a local file (atomically) or `s3://` URI."""
     cfg = copy.deepcopy(dict(model_cfg))
     cfg.pop("checkpoint", None)  # the weights are in this file; do not depend on the original
     cfg["capl"] = dict(model.capl_cfg)
@@ -48,9 +48,16 @@ def save_cpcsam(path: str | Path, model: CPCSAM, model_cfg: Mapping[str, Any]) -
         "lora": lora,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if str(path).startswith("s3://"):
+        from cpcsam.data import storage
+
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        storage.write_bytes(str(path), buffer.getvalue())  # an S3 PUT is atomic already
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")  # a killed save never leaves a truncated file behind
     torch.save(payload, tmp)
     tmp.replace(path)
 

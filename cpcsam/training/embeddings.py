@@ -1,0 +1,118 @@
+"""The image-embedding cache of the `embed` stage.
+
+When the image encoder carries no LoRA it is frozen for the whole of training, so its output
+for an image never changes: the `embed` stage computes it once and training reads it back
+(`TrainingImages(embeddings=EmbeddingStore(...))`) instead of running the encoder each step.
+
+Layout of `data/embeddings/`: one `<sha1(image_id)[:20]>.pt` tensor `[C, h, w]` (float32) per
+image and `index.json` with the encoder fingerprint (a hash of the encoder's weights and the
+input size), the tensor shape, and the image → file map. A store whose fingerprint differs from
+the model's is refused: stale embeddings would silently train against another encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cpcsam.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+INDEX = "index.json"
+
+
+def encoder_fingerprint(image_encoder: nn.Module) -> str:
+    """SHA-256 of the encoder's input size and every weight (names, shapes, bytes)."""
+    digest = hashlib.sha256()
+    digest.update(f"img_size={getattr(image_encoder, 'img_size', '?')}".encode())
+    for name, tensor in sorted(image_encoder.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _file_name(image_id: str) -> str:
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:20] + ".pt"
+
+
+def write_embeddings(
+    encode: "callable",  # [B, 3, S, S] -> [B, C, h, w]
+    load_input: "callable",  # image_id -> [3, S, S]
+    image_ids: Sequence[str],
+    out_dir: str | Path,
+    fingerprint: str,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Encode every image (no grad, batches of `batch_size`) and write the store; returns its folder."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    shape: list[int] | None = None
+    ids = sorted(image_ids)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(ids), batch_size), desc="embed", disable=not progress):
+            chunk = ids[start : start + batch_size]
+            batch = torch.stack([load_input(i) for i in chunk]).to(device)
+            embeddings = encode(batch).float().cpu()
+            for image_id, embedding in zip(chunk, embeddings):
+                name = _file_name(image_id)
+                tmp = out / f".{name}.tmp"
+                torch.save(embedding.clone(), tmp)
+                os.replace(tmp, out / name)
+                files[image_id] = name
+                shape = list(embedding.shape)
+    index = {"fingerprint": fingerprint, "shape": shape, "images": files}
+    tmp = out / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+    os.replace(tmp, out / INDEX)
+    logger.info("embed: %d image embeddings %s written to %s", len(files), shape, out)
+    return out
+
+
+class EmbeddingStore:
+    """Read access to a cache written by `write_embeddings`, checked against the model's encoder."""
+
+    def __init__(self, folder: str | Path, expected_fingerprint: str | None = None) -> None:
+        self.folder = Path(folder)
+        index_path = self.folder / INDEX
+        if not index_path.is_file():
+            raise DataError(f"{index_path}: embedding cache index not found (run the embed stage)")
+        try:
+            index = json.loads(index_path.read_text())
+            self.fingerprint: str = index["fingerprint"]
+            self.files: dict[str, str] = dict(index["images"])
+            self.shape = tuple(index["shape"] or ())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{index_path}: malformed embedding cache index: {exc}") from exc
+        if expected_fingerprint is not None and expected_fingerprint != self.fingerprint:
+            raise DataError(
+                f"{self.folder}: the cached embeddings were made by another image encoder "
+                f"(fingerprint {self.fingerprint[:12]}…, model {expected_fingerprint[:12]}…); re-run the embed stage"
+            )
+
+    def covers(self, image_ids: Sequence[str]) -> list[str]:
+        """The image ids the store lacks."""
+        return [i for i in image_ids if i not in self.files]
+
+    def get(self, image_id: str) -> Tensor:
+        name = self.files.get(image_id)
+        if name is None:
+            raise DataError(f"{self.folder}: no cached embedding for image {image_id!r}; re-run the embed stage")
+        path = self.folder / name
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataError(f"{path}: unreadable cached embedding of image {image_id!r}: {exc}") from exc

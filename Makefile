@@ -27,5 +27,22 @@ run: venv
 test: venv
 	$(PY) -m pytest
 
+# ---- local stack (issue 5): S3 (moto_server), MLflow server, Prefect server + worker on 127.0.0.1
+.PHONY: stack-up stack-down stack-status train-flow retrain-flow
+stack-up: venv  ## start the stack, register infra/prefect.yaml deployments; logs in .infra/logs
+	$(PY) infra/stack.py up
+
+stack-down:  ## stop everything stack-up started (by PID file)
+	$(PY) infra/stack.py down
+
+stack-status:
+	$(PY) infra/stack.py status
+
+train-flow: venv  ## one `train` flow run on the stack: make train-flow PROFILE=tiny
+	eval "$$($(PY) infra/stack.py env)" && $(VENV)/bin/prefect deployment run train/oceancoco --param profile=$(or $(PROFILE),oceancoco) --watch
+
+retrain-flow: venv  ## one tick of the S3 watcher now (it also runs every 6 h on the stack)
+	eval "$$($(PY) infra/stack.py env)" && $(VENV)/bin/prefect deployment run retrain/deepsea-watch --watch
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -121,15 +121,19 @@ def topological(nodes: list[str], edges: Iterable[tuple[str, str]]) -> list[str]
 
 def repro_stage(
     root: Path, stage: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-    log_file: Path | None = None,
+    log_file: Path | None = None, pull: bool = False,
 ) -> dict[str, object]:
     """`dvc repro --single-item <stage>`: runs it only when its deps/params changed.
+
+    `pull`: fetch missing outputs of unchanged stages from the remote instead of re-running
+    them (`dvc repro --pull`; for fresh workspaces such as Kubernetes Jobs).
 
     Returns {"stage", "ran" (False when DVC found it up to date or restored it from its run
     cache), "restored_from_run_cache", "seconds"}.
     """
     start = time.monotonic()
-    output = run_dvc(root, ["repro", "--single-item", stage], env=env, timeout=timeout, log_file=log_file)
+    args = ["repro", "--single-item", *(["--pull"] if pull else []), stage]
+    output = run_dvc(root, args, env=env, timeout=timeout, log_file=log_file)
     return {
         "stage": stage,
         "ran": f"Running stage '{stage}'" in output,
@@ -204,7 +208,10 @@ def remote_endpoint(root: Path, remote: str | None = None) -> tuple[str | None, 
     return name, endpoint, bucket
 
 
-def push(root: Path, targets: list[str] | None = None, remote: str | None = None) -> str:
-    """`dvc push` (all outs of dvc.yaml/dvc.lock, or the given targets) to the remote."""
-    args = ["push", *(["-r", remote] if remote else []), *(targets or [])]
+def push(root: Path, targets: list[str] | None = None, remote: str | None = None, run_cache: bool = False) -> str:
+    """`dvc push` (all outs of dvc.yaml/dvc.lock, or the given targets) to the remote.
+
+    `run_cache`: also the run cache, so another workspace can skip stages already run here.
+    """
+    args = ["push", *(["-r", remote] if remote else []), *(["--run-cache"] if run_cache else []), *(targets or [])]
     return run_dvc(root, args)

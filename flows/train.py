@@ -84,9 +84,9 @@ def stage_order_task(root: str) -> list[str]:
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE, persist_result=False)
-def repro_task(root: str, stage: str, env: dict[str, str], timeout_s: float) -> dict[str, Any]:
+def repro_task(root: str, stage: str, env: dict[str, str], timeout_s: float, pull: bool = False) -> dict[str, Any]:
     """One DVC stage. A failure raises, and Prefect retries it per the task's policy."""
-    result = stages.repro_stage(Path(root), stage, env=env, timeout=timeout_s)
+    result = stages.repro_stage(Path(root), stage, env=env, timeout=timeout_s, pull=pull)
     verb = "ran" if result["ran"] else ("restored from run cache" if result["restored_from_run_cache"] else "up to date")
     get_run_logger().info("stage %s: %s in %.1f s", stage, verb, result["seconds"])
     return result
@@ -111,7 +111,7 @@ def register_task(root: str, run_id: str, params: dict[str, Any], profile: str) 
 
 @task(name="dvc-push", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)
 def push_task(root: str) -> None:
-    stages.push(Path(root))
+    stages.push(Path(root), run_cache=True)
 
 
 def _gate_is_a_dvc_out(root: Path) -> bool:
@@ -138,8 +138,14 @@ def _validate_profile(params: dict[str, Any], profile: str) -> None:
 
 
 @flow(name="train", persist_result=False, log_prints=True)
-def train(profile: str = "oceancoco", overrides: list[str] = [], push: bool = False) -> dict[str, Any]:  # noqa: B006
-    """Run the DVC pipeline for a dataset profile, track it in MLflow, register the model when gated in."""
+def train(
+    profile: str = "oceancoco", overrides: list[str] = [], push: bool = False, pull: bool = False  # noqa: B006
+) -> dict[str, Any]:
+    """Run the DVC pipeline for a dataset profile, track it in MLflow, register the model when gated in.
+
+    `push`/`pull`: exchange DVC outputs (and the run cache) with the default remote, for
+    workspaces that do not keep them (Kubernetes Jobs).
+    """
     logger = get_run_logger()
     root = project_root()
     all_overrides = [f"data.profile={profile}", *overrides]
@@ -151,10 +157,10 @@ def train(profile: str = "oceancoco", overrides: list[str] = [], push: bool = Fa
     timeout = float(flow_cfg.get("stage_timeout_s", 3600))
 
     s3 = []
-    if push:
+    if push or pull:
         name, endpoint, bucket = stages.remote_endpoint(root)
         if name is None:
-            raise ConfigError(f"{root / '.dvc/config'}: push requested but no default DVC remote (core.remote)")
+            raise ConfigError(f"{root / '.dvc/config'}: push/pull requested but no default DVC remote (core.remote)")
         s3.append((endpoint, bucket))
     preflight_task(params, s3)  # fails fast: nothing below runs
     order = stage_order_task(str(root))
@@ -182,7 +188,7 @@ def train(profile: str = "oceancoco", overrides: list[str] = [], push: bool = Fa
                     name=f"dvc-repro-{stage}", retries=retries, retry_delay_seconds=retry_delay,
                     timeout_seconds=timeout + 60,  # the subprocess's own timeout fires first and kills it
                 )
-                summary["stages"].append(task_(str(root), stage, env, timeout))
+                summary["stages"].append(task_(str(root), stage, env, timeout, pull))
 
             run.set_tags(tracking.lineage_tags(root, list(tracking.tracking_config(params)["data_stages"])))
             run.log_artifact(root / "params.yaml", "config")  # with this run's overrides applied

@@ -7,6 +7,7 @@ Other subcommands register themselves in `SUBCOMMANDS`.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,11 @@ def _run(args: argparse.Namespace) -> int:
     """Run `dvc repro` for the whole graph (or one target) and list the results."""
     cmd = ["dvc", "repro", *([args.target] if args.target else [])]
     print("$ " + " ".join(cmd), flush=True)
-    code = subprocess.call(cmd)
+    # dvc.yaml's stage commands call `python`; make it (and `dvc`) this interpreter's even
+    # when the virtualenv is not activated.
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    code = subprocess.call(cmd, env=env)
     if code != 0:
         print(f"cpcsam run: `{' '.join(cmd)}` failed with exit code {code}", file=sys.stderr)
         return code

@@ -9,13 +9,14 @@ K' times cheaper.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from cpcsam.modeling import CPCSAM
+from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 from cpcsam.modeling.transforms import coords_to_model, postprocess_masks, preprocess_image, resized_shape
 from cpcsam.prompts.perturb import LABEL_PAD, Prompt
 
@@ -50,6 +51,9 @@ class TorchEngine:
     """Evaluation-time inference of one model (eval mode, no grad, CPU by default)."""
 
     def __init__(self, model: CPCSAM, batch_entities: int = 32, device: str = "cpu") -> None:
+        if has_lora(model):
+            # Inference only: fold the adapters into the weights (same maths, no PEFT overhead).
+            model = merge_lora(copy.deepcopy(model))
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.batch_entities = max(1, int(batch_entities))

@@ -339,3 +339,27 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(v, (int, float)) and v is not None:
             out[f"headline/{k}"] = float(v)
     return out
+
+
+def image_records(manifest: "pd.DataFrame", splits: Sequence[str], max_images: int = 0,  # noqa: F821
+                  seed: int = 0) -> list[ImageRecord]:
+    """The evaluation images of `splits` with their entities' masks, in a stable order.
+
+    With `max_images` > 0 a seeded sample of that many images (sorted by id) keeps the run short.
+    """
+    from cpcsam.data import decode_mask
+
+    rows = manifest[manifest["split"].isin(list(splits))]
+    if rows.empty:
+        raise ConfigError(f"evaluate.split: no images in split(s) {list(splits)} of the manifest")
+    ids = sorted(rows["image_id"].unique())
+    if max_images and len(ids) > max_images:
+        rng = np.random.default_rng([int(seed), 7919])
+        ids = sorted(ids[int(i)] for i in rng.choice(len(ids), size=int(max_images), replace=False))
+    wanted = set(ids)
+    records: dict[str, ImageRecord] = {}
+    for row in rows[rows["image_id"].isin(wanted)].sort_values(["image_id", "entity_id"], kind="stable").itertuples():
+        rec = records.setdefault(row.image_id, ImageRecord(str(row.image_id), str(row.image_uri)))
+        mask = decode_mask(row.rle_counts, int(row.height), int(row.width))
+        rec.entities.append(EntityRecord(str(row.entity_id), str(row.class_name), np.asarray(mask, bool)))
+    return [records[i] for i in ids]

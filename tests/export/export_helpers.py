@@ -1,0 +1,26 @@
+"""A small CPC-SAM whose CaPL and LoRA really change its output (shared by the export, evaluation
+and prediction tests; import with `tests/export` on `sys.path`)."""
+
+from __future__ import annotations
+
+import torch
+
+from cpcsam.modeling import build_cpcsam
+
+SMALL_CFG = {"type": "small", "capl": {"mode": "causal"}, "lora": {}}
+
+
+def calibrated_small_model(seed: int = 0):
+    """A `small` CPC-SAM with LoRA adapters and CaPL (causal mode), all moved off their identity init.
+
+    LoRA's B matrices and CaPL's zero-initialised last layers start at zero, which would make an
+    export that forgot either of them pass unnoticed; random non-zero values make them matter.
+    """
+    torch.manual_seed(seed)
+    model = build_cpcsam({"type": "small", "capl": {"mode": "causal"}}, with_lora=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("capl.") or "lora_B" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model.eval()

@@ -65,6 +65,8 @@ class CPCSAM(nn.Module):
     - `causal`: task + entity causal modules (CPC-SAM).
 
     Every mode is the identity at initialisation: outputs equal SAM's bit for bit.
+    `sam` is used in place: its decoder's cross attentions are swapped for `CalibratedAttention`
+    (same parameters and keys, same outputs without a bias); deep-copy it first to keep a plain one.
     """
 
     def __init__(self, sam: Sam, capl_cfg: Mapping[str, Any] | None = None) -> None:
@@ -72,8 +74,8 @@ class CPCSAM(nn.Module):
         self.capl_cfg = resolve_capl_cfg(capl_cfg)
         self.sam = sam
         transformer = sam.mask_decoder.transformer
-        # Cross attentions become CalibratedAttention (same parameters and state-dict keys).
-        # Kept in a plain dict (not registered twice); re-read after LoRA merges, see `_cross_attention`.
+        # Looked up by path at each call (`_cross_attention`), not cached: PEFT and deep copies
+        # replace modules, and a cached reference would go stale.
         wrap_cross_attention(transformer)
         self.capl = CaPL(
             dim=transformer.embedding_dim,

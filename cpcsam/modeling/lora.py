@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from cpcsam.errors import ConfigError
-from cpcsam.modeling.cpcsam import CPCSAM, _unwrap
+from cpcsam.modeling.cpcsam import _unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -101,4 +101,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["apply_lora", "merge_lora", "has_lora", "resolve_lora_cfg", "LORA_TARGETS", "CPCSAM"]
+__all__ = ["apply_lora", "merge_lora", "has_lora", "resolve_lora_cfg", "LORA_TARGETS"]

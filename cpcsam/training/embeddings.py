@@ -44,6 +44,16 @@ def _file_name(image_id: str) -> str:
     return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:20] + ".pt"
 
 
+def write_disabled_index(out_dir: str | Path, reason: str) -> Path:
+    """An empty store that says why there is no cache (the stage's output must still exist)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.pt"):
+        stale.unlink()
+    (out / INDEX).write_text(json.dumps({"enabled": False, "reason": reason}, indent=1) + "\n")
+    return out
+
+
 def write_embeddings(
     encode: "callable",  # [B, 3, S, S] -> [B, C, h, w]
     load_input: "callable",  # image_id -> [3, S, S]
@@ -74,7 +84,7 @@ def write_embeddings(
                 os.replace(tmp, out / name)
                 files[image_id] = name
                 shape = list(embedding.shape)
-    index = {"fingerprint": fingerprint, "shape": shape, "images": files}
+    index = {"enabled": True, "fingerprint": fingerprint, "shape": shape, "images": files}
     tmp = out / f".{INDEX}.tmp"
     tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
     os.replace(tmp, out / INDEX)
@@ -92,6 +102,11 @@ class EmbeddingStore:
             raise DataError(f"{index_path}: embedding cache index not found (run the embed stage)")
         try:
             index = json.loads(index_path.read_text())
+            if index.get("enabled") is False:
+                raise DataError(
+                    f"{index_path}: the embed stage wrote no embeddings ({index.get('reason', 'cache not applicable')}); "
+                    "re-run it with the current params"
+                )
             self.fingerprint: str = index["fingerprint"]
             self.files: dict[str, str] = dict(index["images"])
             self.shape = tuple(index["shape"] or ())

@@ -139,3 +139,49 @@ def prompts_digest(table: Any) -> str:
     for coords in table["coords"]:
         digest.update(repr(list(coords)).encode())
     return digest.hexdigest()
+
+
+def build_embedding_cache(
+    params: Mapping[str, Any],
+    manifest: Any,
+    sam_checkpoint: str | Path | None,
+    out_dir: str | Path,
+    batch_size: int = 4,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The `embed` stage: cache the training images' embeddings when training can use them.
+
+    The encoder is built exactly as `prepare_training` builds it (same seed, same checkpoint),
+    so the fingerprint matches. When the cache does not apply (the encoder trains), an index
+    saying so is written instead. Returns a small summary.
+    """
+    from cpcsam.training.config import resolve_device
+    from cpcsam.training.embeddings import encoder_fingerprint, write_disabled_index, write_embeddings
+
+    cfg = TrainConfig.from_params(params.get("train") or {})
+    model_section = params.get("model") or {}
+    if not use_embedding_cache(model_section, cfg):
+        reason = (
+            f"train.embedding_cache={cfg.embedding_cache}, mode={cfg.mode}, "
+            f"encoder LoRA={'yes' if not encoder_is_frozen(model_section, cfg.mode) else 'no'}"
+        )
+        write_disabled_index(out_dir, reason)
+        logger.info("embed: no cache (%s)", reason)
+        return {"enabled": False, "reason": reason, "images": 0}
+    torch.manual_seed(cfg.seed)
+    model = build_training_model(model_section, cfg.mode, sam_checkpoint)
+    target = resolve_device(device)
+    model.to(target).eval()
+    data = TrainingImages(manifest, model.image_size, 4 * model.embedding_size[0], cache_mb=0)
+    write_embeddings(
+        model.encode_images,
+        data.preprocessed_image,
+        data.image_ids,
+        out_dir,
+        encoder_fingerprint(model.sam.image_encoder),
+        batch_size=batch_size,
+        device=target,
+        progress=progress,
+    )
+    return {"enabled": True, "images": len(data.image_ids)}

@@ -34,10 +34,13 @@ def s3_client(endpoint_url: str | None = None, timeout: float = 10.0):
     return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 
-def list_objects(client, bucket: str, prefix: str) -> list[S3Object]:
-    """Every object under `prefix` (all pages), sorted by key."""
+def list_objects(client, bucket: str, prefix: str, page_size: int = 1000) -> list[S3Object]:
+    """Every object under `prefix` (all pages of `page_size`), sorted by key."""
     found: list[S3Object] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+    )
+    for page in pages:
         for obj in page.get("Contents", []) or []:
             if obj["Key"].endswith("/"):  # folder markers made by some consoles
                 continue

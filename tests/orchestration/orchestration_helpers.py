@@ -1,0 +1,127 @@
+"""Helpers of the orchestration tests: repo copies, git/dvc calls, the infra stack module, a toy project."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_stack_module():
+    """infra/stack.py as a module (infra/ is scripts and templates, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpcsam_infra_stack", ROOT / "infra" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", "-c", "user.name=cpcsam-tests", "-c", "user.email=tests@cpcsam.invalid", *args],
+        cwd=cwd, check=True, capture_output=True, text=True,
+    )
+    return out.stdout
+
+
+def copy_repo(dest: Path) -> Path:
+    """The working tree as git sees it (tracked + new, not ignored: no .venv, data, caches), committed."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "snapshot of the working tree for the orchestration tests")
+    return dest
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    exe = str(Path(sys.executable).with_name("dvc"))
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+# ---- a two-stage toy DVC project: the flows' mechanics in isolation (fast, no model)
+
+PARAMS = """\
+# toy params: the comments must survive overrides
+seed: 0
+data:
+  profile: toy   # the flow writes data.profile here
+toy:
+  value: 1       # read by make_a
+tracking:
+  experiment: toy
+  retry_wait_s: 0.01
+  flow: {stage_retries: 1, stage_retry_delay_s: 0, stage_timeout_s: 120}
+"""
+
+# `report` is listed first but depends on `make_a`: the order must come from DVC's graph.
+DVC_YAML = """\
+stages:
+  report:
+    cmd: python step.py report
+    deps: [out/a.txt, step.py]
+    outs: [out/report.txt]
+  make_a:
+    cmd: python step.py make_a
+    deps: [step.py]
+    params: [toy.value]
+    outs: [out/a.txt]
+"""
+
+STEP = """\
+import pathlib, sys
+import yaml
+from components.tracking import stage_run
+
+stage = sys.argv[1]
+flag = pathlib.Path(f"fail_once_{stage}")
+if flag.exists():  # a transient failure: the first attempt dies, the retry succeeds
+    flag.unlink()
+    sys.exit(f"{stage}: flaky failure")
+params = yaml.safe_load(open("params.yaml"))
+out = pathlib.Path("out")
+out.mkdir(exist_ok=True)
+with stage_run(stage, params) as run:
+    if stage == "make_a":
+        (out / "a.txt").write_text(str(params["toy"]["value"]))
+        run.log_metrics({"value": float(params["toy"]["value"])})
+    else:
+        text = "report of " + (out / "a.txt").read_text()
+        (out / "report.txt").write_text(text)
+        run.log_metrics({"length": float(len(text))})
+"""
+
+
+def make_toy_project(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "params.yaml").write_text(PARAMS)
+    (path / "dvc.yaml").write_text(DVC_YAML)
+    (path / "step.py").write_text(STEP)
+    (path / ".gitignore").write_text("/mlflow.db\n/mlruns/\n")
+    git(path, "init", "-q")
+    dvc(path, "init", "-q")
+    dvc(path, "config", "core.analytics", "false")
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", "toy")
+    return path

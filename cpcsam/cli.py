@@ -52,8 +52,44 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Segment images with the exported (or PyTorch) model; exit 2 when any image failed."""
+    import logging
+
+    from cpcsam.predict import predict
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = predict(
+        args.images, args.out, prompts=args.prompts, support=args.support,
+        classes=[c for c in (args.classes or "").split(",") if c], backend=args.backend,
+        onnx_dir=args.onnx_dir, model_path=args.model, device=args.device, threshold=args.threshold,
+        overlays=not args.no_overlays, support_per_class=args.support_per_class,
+    )
+    print(summary.report())
+    return 2 if summary.failures else 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment images from prompts (JSON) or a support set (automatic prompts)",
+                       description="Writes masks/<image>/<k>_<class>.png, predictions.json (COCO RLE), "
+                                   "overlays/<image>.png and summary.json under --out. See cpcsam/predict.py.")
+    p.add_argument("images", nargs="+", help="image file(s), folder(s), glob(s) or s3:// prefix(es)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--prompts", help='JSON {"<image>": [{"class", "box": [x0,y0,x1,y1], "points": [[x,y]], "labels"}]}')
+    p.add_argument("--support", help="COCO instances JSON of annotated support images (automatic mode)")
+    p.add_argument("--classes", help="automatic mode: comma-separated classes to find in every image")
+    p.add_argument("--support-per-class", type=int, default=5, help="support instances pooled per class")
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+    p.add_argument("--onnx-dir", default="artifacts/export", help="folder with image_encoder.onnx + decoder_capl.onnx")
+    p.add_argument("--model", default="artifacts/train/model.pt", help="trained model for --backend torch")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threshold", type=float, default=0.0, help="mask logit threshold")
+    p.add_argument("--no-overlays", action="store_true")
+    p.set_defaults(func=_predict)
+
+
 # Each entry adds one subparser; later modules (predict, ...) append theirs here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_predict]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,9 +45,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cpcsam.errors import CheckpointError, ConfigError, CpcSamError
+from cpcsam.errors import CheckpointError, ConfigError
 from cpcsam.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from cpcsam.training.config import TrainConfig, resolve_device
+from cpcsam.training.errors import NonFiniteLossError
 from cpcsam.training.data import Batch, BatchStream, PromptProvider, TrainingImages, split_halves, stream_rng
 from cpcsam.training.logging import MetricLogger, NullLogger
 from cpcsam.training.losses import entity_loss, sam_loss, seg_loss_logits, task_loss
@@ -67,10 +68,6 @@ CURVE_FIELDS = [
     "grad_norm_capl",
     "grad_norm_sam",
 ]
-
-
-class NonFiniteLossError(CpcSamError):
-    """Training produced a NaN/inf loss or gradient; the message names the step and the checkpoint."""
 
 
 class _NonFinite(Exception):

@@ -16,6 +16,21 @@ HYPERGRADIENTS = ("first-order", "unrolled")
 CACHE_CHOICES = ("auto", "on", "off")
 
 
+def stage_seed(params: Mapping[str, Any], stage: str) -> int:
+    """The seed a stage uses: its own `<stage>.seed` mixed with the top-level `seed`.
+
+    Changing the top-level seed re-draws every stage; changing one stage's seed re-draws only it.
+    """
+    import numpy as np
+
+    top = params.get("seed", 0)
+    own = (params.get(stage) or {}).get("seed", 0)
+    for name, value in (("seed", top), (f"{stage}.seed", own)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"params {name}: expected a non-negative integer, got {value!r}")
+    return int(np.random.SeedSequence([top, own]).generate_state(1)[0])
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` → cuda when available, else cpu; anything else is passed to `torch.device`."""
     if name == "auto":
@@ -148,6 +163,7 @@ class PretrainConfig:
     sigma_box: float = 0.1  # box noise of the random prompts
     kinds: Mapping[str, float] = field(default_factory=lambda: {"box": 0.5, "points": 0.25, "box+points": 0.25})
     iou_loss_weight: float = 1.0
+    prompt_slots: int = 8  # point slots per prompt (box 2 + up to 3 positives + 2 negatives fit)
     device: str = "auto"
     amp: bool = False
     cache_mb: float = 512.0
@@ -166,6 +182,8 @@ class PretrainConfig:
             value = getattr(cfg, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"params pretrain.{key}: expected a positive integer, got {value!r}")
+        if cfg.prompt_slots < 7:
+            raise ConfigError(f"params pretrain.prompt_slots: a box and 5 points need 7 slots, got {cfg.prompt_slots}")
         if not cfg.kinds or any(float(v) < 0 for v in cfg.kinds.values()) or sum(map(float, cfg.kinds.values())) <= 0:
             raise ConfigError(f"params pretrain.kinds: expected kind -> probability with a positive sum, got {cfg.kinds!r}")
         return cfg

@@ -20,9 +20,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from cpcsam.training.bilevel import NonFiniteLossError
 from cpcsam.training.config import PretrainConfig, resolve_device
 from cpcsam.training.data import BatchStream, GroundTruthPrompts, TrainingImages
+from cpcsam.training.errors import NonFiniteLossError
 from cpcsam.training.logging import MetricLogger, NullLogger
 from cpcsam.training.losses import iou_prediction_loss, mask_iou, sam_loss
 
@@ -36,7 +36,6 @@ def pretrain_sam(
     out_path: str | Path | None,
     metric_logger: MetricLogger | None = None,
     progress: bool = True,
-    prompt_slots: int = 8,
 ) -> tuple[Any, dict[str, Any]]:
     """Train SAM (random init, `model_section` sizes) for `cfg.steps`; returns (sam, metrics).
 
@@ -61,7 +60,7 @@ def pretrain_sam(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_factor(s, cfg.steps))
     grid = model.embedding_size[0]
     data = TrainingImages(manifest, model.image_size, 4 * grid, cache_mb=cfg.cache_mb)
-    prompts = GroundTruthPrompts(kind_probs=dict(cfg.kinds), sigma=cfg.sigma_box, slots=prompt_slots)
+    prompts = GroundTruthPrompts(kind_probs=dict(cfg.kinds), sigma=cfg.sigma_box, slots=cfg.prompt_slots)
     stream = BatchStream(data, prompts, data.image_ids, cfg.batch_images, cfg.max_entities, cfg.seed, "pretrain")
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)

@@ -73,11 +73,19 @@ def prepadded_size(orig_im_size: Tensor, image_size: int) -> Tensor:
 def postprocess_masks_traceable(low_res: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
     """`transforms.postprocess_masks` with the sizes as tensors, so the traced graph stays exact.
 
-    Upsample to the square frame, crop the padding to the resized image, resize to (H, W).
+    Upsample to the square frame, crop the padding to the resized image, resize to (H, W). Only the
+    low-res rows/cols that the crop needs are upsampled (ceil(inner / factor) + 1 of them, the +1
+    being bilinear's right/bottom neighbour): same scale factor, same source coordinates, so the
+    kept pixels are bit-identical to upsampling the whole square and cropping it afterwards, at a
+    fraction of the cost for non-square images.
     """
-    masks = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
+    low = int(low_res.shape[-1])
+    factor = image_size // low
     inner = prepadded_size(orig_im_size, image_size)
-    masks = masks[..., : inner[0], : inner[1]]  # tensor bounds: a dynamic Slice in the graph
+    need = torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
+    masks = low_res[..., : need[0], : need[1]]  # tensor bounds: dynamic Slices in the graph
+    masks = F.interpolate(masks, size=(need[0] * factor, need[1] * factor), mode="bilinear", align_corners=False)
+    masks = masks[..., : inner[0], : inner[1]]
     out_size = orig_im_size.to(torch.int64)
     return F.interpolate(masks, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
 
@@ -153,9 +161,34 @@ def decoder_example_inputs(model: CPCSAM, num_entities: int = 2, num_points: int
     )
 
 
+def _log_sigmoid_symbolic(g, x):
+    """log σ(x) as Log(Max(Sigmoid(x), 1e−30)), finite everywhere.
+
+    The exporter's default, Log(Sigmoid(x)), is −inf wherever onnxruntime's Sigmoid saturates to 0
+    (already below x ≈ −18 in its CPU kernel), and a fully −inf attention row turns the softmax
+    into NaN — the very case the entity module's `logsigmoid` avoids in PyTorch. The floor changes
+    only gates below σ(−18) ≈ 1.5e−8, i.e. attention weights already ~0. (−Softplus(−x) would be
+    exact but is ~4× slower in onnxruntime's CPU kernels.)
+    """
+    floor = g.op("Constant", value_t=torch.tensor(1e-30, dtype=torch.float32))
+    return g.op("Log", g.op("Max", g.op("Sigmoid", x), floor))
+
+
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
             output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.register_custom_op_symbolic("aten::log_sigmoid", _log_sigmoid_symbolic, opset)
+    try:
+        _export_traced(module, args, path, input_names, output_names, dynamic_axes, opset)
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::log_sigmoid", opset)
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def _export_traced(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
+                   output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated (but it is the one that handles SAM; STACK.md).
         warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -172,9 +205,6 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names
             do_constant_folding=True,
             dynamo=False,
         )
-    import onnx
-
-    onnx.checker.check_model(str(path))
 
 
 def export_decoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:

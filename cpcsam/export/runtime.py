@@ -60,8 +60,13 @@ def requested_providers(device: str, available: list[str]) -> list[str]:
     return [CPU]
 
 
-def create_session(path: str | Path, device: str = "auto", threads: int | None = None):
-    """An `InferenceSession` for `path` and a `SessionInfo` of the providers it really uses."""
+def create_session(path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True):
+    """An `InferenceSession` for `path` and a `SessionInfo` of the providers it really uses.
+
+    `spin=False` stops onnxruntime's worker threads from busy-waiting between runs: slightly slower
+    wake-ups, but the cores are free for other work at once (shared machines, benchmarks that
+    alternate onnxruntime with PyTorch).
+    """
     ort = _ort()
     path = Path(path)
     if not path.is_file():
@@ -71,6 +76,8 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = int(threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # onnxruntime's own provider warnings: we report the outcome ourselves
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
@@ -90,8 +97,8 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
 class OnnxImageEncoder:
     """The exported image encoder: preprocessed [1, 3, S, S] float32 → embedding [1, C, h, w]."""
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
-        self.session, self.info = create_session(path, device, threads)
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> None:
+        self.session, self.info = create_session(path, device, threads, spin)
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.session.get_inputs()[0].shape[-1])
 
@@ -102,8 +109,8 @@ class OnnxImageEncoder:
 class OnnxDecoder:
     """The exported CaPL + prompt encoder + mask decoder graph (see `cpcsam.export.onnx`)."""
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
-        self.session, self.info = create_session(path, device, threads)
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> None:
+        self.session, self.info = create_session(path, device, threads, spin)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         mask_input = next(i for i in self.session.get_inputs() if i.name == "mask_input")

@@ -119,3 +119,46 @@ def test_parity_report_end_to_end(exported, decoder):
     strict = check_parity(model, encoder, decoder, cases[:1],
                           max_abs_logit_diff=0.0, min_mask_iou=1.01)
     assert strict["passed"] is False
+
+
+def test_log_sigmoid_stays_finite_in_onnxruntime(tmp_path):
+    """The entity gates' log σ(s) must not become −inf (a fully −inf attention row is NaN)."""
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from cpcsam.export.onnx import _export
+
+    class LogSigmoid(torch.nn.Module):
+        def forward(self, x):
+            return F.logsigmoid(x)
+
+    x = torch.tensor([-300.0, -104.0, -40.0, -15.0, -3.0, 0.0, 2.0, 50.0])
+    _export(LogSigmoid(), (x,), tmp_path / "ls.onnx", ["x"], ["y"], {}, 17)
+    y = ort.InferenceSession(str(tmp_path / "ls.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.isfinite(y).all()
+    ref = F.logsigmoid(x).numpy()
+    assert np.allclose(y[4:], ref[4:], atol=1e-5)  # exact where the gate matters
+    # In the tail onnxruntime's Sigmoid is approximate (and 0 below about −18): ~zero weights stay ~zero.
+    assert abs(y[3] - ref[3]) < 0.5 and (y[:3] <= -15).all()
+
+
+def test_extreme_calibration_keeps_parity(calibrated_model, tmp_path):
+    """A CaPL with huge entity gates (biases far below −18) still exports finite and faithful."""
+    from cpcsam.export.onnx import export_decoder, prepare_for_export
+
+    model = prepare_for_export(calibrated_model)
+    with torch.no_grad():
+        for name, p in model.capl.entity.named_parameters():
+            if "query_mlps" in name and name.endswith("2.weight"):
+                p.mul_(300)
+    path = export_decoder(model, tmp_path / "extreme.onnx")
+    emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(9))
+    coords, labels = _prompts(3, 3, seed=9)
+    with torch.no_grad():
+        sparse = model.embed_prompts(coords, labels.long())
+        biases = model.entity_calibration(emb, torch.zeros(3, dtype=torch.long), sparse)
+    assert min(float(b.min()) for b in biases.values()) < -20  # where onnxruntime's Sigmoid saturates to 0
+    out = OnnxDecoder(path, device="cpu")(emb.numpy(), coords.numpy(), labels.numpy(), (200, 300))
+    ref = _run_torch(model, emb, coords, labels, (200, 300))
+    assert np.isfinite(out["masks"]).all()
+    assert np.abs(out["masks"] - ref[0]).max() <= 1e-4

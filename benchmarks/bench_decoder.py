@@ -1,0 +1,201 @@
+"""Decoder latency per image on CPU: our ONNX decoder+CaPL vs SAM's official ONNX decoder vs PyTorch eager.
+
+    .venv/bin/python benchmarks/bench_decoder.py [--configs small,vit_b] [--entities 1,4,16]
+        [--repeats 15] [--warmup 3] [--image 1200x1800] [--threads 2] [--out table.md]
+
+For each configuration (random weights; `vit_b` = the real ViT-B decoder sizes — the decoder is the
+same for every ViT, only its image encoder differs, which is not timed here) and each number of
+entities N, one "image" is: its embedding + N prompts (a box and a positive point each) → N
+full-size masks at `--image` (upsampling included). Timed:
+
+- ours ONNX: `decoder_capl.onnx` (CaPL task + entity modules, LoRA merged), one call with N entities;
+- official ONNX: `segment_anything.utils.onnx.SamOnnxModel` (single mask) exported from the same
+  SAM weights with the TorchScript exporter, as the official script does (one entity per call,
+  so N calls), and the same graph with a dynamic entity axis (one call with N entities);
+- ours eager: the same wrapper in PyTorch, N entities batched.
+
+Warm-up runs first; then the methods run round-robin, one call each per repetition, so the
+machine's noise hits all of them alike. Prints p50/p95 (ms) and the ratios of p50s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cpcsam.export.onnx import DecoderOnnxModel, export_decoder, prepare_for_export  # noqa: E402
+from cpcsam.export.runtime import OnnxDecoder, create_session  # noqa: E402
+from cpcsam.modeling import CPCSAM  # noqa: E402
+from cpcsam.modeling.build import build_sam_from_arch, resolve_arch  # noqa: E402
+
+
+def build_model(config: str, seed: int = 0) -> CPCSAM:
+    """Random SAM of `config` + CaPL (causal) moved off its identity init, so it computes for real."""
+    torch.manual_seed(seed)
+    model = CPCSAM(build_sam_from_arch(resolve_arch({"type": config})), {"mode": "causal"})
+    with torch.no_grad():
+        for p in model.capl.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return prepare_for_export(model)
+
+
+def export_official(model: CPCSAM, path: Path, orig_size: tuple[int, int], dynamic_entities: bool) -> None:
+    """SAM's official decoder export (scripts/export_onnx_model.py settings, single mask)."""
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    onnx_model = SamOnnxModel(model.sam, return_single_mask=True)
+    c = model.sam.prompt_encoder.embed_dim
+    h, w = model.sam.prompt_encoder.image_embedding_size
+    inputs = {
+        "image_embeddings": torch.randn(1, c, h, w),
+        "point_coords": torch.randint(0, 1024, (1, 5, 2), dtype=torch.float),
+        "point_labels": torch.randint(0, 4, (1, 5), dtype=torch.float),
+        "mask_input": torch.randn(1, 1, 4 * h, 4 * w),
+        "has_mask_input": torch.tensor([1], dtype=torch.float),
+        # The official export freezes this example's crop into the graph: use the benchmark's size.
+        "orig_im_size": torch.tensor(orig_size, dtype=torch.float),
+    }
+    axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    if dynamic_entities:
+        axes = {"point_coords": {0: "n", 1: "num_points"}, "point_labels": {0: "n", 1: "num_points"},
+                "mask_input": {0: "n"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(onnx_model, tuple(inputs.values()), str(path), input_names=list(inputs),
+                          output_names=["masks", "iou_predictions", "low_res_masks"], dynamic_axes=axes,
+                          opset_version=17, do_constant_folding=True, dynamo=False)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def run_config(config: str, entities: list[int], repeats: int, warmup: int, size: tuple[int, int],
+               threads: int, workdir: Path) -> list[dict]:
+    model = build_model(config)
+    c = model.sam.prompt_encoder.embed_dim
+    h, w = model.embedding_size
+    ours_path = export_decoder(model, workdir / f"{config}_ours.onnx")
+    official_path = workdir / f"{config}_official.onnx"
+    official_batched_path = workdir / f"{config}_official_batched.onnx"
+    export_official(model, official_path, size, dynamic_entities=False)
+    export_official(model, official_batched_path, size, dynamic_entities=True)
+    # No busy-waiting worker threads: the methods alternate, and a spinning onnxruntime pool
+    # would steal the cores from the PyTorch call that follows it.
+    ours = OnnxDecoder(ours_path, device="cpu", threads=threads, spin=False)
+    official, _ = create_session(official_path, "cpu", threads, spin=False)
+    official_batched, _ = create_session(official_batched_path, "cpu", threads, spin=False)
+    eager = DecoderOnnxModel(model).eval()
+    torch.set_num_threads(threads)
+
+    gen = torch.Generator().manual_seed(1)
+    embedding = torch.randn(1, c, h, w, generator=gen)
+    rows = []
+    for n in entities:
+        xy = torch.rand(n, 2, generator=gen) * 600 + 100
+        coords = torch.stack([xy - 50, xy + 50, xy], dim=1)  # box corners + a positive point
+        labels = torch.tensor([[2.0, 3.0, 1.0]]).repeat(n, 1)
+        mask_in = np.zeros((1, 1, 4 * h, 4 * w), np.float32)
+        emb_np, coords_np, labels_np = embedding.numpy(), coords.numpy(), labels.numpy()
+        size_np = np.asarray(size, np.float32)
+
+        def run_ours() -> None:
+            ours(emb_np, coords_np, labels_np, size)
+
+        def run_official() -> None:
+            for i in range(n):  # one entity per call, as the official graph takes it
+                official.run(None, {"image_embeddings": emb_np, "point_coords": coords_np[i : i + 1],
+                                    "point_labels": labels_np[i : i + 1], "mask_input": mask_in,
+                                    "has_mask_input": np.zeros(1, np.float32), "orig_im_size": size_np})
+
+        def run_official_batched() -> None:
+            official_batched.run(None, {"image_embeddings": emb_np, "point_coords": coords_np,
+                                        "point_labels": labels_np, "mask_input": np.repeat(mask_in, n, axis=0),
+                                        "has_mask_input": np.zeros(1, np.float32), "orig_im_size": size_np})
+
+        eager_args = (embedding, coords, labels, torch.zeros(n, 1, 4 * h, 4 * w), torch.zeros(n),
+                      torch.tensor(size, dtype=torch.float32))
+
+        def run_eager() -> None:
+            with torch.no_grad():
+                eager(*eager_args)
+
+        methods: dict[str, Callable[[], None]] = {
+            "ours_onnx": run_ours, "official_onnx": run_official,
+            "official_onnx_batched": run_official_batched, "ours_eager": run_eager,
+        }
+        for fn in methods.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        for _ in range(repeats):
+            for name, fn in methods.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(1000 * (time.perf_counter() - t0))
+        row = {"config": config, "n": n}
+        for name, ts in times.items():
+            row[name] = (percentile(ts, 50), percentile(ts, 95))
+        rows.append(row)
+        print(f"  {config} N={n}: " + ", ".join(f"{k} {v[0]:.1f} ms" for k, v in row.items() if isinstance(v, tuple)),
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], size: tuple[int, int], threads: int) -> str:
+    lines = [
+        f"Decoder latency per image (ms, p50 / p95), CPU, {threads} threads, masks at {size[0]}×{size[1]}",
+        "",
+        "| config | N | ours ONNX (CaPL) | official ONNX, N calls | official ONNX, batched | ours eager "
+        "| ours / best official | eager / ours |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        fmt = lambda v: f"{v[0]:.1f} / {v[1]:.1f}"  # noqa: E731
+        best_official = min(r["official_onnx"][0], r["official_onnx_batched"][0])
+        lines.append(
+            f"| {r['config']} | {r['n']} | {fmt(r['ours_onnx'])} | {fmt(r['official_onnx'])} | "
+            f"{fmt(r['official_onnx_batched'])} | {fmt(r['ours_eager'])} | "
+            f"{r['ours_onnx'][0] / best_official:.2f}× | {r['ours_eager'][0] / r['ours_onnx'][0]:.2f}× |"
+        )
+    lines += ["", "Targets: ours / official ≤ 1.10×, eager / ours ≥ 2×."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="small,vit_b")
+    parser.add_argument("--entities", default="1,4,16")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--image", default="1200x1800", help="original image size HxW of the full-size masks")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    size = tuple(int(v) for v in args.image.lower().split("x"))
+    entities = [int(v) for v in args.entities.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs.split(","):
+            rows += run_config(config, entities, args.repeats, args.warmup, size, args.threads, Path(tmp))
+    table = markdown(rows, size, args.threads)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

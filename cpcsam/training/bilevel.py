@@ -160,8 +160,9 @@ class Trainer:
 
         if self.upper_params:
             half_a, half_b = split_halves(data.image_ids, cfg.seed)
+            upper_entities = cfg.upper_max_entities or cfg.max_entities
             self.upper_stream: BatchStream | None = BatchStream(
-                data, prompts, half_a, cfg.batch_images, cfg.max_entities, cfg.seed, "upper"
+                data, prompts, half_a, cfg.batch_images, upper_entities, cfg.seed, "upper"
             )
             self.lower_stream = BatchStream(data, prompts, half_b, cfg.batch_images, cfg.max_entities, cfg.seed, "lower")
         else:

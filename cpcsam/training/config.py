@@ -102,6 +102,10 @@ class TrainConfig:
     steps: int = 100
     batch_images: int = 2  # images per batch (per level in bilevel mode)
     max_entities: int = 4  # entities per image per batch (a random subset when more)
+    # Entities per image in the CaPL (upper) batch; None = max_entities. The CaPL step decodes
+    # every entity K times (Eq. 1), so 1 entity x K prompts per image gives it the decoder work
+    # of a LoRA step with max_entities = K entities per image.
+    upper_max_entities: int | None = None
     lambda_entity: float = 0.6  # λ between Eq. 1 and Eq. 2
     beta_variance: float = 0.1  # β of the variance term of Eq. 1
     lambda_l1: float = 0.01  # λ₁ of the calibration L1 penalty in Eq. 2
@@ -143,6 +147,10 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"params train.{key}: expected a positive integer, got {value!r}")
+        if self.upper_max_entities is not None and (
+            not isinstance(self.upper_max_entities, int) or self.upper_max_entities < 1
+        ):
+            raise ConfigError(f"params train.upper_max_entities: expected null or a positive integer, got {self.upper_max_entities!r}")
         for key in ("lambda_entity", "beta_variance", "lambda_l1"):
             if float(getattr(self, key)) < 0:
                 raise ConfigError(f"params train.{key}: must be >= 0, got {getattr(self, key)!r}")

@@ -63,12 +63,40 @@ def test_full_finetune_keeps_prompt_encoder_frozen(tiny_project, tiny_params) ->
 
 
 def test_halves_are_disjoint_and_cover_the_training_images(tiny_project, tiny_params) -> None:
-    trainer = _trainer(tiny_project, tiny_params)
+    trainer = _trainer(tiny_project, tiny_params, upper_max_entities=1, max_entities=3)
     a, b = set(trainer.upper_stream.image_ids), set(trainer.lower_stream.image_ids)
     assert a and b and not a & b and a | b == set(trainer.data.image_ids)
     for _ in range(4):  # the streams never leave their half
-        assert set(trainer.upper_stream.next().image_ids) <= a
-        assert set(trainer.lower_stream.next().image_ids) <= b
+        upper, lower = trainer.upper_stream.next(), trainer.lower_stream.next()
+        assert set(upper.image_ids) <= a and set(lower.image_ids) <= b
+        # the CaPL batch holds 1 entity per image (each decoded K times), the LoRA batch up to 3
+        assert torch.bincount(upper.image_index).max() == 1 and upper.k == 3
+        assert torch.bincount(lower.image_index).max() > 1
+
+
+def test_batch_stream_is_seeded_and_resumable(tiny_project, tiny_params) -> None:
+    trainer = _trainer(tiny_project, tiny_params)
+    stream = trainer.lower_stream
+    for _ in range(3):
+        stream.next()
+    state = stream.state_dict()
+    expected = [stream.next() for _ in range(4)]
+    stream.load_state_dict(state)
+    again = [stream.next() for _ in range(4)]
+    for x, y in zip(expected, again):
+        assert x.image_ids == y.image_ids and x.entity_ids == y.entity_ids
+        assert torch.equal(x.coords, y.coords) and torch.equal(x.targets, y.targets)
+    # an epoch visits every image of the stream exactly once, in a seeded order
+    stream = trainer.upper_stream  # 3 images, batches of 2: epochs straddle batches
+    n = len(stream.image_ids)
+    orders = []
+    for epoch in (5, 6):
+        stream.load_state_dict({"epoch": epoch, "position": 0})
+        drawn = [i for _ in range(n) for i in stream.next().image_ids][:n]
+        assert sorted(drawn) == stream.image_ids
+        orders.append(drawn)
+    stream.load_state_dict({"epoch": 5, "position": 0})
+    assert [i for _ in range(n) for i in stream.next().image_ids][:n] == orders[0]
 
 
 @pytest.mark.parametrize(

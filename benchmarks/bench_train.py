@@ -1,0 +1,184 @@
+"""Training cost: seconds per training image and peak RSS per trainer mode and configuration.
+
+    .venv/bin/python benchmarks/bench_train.py                      # small + base_small + vit_b
+    .venv/bin/python benchmarks/bench_train.py --configs small --steps 20 --threads 2
+
+Every case runs in its own process (so peak RSS is that case's), on synthetic images with
+2–4 ellipse entities each, through the real trainer (`prepare_training` + `train_step`):
+warm-up steps first, then timed steps. Cases:
+
+- bilevel / lora-only / full-finetune with LoRA on the encoder qkv + decoder (uncached);
+- encoder frozen (LoRA on the decoder only): bilevel and lora-only, uncached vs cached
+  embeddings (the `embed` stage's cache, built before timing).
+
+A bilevel iteration consumes two batches (one per image half), a lora-only/full-finetune step
+one: "s/image" divides the step time by the images it consumed. The vit_b cases (1024² input,
+random weights) run one timed step each, no warm-up: a vit_b image forward takes ~20 s here.
+Prints a markdown table and the two ratios the issue sets targets for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+IMAGE_SIZE = {"small": (320, 240), "base_small": (320, 240), "vit_b": (1024, 768)}
+
+
+def _cases(configs: list[str], steps: int, warmup: int) -> list[dict[str, Any]]:
+    cases = []
+    for config in configs:
+        big = config == "vit_b"
+        n_steps, n_warm = (1, 0) if big else (steps, warmup)
+        for mode in ("bilevel", "lora-only", "full-finetune"):
+            cases.append(dict(config=config, mode=mode, encoder_lora=True, cache=False, steps=n_steps, warmup=n_warm))
+        for mode in ("bilevel", "lora-only"):
+            for cache in (False, True):
+                cases.append(dict(config=config, mode=mode, encoder_lora=False, cache=cache, steps=n_steps, warmup=n_warm))
+    return cases
+
+
+def _dataset(root: Path, config: str, num_images: int):
+    """Synthetic images + a manifest (CONTRACTS.md) + the perturb stage's prompts."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from cpcsam.prompts import PerturbConfig, perturb_manifest
+
+    rng = np.random.default_rng(0)
+    width, height = IMAGE_SIZE[config]
+    rows = []
+    for i in range(num_images):
+        image = rng.integers(0, 60, size=(height, width, 3)).astype(np.uint8)
+        yy, xx = np.mgrid[:height, :width]
+        for j in range(int(rng.integers(2, 5))):
+            cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+            ry, rx = rng.uniform(0.05, 0.2) * height, rng.uniform(0.05, 0.2) * width
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            image[mask] = rng.integers(120, 255, size=3)
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+            rows.append(dict(image_id=f"i{i}", image_uri=str(root / f"i{i}.png"), width=width, height=height,
+                             entity_id=f"i{i}e{j}", class_name="c", rle_counts=rle["counts"].decode(), bbox_x=x,
+                             bbox_y=y, bbox_w=w, bbox_h=h, area=int(mask.sum()), split="train", role="base",
+                             group_id=f"g{i}"))
+        Image.fromarray(image).save(root / f"i{i}.png")
+    manifest = pd.DataFrame(rows)
+
+    def decode(counts: str, h: int, w: int):
+        return mask_utils.decode({"size": [h, w], "counts": counts.encode()}).astype(bool)
+
+    prompts = perturb_manifest(manifest, PerturbConfig.from_params({"k": 4}), 0, decode=decode, progress=False)
+    return manifest, prompts
+
+
+def child(case: dict[str, Any]) -> dict[str, Any]:
+    """Run one case in this process and return its measurements."""
+    import torch
+
+    from cpcsam.config import load_params
+    from cpcsam.training.run import build_embedding_cache, prepare_training
+
+    if case.get("threads"):
+        torch.set_num_threads(int(case["threads"]))
+    params = load_params(ROOT / "params.yaml")
+    model = dict(params["model"])
+    model.update(type=case["config"], checkpoint=None)
+    model["lora"] = {**model.get("lora", {}), "targets": ["image_encoder_qkv", "decoder_attention"]
+                     if case["encoder_lora"] else ["decoder_attention"]}
+    batch_images = 1 if case["config"] == "vit_b" else 2
+    train = dict(params["train"], mode=case["mode"], device="cpu", batch_images=batch_images, max_entities=4,
+                 embedding_cache="on" if case["cache"] else "off", steps=1000, checkpoint_every=1000)
+    run_params = {"seed": 0, "model": model, "perturb": {"k": 4}, "train": train}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        num_images = 2 * batch_images * (case["steps"] + case["warmup"])  # every image seen once
+        manifest, prompts = _dataset(root, case["config"], num_images)
+        if case["cache"]:
+            build_embedding_cache(run_params, manifest, None, root / "emb", batch_size=1, device="cpu", progress=False)
+        trainer = prepare_training(run_params, manifest, prompts, None, None, embeddings_dir=root / "emb")
+        for _ in range(case["warmup"]):
+            trainer.train_step()
+        seen = trainer.images_seen
+        started = time.perf_counter()
+        for _ in range(case["steps"]):
+            trainer.train_step()
+        seconds = (time.perf_counter() - started) / case["steps"]
+        images = (trainer.images_seen - seen) / case["steps"]
+    return {
+        "seconds_per_step": seconds,
+        "images_per_step": images,
+        "seconds_per_image": seconds / images,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _label(case: dict[str, Any]) -> str:
+    encoder = "LoRA qkv" if case["encoder_lora"] else ("frozen, cached" if case["cache"] else "frozen, uncached")
+    return f"| {case['config']} | {case['mode']} | {encoder} |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="small,base_small,vit_b")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (small configs)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0 = torch default)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+
+    results = []
+    print("| config | mode | image encoder | s/step | images/step | s/image | peak RSS (MB) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for case in _cases(args.configs.split(","), args.steps, args.warmup):
+        case["threads"] = args.threads
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "CPCSAM_TRACKING": "off"})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{_label(case)} failed: {proc.stderr.strip().splitlines()[-1:]} | | | | |", flush=True)
+            continue
+        res = json.loads(lines[-1][len("RESULT "):])
+        results.append((case, res))
+        print(f"{_label(case)} {res['seconds_per_step']:.3f} | {res['images_per_step']:.0f} | "
+              f"{res['seconds_per_image']:.3f} | {res['peak_rss_mb']:.0f} |", flush=True)
+
+    def find(config, mode, encoder_lora, cache=False):
+        for case, res in results:
+            if (case["config"], case["mode"], case["encoder_lora"], case["cache"]) == (config, mode, encoder_lora, cache):
+                return res
+        return None
+
+    print(f"\nthreads per case: {results[0][1]['threads'] if results else '?'}")
+    for config in args.configs.split(","):
+        bi, lo = find(config, "bilevel", True), find(config, "lora-only", True)
+        if bi and lo:
+            print(f"- {config}: bilevel / lora-only = {bi['seconds_per_step'] / lo['seconds_per_step']:.2f}x per step, "
+                  f"{bi['seconds_per_image'] / lo['seconds_per_image']:.2f}x per training image (target <= 1.3x)")
+        for mode in ("bilevel", "lora-only"):
+            unc, cac = find(config, mode, False, False), find(config, mode, False, True)
+            if unc and cac:
+                print(f"- {config} {mode}, encoder frozen: cached is "
+                      f"{unc['seconds_per_step'] / cac['seconds_per_step']:.0f}x faster per step than uncached"
+                      + (" (target >= 50x on vit_b)" if config == "vit_b" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

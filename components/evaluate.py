@@ -7,7 +7,8 @@ pretrain stage's `artifacts/pretrain/sam.pth`; no CaPL, no fine-tuning) — and 
 `evaluate.models` (`cpcsam` is required; baselines such as `lora_only` and the ablation rows are
 evaluated when their file exists and listed as skipped otherwise).
 
-Writes under `--out`: `metrics.json` (all numbers + the `headline` the gate reads), `table.md`,
+Writes under `--out`: `metrics.json` (all numbers + the `headline` the gate reads), `scores.json`
+(the compact numbers `dvc metrics` shows: headline, base/target Dice per model and protocol), `table.md`,
 `dice_vs_noise.csv` (for `dvc plots`), `plots/class_dice.png`, `plots/dice_vs_noise.png`, and
 `overlays/<image>.png` (ground truth next to each model's prediction). Exits 2 with one line on
 bad input.
@@ -67,17 +68,19 @@ def write_outputs(out: Path, metrics: dict[str, Any], overlays: dict[str, dict[s
         plot_class_dice,
         plot_dice_vs_noise,
         save_png,
+        scores,
         side_by_side,
         write_noise_curve,
     )
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    (out / "scores.json").write_text(json.dumps(scores(metrics), indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(metrics))
     write_noise_curve(metrics, out / "dice_vs_noise.csv")
     plot_class_dice(metrics, metrics["headline"]["protocol"], out / "plots" / "class_dice.png")
     plot_dice_vs_noise(metrics, out / "plots" / "dice_vs_noise.png")
-    written = [out / "metrics.json", out / "table.md", out / "dice_vs_noise.csv",
+    written = [out / "metrics.json", out / "scores.json", out / "table.md", out / "dice_vs_noise.csv",
                out / "plots" / "class_dice.png", out / "plots" / "dice_vs_noise.png"]
     by_id = {im.image_id: im for im in images}
     first_model = next(iter(overlays.values()), {})

@@ -60,6 +60,17 @@ def markdown_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def scores(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The compact numbers for `dvc metrics show/diff`: the headline and, per model and protocol,
+    base/target Dice (metrics.json keeps everything else: IoU, per-class, label-map mIoU, counts)."""
+    out: dict[str, Any] = {"headline": {k: v for k, v in (metrics.get("headline") or {}).items()
+                                        if isinstance(v, (int, float)) or v is None}}
+    for model, entry in metrics["models"].items():
+        out[model] = {protocol: {"base_dice": s["base"]["dice"], "target_dice": s["target"]["dice"]}
+                      for protocol, s in entry["protocols"].items()}
+    return out
+
+
 def noise_curve_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Dice vs prompt noise, one row per σ: `sigma`, then `<model>_<kind>` target Dice columns.
 

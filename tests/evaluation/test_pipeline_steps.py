@@ -61,6 +61,8 @@ def test_evaluate_export_gate(workspace, capsys, monkeypatch):
     assert head["model"] == "cpcsam" and head["protocol"] == "box@0" and 0.0 <= head["target_dice"] <= 1.0
     support = metrics["images"]["auto_support"]
     assert support and metrics["images"]["auto_queries"] == 3 - len(support)
+    compact = json.loads((ev / "scores.json").read_text())
+    assert compact["cpcsam"]["box@0"]["target_dice"] == metrics["models"]["cpcsam"]["protocols"]["box@0"]["target"]["dice"]
     for name in ("table.md", "dice_vs_noise.csv", "plots/class_dice.png", "plots/dice_vs_noise.png"):
         assert (ev / name).stat().st_size > 0
     assert len(list((ev / "overlays").glob("*.png"))) == 2

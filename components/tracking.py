@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -210,11 +211,19 @@ def lineage_tags(root: str | Path = ".", data_stages: list[str] | None = None) -
     return tags
 
 
+_INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+
+
+def safe_key(name: str) -> str:
+    """An MLflow-legal param/metric name: alphanumerics, `_ - . : /` and spaces (e.g. `box+points` -> `box_points`)."""
+    return _INVALID_KEY_CHARS.sub("_", str(name))[:250]
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested params as dotted keys with string values (MLflow params are strings)."""
     flat: dict[str, str] = {}
     for key, value in params.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{safe_key(key)}"
         if isinstance(value, Mapping):
             flat.update(flatten(value, prefix=f"{name}."))
         else:
@@ -294,7 +303,7 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        clean = {str(k): float(v) for k, v in metrics.items() if v is not None and not _is_nan(v)}
+        clean = {safe_key(k): float(v) for k, v in metrics.items() if v is not None and not _is_nan(v)}
         if not clean:
             return
         own = [Metric(k, v, now, step or 0) for k, v in clean.items()]
@@ -329,7 +338,7 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(str(k), str(v)[:5000]) for k, v in tags.items()]
+        items = [RunTag(safe_key(k), str(v)[:5000]) for k, v in tags.items()]
         if items:
             self._call("set_tags", self.client.log_batch, self.run_id, tags=items)
 

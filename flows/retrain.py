@@ -122,9 +122,15 @@ def dvc_data_version(root: Path, dataset_rel: str) -> str | None:
     return str(outs[0].get("md5")) if outs else None
 
 
-def profile_override(dataset_rel: str, group_pattern: str | None, data_version: str) -> str:
-    """`data.profiles.oceancoco=<coco source on the dataset>`; the version makes DVC re-ingest on change."""
+def profile_override(
+    dataset_rel: str, group_pattern: str | None, data_version: str, extra: dict[str, Any] | None = None
+) -> str:
+    """`data.profiles.oceancoco=<coco source on the dataset>`; the version makes DVC re-ingest on change.
+
+    `extra`: more keys of the profile (e.g. its own `split` / `roles`).
+    """
     cfg = {
+        **(extra or {}),
         "source": "coco",
         "root": dataset_rel,
         "annotations": ANNOTATIONS,
@@ -189,6 +195,7 @@ def retrain(
     group_pattern: str | None = r"^(.+?)_frame",
     deployment: str = "train/oceancoco",
     train_overrides: list[str] = [],  # noqa: B006
+    profile_extra: dict[str, Any] = {},  # noqa: B006
     push: bool = True,
     git_commit: bool = False,
     wait_timeout_s: float = 7200,
@@ -244,7 +251,7 @@ def retrain(
 
     from prefect.deployments import run_deployment
 
-    overrides = [profile_override(dataset, group_pattern, version), *train_overrides]
+    overrides = [profile_override(dataset, group_pattern, version, profile_extra), *train_overrides]
     logger.info("triggering %s on data version %s", deployment, version)
     flow_run = run_deployment(name=deployment, parameters={"profile": "oceancoco", "overrides": overrides},
                               timeout=wait_timeout_s)

@@ -187,3 +187,13 @@ def test_preflight_passes_on_a_live_s3_bucket_and_names_a_missing_one(store: dic
     assert done[0].startswith("tracking store sqlite:///") and s3_bucket in done[-1]
     with pytest.raises(PreflightError, match="s3://no-such-bucket"):
         preflight(store, s3_endpoints=[(s3_endpoint, "no-such-bucket")])
+
+
+def test_names_mlflow_rejects_are_made_legal_instead_of_losing_the_batch(store: dict) -> None:
+    store["perturb"] = {"kinds": {"box": 0.4, "box+points": 0.3}}
+    with stage_run("perturb", store) as run:
+        run.log_metrics({"dice@box+points": 0.5})
+        assert run.failures == 0
+    _, runs = _runs(store)
+    assert runs["perturb"].data.params["perturb.kinds.box_points"] == "0.3"
+    assert runs["perturb"].data.metrics == {"dice_box_points": 0.5}

@@ -1,0 +1,284 @@
+"""End to end on the real stack: `prefect deployment run train/oceancoco` on the `tiny` profile,
+the MLflow run and registry it leaves, the retrain flow on new S3 objects, `dvc push`/`pull`.
+
+Everything runs for real in a temporary copy of the repository: the Prefect server and process
+worker, the MLflow tracking server, moto_server as S3. The stages are whatever `dvc.yaml`
+holds; while the graph is incomplete (a stage depends on a file no stage produces yet), the
+copy drops those stages and everything downstream, and the test says so on stdout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from orchestration_helpers import dvc, git
+
+pytestmark = pytest.mark.slow
+
+GATE = "artifacts/eval/gate.json"
+# A few optimisation steps and a light evaluation: the orchestration is under test, not the model.
+FAST = [
+    "pretrain.steps=3", "pretrain.log_every=1",
+    "train.steps=3", "train.log_every=1", "train.checkpoint_every=2",
+    "evaluate.sigmas=[0.0, 0.1]", "evaluate.tta.k=1", "evaluate.overlays=1", "evaluate.auto.enabled=false",
+    "export.parity_images=2",
+]
+# Gate thresholds that make the verdict certain either way (Dice lies in [0, 1]).
+PASS_GATE = [*FAST, "gate.min_target_dice=0.0", "gate.max_base_regression=1.0"]
+FAIL_GATE = [*FAST, "gate.min_target_dice=1.01"]
+
+
+def _stage_deps_and_outs(dvc_yaml: dict) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    deps, outs = {}, {}
+    for name, stage in (dvc_yaml.get("stages") or {}).items():
+        deps[name] = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+        outs[name] = [o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs", [])]
+    return deps, outs
+
+
+def prune_unbuildable_stages(repo: Path) -> list[str]:
+    """Drop stages whose deps neither exist nor are produced by a kept stage (incomplete graph)."""
+    path = repo / "dvc.yaml"
+    doc = yaml.safe_load(path.read_text())
+    deps, outs = _stage_deps_and_outs(doc)
+    dropped: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        produced = [o for s, os_ in outs.items() if s not in dropped for o in os_]
+        for stage, stage_deps in deps.items():
+            if stage in dropped:
+                continue
+            for dep in stage_deps:
+                made = any(dep == o or dep.startswith(o.rstrip("/") + "/") for o in produced)
+                if not made and not (repo / dep).exists():
+                    dropped.append(stage)
+                    changed = True
+                    break
+    if dropped:
+        for stage in dropped:
+            del doc["stages"][stage]
+        for key in ("metrics", "plots"):  # top-level entries of dropped outs would not resolve
+            doc.pop(key, None)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        git(repo, "commit", "-qam", f"test: drop stages not buildable yet: {dropped}")
+    return dropped
+
+
+@pytest.fixture(scope="module")
+def pipeline(repo_copy: Path, stack) -> dict:
+    dropped = prune_unbuildable_stages(repo_copy)
+    stages = dvc(repo_copy, "stage", "list", "--name-only").split()
+    print(f"\n[e2e] stages run: {stages}; dropped (graph incomplete): {dropped or 'none'}")
+    return {"repo": repo_copy, "stages": stages, "dropped": dropped, "has_gate": _has_gate(repo_copy)}
+
+
+def _has_gate(repo: Path) -> bool:
+    _, outs = _stage_deps_and_outs(yaml.safe_load((repo / "dvc.yaml").read_text()))
+    return any(GATE in o for os_ in outs.values() for o in os_)
+
+
+def run_deployment_cli(stack, parameters: dict, timeout: int = 1200) -> str:
+    """`prefect deployment run train/oceancoco --params ... --watch`; returns the flow-run id."""
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = {**os.environ, **stack.client_env(), "PREFECT_HOME": str(stack.prefect_home)}
+    proc = subprocess.run(
+        [prefect, "deployment", "run", "train/oceancoco", "--params", json.dumps(parameters), "--watch",
+         "--watch-timeout", str(timeout)],
+        cwd=stack.project, env=env, capture_output=True, text=True, timeout=timeout + 60,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Completed" in out, f"deployment run failed:\n{out[-4000:]}\n" + _worker_log(stack)
+    return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+
+def _worker_log(stack) -> str:
+    log = stack.log_file("prefect-worker")
+    return log.read_text()[-6000:] if log.exists() else ""
+
+
+def _pipeline_run(client: MlflowClient, flow_run_id: str):
+    exp = client.get_experiment_by_name("cpcsam")
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`cpcsam.prefect.flow_run_id` = '{flow_run_id}' and tags.`cpcsam.stage` = 'pipeline'"
+    )
+    assert len(runs) == 1, f"expected one pipeline run for flow run {flow_run_id}, found {len(runs)}"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{runs[0].info.run_id}'")
+    return runs[0], {c.info.run_name: c for c in children}
+
+
+def test_train_deployment_tracks_registers_and_gates(pipeline: dict, stack) -> None:
+    repo, stages = pipeline["repo"], pipeline["stages"]
+    client = MlflowClient(stack.mlflow_url)
+    committed_params = (repo / "params.yaml").read_text()
+
+    flow_run = run_deployment_cli(stack, {"profile": "tiny", "overrides": PASS_GATE})
+
+    parent, children = _pipeline_run(client, flow_run)
+    assert parent.info.status == "FINISHED"
+    assert set(children) == set(stages), "every stage ran once, as a nested run"
+    assert all(c.info.status == "FINISHED" for c in children.values())
+    tags = parent.data.tags
+    assert tags["cpcsam.profile"] == "tiny"
+    assert tags["cpcsam.git.commit"] == git(repo, "rev-parse", "HEAD").strip()
+    assert tags["cpcsam.dvc.lock_md5"] == hashlib.md5((repo / "dvc.lock").read_bytes()).hexdigest()
+    assert "cpcsam.dvc.data_md5" in tags
+    assert parent.data.params["data.profile"] == "tiny"
+    # per-stage metrics mirrored on the pipeline run
+    assert any(k.startswith("ingest/") for k in parent.data.metrics)
+    assert any(k.startswith("validate/") for k in parent.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config", "reports", "summary.json"} <= artifacts
+    assert (repo / "params.yaml").read_text() == committed_params  # the run's overrides are gone again
+
+    if "train" in stages:
+        train_run = children["train"]
+        steps = {k: len(client.get_metric_history(train_run.info.run_id, k)) for k in train_run.data.metrics}
+        assert max(steps.values()) > 1, f"training logs per-step metrics: {steps}"
+    if "evaluate" in stages:
+        reports = {a.path for a in client.list_artifacts(parent.info.run_id, "reports/artifacts/eval")}
+        assert "reports/artifacts/eval/table.md" in reports and "reports/artifacts/eval/plots" in reports
+
+    if not pipeline["has_gate"]:
+        print("[e2e] dvc.yaml has no gate stage yet: registry not exercised")
+        flow_run = run_deployment_cli(stack, {"profile": "tiny", "overrides": PASS_GATE})
+        assert _pipeline_run(client, flow_run)[1] == {}, "a second run with the same params re-runs nothing"
+        return
+
+    # gate passed -> version 1 is the champion, with the ONNX model and the gate on the run
+    gate = json.loads((repo / GATE).read_text())
+    assert gate["passed"] is True, gate
+    versions = client.search_model_versions("name='cpcsam-tiny'")
+    assert [v.run_id for v in versions] == [parent.info.run_id]
+    assert str(client.get_model_version_by_alias("cpcsam-tiny", "champion").version) == str(versions[0].version)
+    model_files = {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
+    assert {"model/decoder_capl.onnx", "model/image_encoder.onnx"} <= model_files
+    assert client.get_run(parent.info.run_id).data.metrics["gate/passed"] == 1.0
+
+    # gate set to fail -> a rejected version with its reasons; the champion stays
+    flow_run = run_deployment_cli(stack, {"profile": "tiny", "overrides": FAIL_GATE})
+    parent2, children2 = _pipeline_run(client, flow_run)
+    assert "gate" in children2
+    assert not {"ingest", "validate", "train", "export"} & set(children2), f"DVC re-ran done stages: {set(children2)}"
+    (rejected,) = [v for v in client.search_model_versions("name='cpcsam-tiny'") if v.run_id == parent2.info.run_id]
+    assert rejected.tags["cpcsam.verdict"] == "rejected"
+    assert "FAIL min_target_dice" in rejected.tags["cpcsam.gate.reasons"]
+    champion = client.get_model_version_by_alias("cpcsam-tiny", "champion")
+    assert champion.run_id == parent.info.run_id, "a rejected model must not move the champion"
+    print(f"[e2e] registry: champion v{champion.version}, rejected v{rejected.version}")
+
+
+def _synthetic_coco_batch(workdir: Path, tiny_profile: dict) -> tuple[Path, int]:
+    """A deep-sea batch in COCO layout from the data layer's synthetic generator, plus two bad items."""
+    from cpcsam.data.records import Quarantine
+    from cpcsam.data.sources.synthetic import SyntheticSource
+
+    cfg = {k: v for k, v in tiny_profile.items() if k not in ("split", "roles", "source")}
+    batch = workdir / "batch"
+    source = SyntheticSource({**cfg, "seed": 11}, batch / "images")
+    records = list(source.records(Quarantine()))
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(source.classes())]
+    cat_id = {c["name"]: c["id"] for c in categories}
+    images, annotations = [], []
+    for i, rec in enumerate(records, start=1):
+        images.append({"id": i, "file_name": Path(rec.image_uri).name, "width": rec.width, "height": rec.height})
+        for ent in rec.entities:
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": cat_id[ent.class_name],
+                                "segmentation": {"size": [rec.height, rec.width], "counts": ent.rle_counts},
+                                "area": ent.area, "bbox": list(ent.bbox), "iscrowd": 0})
+    # bad sample 1: a truncated image (it and its annotation are quarantined)
+    good = (batch / "images" / images[0]["file_name"]).read_bytes()
+    (batch / "images" / "dive9999_frame00.png").write_bytes(good[: len(good) // 3])
+    images.append({"id": 9999, "file_name": "dive9999_frame00.png", "width": images[0]["width"],
+                   "height": images[0]["height"]})
+    annotations.append({**annotations[0], "id": 99_999, "image_id": 9999})
+    # bad sample 2: an annotation of an unknown category
+    annotations.append({**annotations[1], "id": 99_998, "category_id": 404})
+    (batch / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                        "categories": categories}))
+    return batch, len(records)
+
+
+def _upload(folder: Path, bucket: str, prefix: str) -> int:
+    import boto3
+
+    client = boto3.client("s3")
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    for path in files:
+        client.upload_file(str(path), bucket, f"{prefix}{path.relative_to(folder).as_posix()}")
+    return len(files)
+
+
+def test_retrain_picks_up_new_s3_data_once(pipeline: dict, stack, tmp_path: Path, monkeypatch) -> None:
+    import boto3
+
+    from flows.retrain import retrain
+
+    repo = pipeline["repo"]
+    monkeypatch.setenv("CPCSAM_PROJECT_DIR", str(repo))
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="cpcsam-incoming")
+    tiny = yaml.safe_load((repo / "params.yaml").read_text())["data"]["profiles"]["tiny"]
+    batch, n_good = _synthetic_coco_batch(tmp_path, tiny)
+    n_objects = _upload(batch, "cpcsam-incoming", "deepsea/batch-001/")
+    extra = {k: tiny[k] for k in ("split", "roles") if k in tiny}
+
+    kwargs = dict(bucket="cpcsam-incoming", prefix="deepsea/", profile_extra=extra, train_overrides=PASS_GATE,
+                  push=True, wait_timeout_s=1200)
+    first = retrain(**kwargs)
+
+    assert first["new_objects"] == n_objects
+    (report,) = first["batches"]
+    assert report["images_accepted"] == n_good
+    assert report["reasons"] == {"truncated_image": 1, "unknown_class": 1}
+    coco = json.loads((repo / "datasets/deepsea/annotations.json").read_text())
+    assert len(coco["images"]) == n_good and all(i["file_name"].startswith("batch-001/") for i in coco["images"])
+    assert json.loads((repo / "datasets/deepsea/quarantine/batch-001.json").read_text())["n_quarantined"] == 2
+    version = yaml.safe_load((repo / "datasets/deepsea.dvc").read_text())["outs"][0]["md5"]
+    assert first["data_version"] == version
+    remote_keys = [o["Key"] for o in s3.list_objects_v2(Bucket="cpcsam-dvc").get("Contents", [])]
+    assert any(version.replace(".dir", "")[2:] in k for k in remote_keys), "the dataset version is on the DVC remote"
+
+    assert first["triggered"] and first["train_state"] == "COMPLETED"
+    outcome = first["outcome"]
+    assert outcome is not None and outcome["mlflow_run_id"]
+    run = MlflowClient(stack.mlflow_url).get_run(outcome["mlflow_run_id"])
+    assert run.data.params["data.profiles.oceancoco.data_version"] == version
+    assert run.data.params["data.profiles.oceancoco.root"] == "datasets/deepsea"
+    if pipeline["has_gate"]:
+        assert outcome["registration"]["model_name"] == "cpcsam-oceancoco"
+        assert outcome["registration"]["promoted"] is True
+
+    state = repo / "datasets/deepsea.state.json"
+    before = state.read_text()
+    second = retrain(**kwargs)
+    assert second["new_objects"] == 0 and second["batches"] == [] and not second["triggered"]
+    assert state.read_text() == before
+
+
+def test_dvc_push_then_pull_restores_the_outputs(pipeline: dict, s3_endpoint: str) -> None:
+    import boto3
+
+    repo = pipeline["repo"]
+    if not (repo / "dvc.lock").exists():
+        dvc(repo, "repro", "validate")
+    manifest = repo / "data/ingest/manifest.parquet"
+    digest = hashlib.md5(manifest.read_bytes()).hexdigest()
+    dvc(repo, "push")
+    assert boto3.client("s3").list_objects_v2(Bucket="cpcsam-dvc").get("KeyCount", 0) > 0
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data" / "ingest")
+    dvc(repo, "pull")
+    assert hashlib.md5(manifest.read_bytes()).hexdigest() == digest
+    assert "up to date" in dvc(repo, "status", "validate")

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = section(params, "evaluate")
         seed = int(cfg.get("seed", params.get("seed", 0)))
         torch.manual_seed(seed)
-        torch.set_num_threads(max(1, int(cfg.get("threads", 0)) or torch.get_num_threads()))
+        if int(cfg.get("threads", 0)) > 0:  # 0 = torch's default (all cores)
+            torch.set_num_threads(int(cfg["threads"]))
         classes = load_classes(args.classes)
         images = image_records(load_manifest(args.manifest), cfg.get("splits", ["test"]),
                                int(cfg.get("max_images", 0)), seed)

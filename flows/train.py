@@ -193,9 +193,10 @@ def train(
             run.set_tags(tracking.lineage_tags(root, list(tracking.tracking_config(params)["data_stages"])))
             run.log_artifact(root / "params.yaml", "config")  # with this run's overrides applied
             run.log_artifact(root / "dvc.lock", "config")
-            for rel in REPORT_FILES:
-                if (root / rel).exists():
-                    run.log_artifact(root / rel, str(Path("reports") / Path(rel).parent))
+            for rel in REPORT_FILES:  # a folder's contents go under reports/<folder>
+                path = root / rel
+                if path.exists():
+                    run.log_artifact(path, str(Path("reports") / (rel if path.is_dir() else Path(rel).parent)))
 
             if _gate_is_a_dvc_out(root) and (root / register.GATE_PATH).is_file():
                 gate = register.read_gate(root / register.GATE_PATH)

@@ -29,10 +29,10 @@ pytestmark = pytest.mark.slow
 GATE = "artifacts/eval/gate.json"
 # A few optimisation steps and a light evaluation: the orchestration is under test, not the model.
 FAST = [
-    "pretrain.steps=3", "pretrain.log_every=1",
-    "train.steps=3", "train.log_every=1", "train.checkpoint_every=2",
-    "evaluate.sigmas=[0.0, 0.1]", "evaluate.tta.k=1", "evaluate.overlays=1", "evaluate.auto.enabled=false",
-    "export.parity_images=2",
+    "pretrain.steps=3", "pretrain.log_every=1", "pretrain.batch_images=2",
+    "train.steps=3", "train.log_every=1", "train.checkpoint_every=2", "train.batch_images=1",
+    "evaluate.sigmas=[0.0, 0.1]", "evaluate.kinds=[box]", "evaluate.max_images=4", "evaluate.tta.k=1",
+    "evaluate.overlays=1", "evaluate.auto.enabled=false", "export.parity_images=2",
 ]
 # Gate thresholds that make the verdict certain either way (Dice lies in [0, 1]).
 PASS_GATE = [*FAST, "gate.min_target_dice=0.0", "gate.max_base_regression=1.0"]

@@ -191,6 +191,12 @@ def train(
                 summary["stages"].append(task_(str(root), stage, env, timeout, pull))
 
             run.set_tags(tracking.lineage_tags(root, list(tracking.tracking_config(params)["data_stages"])))
+            manifest = root / "data/ingest/manifest.parquet"
+            if manifest.is_file():  # dataset lineage (mlflow.log_input): schema, digest, source
+                import pandas as pd
+
+                run.log_dataset(pd.read_parquet(manifest), name=f"manifest-{profile}",
+                                source=str(manifest), context="training")
             run.log_artifact(root / "params.yaml", "config")  # with this run's overrides applied
             run.log_artifact(root / "dvc.lock", "config")
             for rel in REPORT_FILES:  # a folder's contents go under reports/<folder>

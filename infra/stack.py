@@ -226,6 +226,11 @@ class Stack:
                 raise RuntimeError(f"{svc.name} not healthy at {svc.health_url} after {svc.start_timeout:.0f} s; "
                                    f"see {self.log_file(svc.name)}")
             time.sleep(0.3)
+        time.sleep(0.3)
+        if not pid_alive(pid):  # healthy, but not ours: something else holds the port
+            self.pid_file(svc.name).unlink(missing_ok=True)
+            raise RuntimeError(f"{svc.name}: another process answers at {svc.health_url} and ours exited "
+                               f"(port in use? set the CPCSAM_*_PORT variables); see {self.log_file(svc.name)}")
         return pid
 
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.overrides)
         cfg = section(params, "evaluate")
         seed = int(cfg.get("seed", params.get("seed", 0)))
+        eval_cfg = EvalConfig.from_params(cfg, seed)  # checks the section before any work
         torch.manual_seed(seed)
         if int(cfg.get("threads", 0)) > 0:  # 0 = torch's default (all cores)
             torch.set_num_threads(int(cfg["threads"]))
@@ -127,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
                                int(cfg.get("max_images", 0)), seed)
         models, skipped = load_models(params, cfg)
         engines = {name: TorchEngine(m, int(cfg.get("batch_entities", 32))) for name, m in models.items()}
-        eval_cfg = EvalConfig.from_params(cfg, seed)
         headline = cfg.get("headline") or {}
 
         def load_image(im):

@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 
 from cpcsam.config import load_params, section
-from cpcsam.errors import CpcSamError
+from cpcsam.errors import ConfigError, CpcSamError
 
 log = logging.getLogger("components.export")
 
+EXPORT_KEYS = {"opset", "device", "parity_splits", "parity_images", "parity_max_entities", "max_abs_logit_diff",
+               "min_mask_iou"}
 ENCODER = "image_encoder.onnx"
 DECODER = "decoder_capl.onnx"
 PARITY = "parity.json"
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
         params = load_params(args.params, args.overrides)
         cfg = section(params, "export")
+        unknown = sorted(set(cfg) - EXPORT_KEYS)
+        if unknown:
+            raise ConfigError(f"params export: unknown keys {unknown}; known keys are {sorted(EXPORT_KEYS)}")
         opset = int(cfg.get("opset", 17))
         model = prepare_for_export(load_cpcsam(args.model))
         export_image_encoder(model, out / ENCODER, opset)

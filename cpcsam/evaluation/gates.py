@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from cpcsam.errors import ConfigError
 
 GATE_KEYS = ("min_target_dice", "max_base_regression", "require_onnx_parity")
+OPTIONAL_GATE_KEYS = ("champion_metrics", "champion_from_registry")
 
 
 def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -45,6 +46,9 @@ def check_gate(
     missing = [k for k in GATE_KEYS if k not in cfg]
     if missing:
         raise ConfigError(f"params gate: missing key(s) {', '.join(missing)}")
+    unknown = sorted(set(cfg) - set(GATE_KEYS) - set(OPTIONAL_GATE_KEYS))
+    if unknown:
+        raise ConfigError(f"params gate: unknown key(s) {unknown}; known: {sorted(GATE_KEYS + OPTIONAL_GATE_KEYS)}")
     reasons: list[dict[str, Any]] = []
 
     min_target = float(cfg["min_target_dice"])

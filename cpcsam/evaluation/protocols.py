@@ -150,6 +150,12 @@ def choose_support(images: Sequence[ImageRecord], target: Iterable[str], fractio
     return chosen
 
 
+EVALUATE_KEYS = {
+    "seed", "splits", "max_images", "models", "kinds", "sigmas", "num_positive", "num_negative", "tta", "auto",
+    "support_fraction", "threshold", "batch_entities", "threads", "overlays", "overlay_protocol", "headline",
+}
+
+
 @dataclass
 class EvalConfig:
     protocols: list[Protocol]
@@ -165,6 +171,9 @@ class EvalConfig:
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any], seed: int) -> "EvalConfig":
+        unknown = sorted(set(cfg) - EVALUATE_KEYS)
+        if unknown:
+            raise ConfigError(f"params evaluate: unknown keys {unknown}; known keys are {sorted(EVALUATE_KEYS)}")
         protocols = [Protocol.parse(n) for n in protocol_names(cfg)]
         tta = cfg.get("tta") or {}
         return cls(

@@ -53,3 +53,5 @@ def test_gate_parity_required_and_missing_numbers_fail():
 def test_gate_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="min_target_dice"):
         check_gate({"target_dice": 0.9}, {"max_base_regression": 0.1, "require_onnx_parity": False})
+    with pytest.raises(ConfigError, match="min_target_dise"):
+        check_gate({"target_dice": 0.9}, dict(CFG, min_target_dise=0.4))

@@ -103,3 +103,7 @@ def test_bad_inputs_exit_2_with_one_line(workspace, capsys, monkeypatch):
     assert len(err) == 1 and str(missing) in err[0]
     assert gate_step.main(["--params", params, "--metrics", str(root / "none.json")]) == 2
     assert "none.json" in capsys.readouterr().err
+    typo = _common(root, params) + ["-S", "evaluate.sigma=[0.3]", "--manifest", str(root / "ingest/manifest.parquet"),
+                                    "--classes", str(root / "ingest/classes.json"), "--out", str(root / "e3")]
+    assert evaluate_step.main(typo) == 2
+    assert "unknown keys ['sigma']" in capsys.readouterr().err

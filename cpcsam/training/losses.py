@@ -33,6 +33,23 @@ def seg_loss_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice_loss(torch.sigmoid(logits), target)
 
 
+def balanced_seg_loss_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class-balanced BCE + soft Dice per instance, `[N]` (the stand-in pretraining's mask loss).
+
+    BCE averaged separately over the (soft) foreground and background mass and the two halves
+    averaged: an entity covering 1% of the frame weighs as much as its background. From scratch,
+    plain BCE first collapses every mask to background (most pixels are background) and the
+    model then needs hundreds of steps to escape; balancing removes that plateau.
+    """
+    logits = logits.float()
+    t = _flat(target)
+    ce_pos = F.binary_cross_entropy_with_logits(_flat(logits), torch.ones_like(t), reduction="none")
+    ce_neg = F.binary_cross_entropy_with_logits(_flat(logits), torch.zeros_like(t), reduction="none")
+    pos = (t * ce_pos).sum(1) / t.sum(1).clamp_min(1.0)
+    neg = ((1 - t) * ce_neg).sum(1) / (1 - t).sum(1).clamp_min(1.0)
+    return 0.5 * (pos + neg) + dice_loss(torch.sigmoid(logits), target)
+
+
 def seg_loss_probs(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L_seg on probabilities (the attention map of Eq. 2): BCE + soft Dice, shape `[N]`.
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cpcsam.training.losses import (
+    balanced_seg_loss_logits,
     dice_loss,
     entity_loss,
     iou_prediction_loss,
@@ -80,3 +81,15 @@ def test_iou_loss_targets_the_actual_iou() -> None:
     assert mask_iou(logits, target).item() == pytest.approx(0.5)
     assert iou_prediction_loss(torch.tensor([[0.5]]), logits, target).item() == pytest.approx(0.0)
     assert iou_prediction_loss(torch.tensor([[1.0]]), logits, target).item() == pytest.approx(0.25)
+
+
+def test_balanced_loss_weighs_foreground_and_background_equally() -> None:
+    # 1 foreground pixel of 4; logits 0 everywhere: both halves cost ln 2
+    logits = torch.zeros(1, 2, 2)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    dice = 1 - (2 * 0.5 + 1) / (2.0 + 1 + 1)
+    assert balanced_seg_loss_logits(logits, target).item() == pytest.approx(math.log(2) + dice, rel=1e-6)
+    # an all-background prediction is punished by the foreground half alone, whatever its size
+    background = torch.full((1, 2, 2), -20.0)
+    half = balanced_seg_loss_logits(background, target).item() - dice_loss(torch.sigmoid(background), target).item()
+    assert half == pytest.approx(0.5 * 20.0, rel=1e-3)

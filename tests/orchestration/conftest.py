@@ -8,7 +8,6 @@ talks to this one server.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from orchestration_helpers import copy_repo, dvc, free_port, load_stack_module
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def repo_copy(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Path:
     """A committed copy of the repository whose DVC remote is a bucket on the session's moto_server."""
     import boto3
@@ -27,14 +26,10 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Pat
     return dest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(repo_copy: Path, tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str):
-    """The real local stack (Prefect server + process worker + MLflow server) for the session.
-
-    Yields the `infra.stack.Stack`; in this process, Prefect clients point at its API.
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    """The real local stack (Prefect server + process worker + MLflow server), up while the
+    tests of this folder run and stopped after them, so other test folders never see it."""
     Stack = load_stack_module().Stack
 
     state = tmp_path_factory.mktemp("infra")
@@ -42,20 +37,18 @@ def stack(repo_copy: Path, tmp_path_factory: pytest.TempPathFactory, s3_endpoint
         project=repo_copy, state=state, s3_port=0, mlflow_port=free_port(), prefect_port=free_port(),
         worker_health_port=free_port(), external_s3=True, prefect_home=state / "prefect-home",
     )
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "CPCSAM_PROJECT_DIR")}
     try:
         st.up(deploy=True, pause_schedules=True)
-    except Exception:
-        st.down()
-        raise
-    os.environ["MLFLOW_TRACKING_URI"] = st.mlflow_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: st.prefect_api}):
-            yield st
+        yield st
     finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
         st.down()
+
+
+@pytest.fixture
+def stack_env(stack, monkeypatch: pytest.MonkeyPatch):
+    """For one test: this process's MLflow and Prefect clients point at the stack."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+        yield stack

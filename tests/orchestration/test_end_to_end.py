@@ -220,7 +220,7 @@ def _upload(folder: Path, bucket: str, prefix: str) -> int:
     return len(files)
 
 
-def test_retrain_picks_up_new_s3_data_once(pipeline: dict, stack, tmp_path: Path, monkeypatch) -> None:
+def test_retrain_picks_up_new_s3_data_once(pipeline: dict, stack_env, tmp_path: Path, monkeypatch) -> None:
     import boto3
 
     from flows.retrain import retrain
@@ -253,7 +253,7 @@ def test_retrain_picks_up_new_s3_data_once(pipeline: dict, stack, tmp_path: Path
     assert first["triggered"] and first["train_state"] == "COMPLETED"
     outcome = first["outcome"]
     assert outcome is not None and outcome["mlflow_run_id"]
-    run = MlflowClient(stack.mlflow_url).get_run(outcome["mlflow_run_id"])
+    run = MlflowClient(stack_env.mlflow_url).get_run(outcome["mlflow_run_id"])
     assert run.data.params["data.profiles.oceancoco.data_version"] == version
     assert run.data.params["data.profiles.oceancoco.root"] == "datasets/deepsea"
     if pipeline["has_gate"]:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stack) -> Path:
+def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stack_env) -> Path:
     path = make_toy_project(tmp_path / "toy")
     monkeypatch.setenv("CPCSAM_PROJECT_DIR", str(path))
     return path
@@ -31,10 +31,10 @@ def _pipeline_runs(client: MlflowClient, experiment: str) -> list:
     return client.search_runs([exp.experiment_id], "tags.`cpcsam.stage` = 'pipeline'", order_by=["start_time ASC"])
 
 
-def test_train_flow_retries_a_failed_stage_tracks_it_and_skips_done_work(toy: Path, stack) -> None:
+def test_train_flow_retries_a_failed_stage_tracks_it_and_skips_done_work(toy: Path, stack_env) -> None:
     from flows.train import train
 
-    client = MlflowClient(stack.mlflow_url)
+    client = MlflowClient(stack_env.mlflow_url)
     original = (toy / "params.yaml").read_text()
     (toy / "fail_once_make_a").touch()  # first attempt of make_a fails, Prefect retries it
 

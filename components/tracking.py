@@ -274,21 +274,24 @@ class StageRun:
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         if self._gave_up:
             return None
-        for attempt in range(1, self.retries + 1):
+        # Once a call has failed for good, later calls get one attempt each until one succeeds:
+        # a lost server then costs seconds, not minutes of retries, before logging stops.
+        attempts = 1 if self._consecutive else self.retries
+        for attempt in range(1, attempts + 1):
             try:
                 result = fn(*args, **kwargs)
                 self._consecutive = 0
                 return result
             except Exception as exc:  # any logging failure: network, store, bad value
-                if attempt < self.retries:
-                    logger.info("MLflow %s failed (attempt %d/%d): %s", what, attempt, self.retries, exc)
+                if attempt < attempts:
+                    logger.info("MLflow %s failed (attempt %d/%d): %s", what, attempt, attempts, exc)
                     time.sleep(self.retry_wait_s * attempt)
                     continue
                 self.failures += 1
                 self._consecutive += 1
                 logger.warning(
                     "MLflow %s failed after %d attempts, continuing without it (outputs stay on disk): %s",
-                    what, self.retries, exc,
+                    what, attempts, exc,
                 )
                 if self._consecutive >= self.max_consecutive_failures:
                     self._gave_up = True

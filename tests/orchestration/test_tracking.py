@@ -197,3 +197,45 @@ def test_names_mlflow_rejects_are_made_legal_instead_of_losing_the_batch(store: 
     _, runs = _runs(store)
     assert runs["perturb"].data.params["perturb.kinds.box_points"] == "0.3"
     assert runs["perturb"].data.metrics == {"dice_box_points": 0.5}
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_mid_stage_costs_seconds_and_nothing_on_disk(store: dict, tmp_path: Path, monkeypatch) -> None:
+    """A real MLflow server (infra/stack.py's) stops while a stage runs: the stage finishes, its
+    outputs are on disk, what was logged before the loss is kept."""
+    import time
+
+    from orchestration_helpers import free_port, load_stack_module
+
+    st = load_stack_module().Stack(project=tmp_path, state=tmp_path / "infra", mlflow_port=free_port(),
+                                   external_s3=True)
+    (mlflow_service,) = [s for s in st.services() if s.name == "mlflow"]
+    st.start(mlflow_service)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", st.mlflow_url)
+    try:
+        preflight(store)  # the server answers at the start
+        with stage_run("train", store) as run:
+            run.log_metrics({"loss": 1.0}, step=0)
+            assert run.failures == 0
+            st.stop("mlflow")
+            start = time.monotonic()
+            model = tmp_path / "model.pt"
+            for step in range(1, 20):  # training goes on; each step logs
+                model.write_bytes(f"weights after step {step}".encode())
+                run.log_metrics({"loss": 1.0 / step}, step=step)
+            run.log_artifact(model)
+            lost_for = time.monotonic() - start
+            assert run.failures == run.max_consecutive_failures  # then it stopped trying
+        assert model.read_bytes() == b"weights after step 19"
+        assert lost_for < 60, f"a lost server slowed the stage by {lost_for:.0f} s"
+        print(f"[tracking] server lost mid-stage: {lost_for:.1f} s of failed logging, then logging stopped")
+    finally:
+        st.stop("mlflow")
+    with pytest.raises(PreflightError):  # the next pipeline run would not even start
+        preflight(store)
+    # what was logged before the loss is in the store
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (logged,) = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    assert [m.value for m in client.get_metric_history(logged.info.run_id, "loss")] == [1.0]

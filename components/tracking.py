@@ -481,7 +481,9 @@ def pipeline_run(
     client = make_client(uri=uri)
     experiment_id = get_or_create_experiment(client, str(cfg["experiment"]), cfg.get("artifact_location"), uri)
     all_tags = {"cpcsam.stage": "pipeline", **lineage_tags(".", list(cfg["data_stages"])), **(tags or {})}
-    created = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
+    created = client.create_run(
+        experiment_id, tags={safe_key(k): str(v)[:5000] for k, v in all_tags.items()}, run_name=run_name
+    )
     run = StageRun(
         client=client,
         run_id=created.info.run_id,

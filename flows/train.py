@@ -229,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.train", description="Run the train flow once, locally.")
     parser.add_argument("--profile", default="oceancoco")
     parser.add_argument("--push", action="store_true", help="dvc push the results to the default remote")
+    parser.add_argument("--pull", action="store_true", help="fetch unchanged stages' outputs from the remote")
     parser.add_argument("overrides", nargs="*", help="params overrides key.sub=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:
-        summary = train(profile=args.profile, overrides=args.overrides, push=args.push)
+        summary = train(profile=args.profile, overrides=args.overrides, push=args.push, pull=args.pull)
     except (ConfigError, tracking.PreflightError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2

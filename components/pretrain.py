@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import dataclasses
 
-        from cpcsam.training.config import PretrainConfig, stage_seed
+        from cpcsam.training.config import PretrainConfig, apply_threads, stage_seed
 
         params = load_params(args.params, args.overrides)
         model_section = dict(section(params, "model"))
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 cfg = PretrainConfig.from_params(params.get("pretrain") or {})
                 cfg = dataclasses.replace(cfg, seed=stage_seed(params, "pretrain"))
+                apply_threads(cfg.threads)
                 run.log_params({"pretrain.effective_seed": cfg.seed})
                 _, metrics = pretrain_sam(model_section, cfg, load_manifest(args.manifest), out / "sam.pth",
                                           metric_logger=run)

@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         from cpcsam.data import load_manifest
         from cpcsam.modeling import save_cpcsam
         from cpcsam.prompts.perturb import load_prompts
-        from cpcsam.training.config import stage_seed
+        from cpcsam.training.config import TrainConfig, apply_threads, stage_seed
         from cpcsam.training.run import prepare_training, training_model_cfg
 
         params = load_params(args.params, args.overrides)
         model_section = section(params, "model")
         seed = stage_seed(params, "train")
+        apply_threads(TrainConfig.from_params(params.get("train") or {}).threads)
         from components.tracking import stage_run
 
         with stage_run("train", params) as run:

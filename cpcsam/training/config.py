@@ -31,6 +31,12 @@ def stage_seed(params: Mapping[str, Any], stage: str) -> int:
     return int(np.random.SeedSequence([top, own]).generate_state(1)[0])
 
 
+def apply_threads(threads: int) -> None:
+    """`torch.set_num_threads(threads)` when > 0 (called by components, which own the process)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` → cuda when available, else cpu; anything else is passed to `torch.device`."""
     if name == "auto":
@@ -118,6 +124,7 @@ class TrainConfig:
     embedding_cache: str = "auto"  # auto: read data/embeddings when the encoder carries no LoRA
     cache_mb: float = 512.0  # in-memory cache of preprocessed images / embeddings
     log_every: int = 5
+    threads: int = 0  # torch intra-op threads set by the component; 0 = torch's default
 
     @classmethod
     def from_params(cls, section: Mapping[str, Any] | None) -> "TrainConfig":
@@ -147,6 +154,8 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"params train.{key}: expected a positive integer, got {value!r}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"params train.threads: expected 0 (torch default) or a positive integer, got {self.threads!r}")
         if self.upper_max_entities is not None and (
             not isinstance(self.upper_max_entities, int) or self.upper_max_entities < 1
         ):
@@ -176,6 +185,7 @@ class PretrainConfig:
     amp: bool = False
     cache_mb: float = 512.0
     log_every: int = 10
+    threads: int = 0  # torch intra-op threads set by the component; 0 = torch's default
 
     @classmethod
     def from_params(cls, section: Mapping[str, Any] | None) -> "PretrainConfig":
@@ -190,6 +200,8 @@ class PretrainConfig:
             value = getattr(cfg, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"params pretrain.{key}: expected a positive integer, got {value!r}")
+        if not isinstance(cfg.threads, int) or cfg.threads < 0:
+            raise ConfigError(f"params pretrain.threads: expected 0 (torch default) or a positive integer, got {cfg.threads!r}")
         if cfg.prompt_slots < 7:
             raise ConfigError(f"params pretrain.prompt_slots: a box and 5 points need 7 slots, got {cfg.prompt_slots}")
         if not cfg.kinds or any(float(v) < 0 for v in cfg.kinds.values()) or sum(map(float, cfg.kinds.values())) <= 0:

@@ -3,6 +3,7 @@ the perturb stage's prompts, and a tiny SAM configuration (milliseconds per step
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -130,14 +131,22 @@ def decode(counts: str, height: int, width: int) -> np.ndarray:
     return mask_utils.decode({"size": [height, width], "counts": counts.encode("ascii")}).astype(bool)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning threads per process are
-    ~10x slower than 1; results do not depend on it (subprocess tests set the same)."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning threads per process can be
+    ~10x slower than 1. Restored afterwards, so other test folders keep torch's default."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread_per_module():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +163,8 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     prompts = perturb_manifest(manifest, perturb, seed=params["perturb"]["seed"], decode=decode, progress=False)
     prompts.to_parquet(root / "prompts.parquet")
     cfg = PretrainConfig.from_params({**params["pretrain"], "steps": 60, "optim": {"lr": 3e-3, "warmup_steps": 0}})
-    _, metrics = pretrain_sam(params["model"], cfg, manifest, root / "sam.pth", progress=False)
+    with one_torch_thread():  # session fixtures are set up before the module's thread fixture
+        _, metrics = pretrain_sam(params["model"], cfg, manifest, root / "sam.pth", progress=False)
     return {
         "root": root,
         "manifest": manifest,

@@ -39,7 +39,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -576,6 +576,3 @@ def run_fingerprint(*parts: Any) -> str:
         digest.update(b"\x00")
     return digest.hexdigest()[:32]
 
-
-def named(params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
-    return {n: p.detach().clone() for n, p in params}

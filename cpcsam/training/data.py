@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cpcsam.errors import ConfigError, DataError
-from cpcsam.prompts.perturb import PerturbConfig, Prompt, pad_prompt, prompt_from_mask, training_entities
+from cpcsam.prompts.perturb import Prompt, pad_prompt, prompt_from_mask, training_entities
 
 logger = logging.getLogger(__name__)
 
@@ -271,11 +271,6 @@ class GroundTruthPrompts:
             coords.append(c[None])
             labels.append(lab[None])
         return np.stack(coords), np.stack(labels)
-
-
-def table_prompts_from_params(table: "Any", perturb_section: Mapping[str, Any]) -> TablePrompts:
-    cfg = PerturbConfig.from_params(perturb_section)
-    return TablePrompts(table, cfg.k, cfg.prompt_slots)
 
 
 # ---------------------------------------------------------------------------------------------

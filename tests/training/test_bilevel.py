@@ -217,3 +217,11 @@ def test_bad_config_raises_config_error(tiny_project, tiny_params) -> None:
         _trainer(tiny_project, tiny_params, step=3)
     with pytest.raises(ConfigError, match="embedding_cache: on"):
         _trainer(tiny_project, tiny_params, embedding_cache="on")
+
+
+def test_mixed_precision_runs_on_cpu(tiny_project, tiny_params) -> None:
+    trainer = _trainer(tiny_project, tiny_params, amp=True, steps=2)
+    assert trainer.device.type == "cpu" and trainer.amp_dtype == torch.bfloat16
+    trainer.run(resume=False, progress=False)
+    assert all(math.isfinite(row["loss_upper"]) and math.isfinite(row["loss_lower"]) for row in trainer.curve)
+    assert all(p.dtype == torch.float32 for _, p in trainer.lower_params)  # weights stay fp32

@@ -10,11 +10,11 @@ stage writes only an `index.json` saying why, and training runs the encoder itse
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
+from components.cli import configure_logging, stage_parser
 from cpcsam.config import load_params
 from cpcsam.errors import CpcSamError
 
@@ -22,14 +22,12 @@ log = logging.getLogger("components.embed")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.embed", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("embed", __doc__)
     parser.add_argument("--manifest", default="data/ingest/manifest.parquet")
     parser.add_argument("--sam", default="artifacts/pretrain/sam.pth", help="SAM weights training starts from")
     parser.add_argument("--out", default="data/embeddings")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         from cpcsam.data import load_manifest
         from cpcsam.training.config import stage_seed

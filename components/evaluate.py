@@ -16,7 +16,6 @@ bad input.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from components.cli import configure_logging, stage_parser
 from cpcsam.config import load_params, section
 from cpcsam.errors import CheckpointError, CpcSamError
 
@@ -101,14 +101,12 @@ def write_outputs(out: Path, metrics: dict[str, Any], overlays: dict[str, dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("evaluate", __doc__)
     parser.add_argument("--manifest", default=MANIFEST)
     parser.add_argument("--classes", default=CLASSES)
     parser.add_argument("--out", default="artifacts/eval")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         import torch
 

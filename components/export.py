@@ -10,12 +10,12 @@ failure fails the stage (exit 1) with the numbers; bad input exits 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
+from components.cli import configure_logging, stage_parser
 from cpcsam.config import load_params, section
 from cpcsam.errors import ConfigError, CpcSamError
 
@@ -51,14 +51,12 @@ def parity_cases(images, image_size: int, max_entities: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("export", __doc__)
     parser.add_argument("--model", default="artifacts/train/model.pt")
     parser.add_argument("--manifest", default="data/ingest/manifest.parquet")
     parser.add_argument("--out", default="artifacts/export")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     out = Path(args.out)
     try:
         from cpcsam.data import load_manifest

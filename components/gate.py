@@ -14,13 +14,13 @@ rejection is a result, not an error), and the exit code is 0 either way.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from components.cli import configure_logging, stage_parser
 from cpcsam.config import load_params, section
 from cpcsam.errors import CpcSamError, DataError
 
@@ -63,14 +63,12 @@ def champion_numbers(params: dict[str, Any], cfg: dict[str, Any]) -> tuple[dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.gate", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("gate", __doc__)
     parser.add_argument("--metrics", default="artifacts/eval/metrics.json")
     parser.add_argument("--parity", default="artifacts/export/parity.json")
     parser.add_argument("--out", default="artifacts/eval/gate.json")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         from cpcsam.evaluation.gates import check_gate, headline
 

@@ -8,11 +8,11 @@ prompt is a pure function of (seed, image id, entity id, k), so the file is byte
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
+from components.cli import configure_logging, stage_parser
 from cpcsam.config import load_params
 from cpcsam.errors import CpcSamError
 
@@ -22,13 +22,11 @@ PROMPTS = "prompts.parquet"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.perturb", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("perturb", __doc__)
     parser.add_argument("--manifest", default="data/ingest/manifest.parquet")
     parser.add_argument("--out", default="data/prompts")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         from cpcsam.data import load_manifest
         from cpcsam.prompts.perturb import PerturbConfig, perturb_manifest

@@ -13,7 +13,6 @@ Writes `sam.pth` (segment-anything state-dict format) and `metrics.json`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -22,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from components.cli import configure_logging, stage_parser
 from cpcsam.config import load_params, section
 from cpcsam.errors import CpcSamError
 
@@ -59,13 +59,11 @@ def adopt_checkpoint(uri: str, model_section: dict, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("pretrain", __doc__)
     parser.add_argument("--manifest", default="data/ingest/manifest.parquet")
     parser.add_argument("--out", default="artifacts/pretrain")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     out = Path(args.out)
     try:
         import dataclasses

@@ -13,11 +13,11 @@ Baselines for the evaluation: `-S train.mode=lora-only --out artifacts/baselines
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
+from components.cli import configure_logging, stage_parser
 from cpcsam.config import load_params, section
 from cpcsam.errors import CpcSamError
 
@@ -25,8 +25,7 @@ log = logging.getLogger("components.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("train", __doc__)
     parser.add_argument("--manifest", default="data/ingest/manifest.parquet")
     parser.add_argument("--prompts", default="data/prompts/prompts.parquet")
     parser.add_argument("--sam", default="artifacts/pretrain/sam.pth", help="SAM weights to start from")
@@ -34,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="artifacts/train")
     parser.add_argument("--model", default=None, help="trained model file (default: <out>/model.pt)")
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     out = Path(args.out)
     model_path = Path(args.model) if args.model else out / "model.pt"
     try:

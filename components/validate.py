@@ -8,12 +8,12 @@ line naming the broken rules when the manifest breaks any.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
+from components.cli import configure_logging, stage_parser
 from cpcsam.config import load_params, section
 from cpcsam.data import load_classes, load_manifest
 from cpcsam.data.ingest import CLASSES, MANIFEST
@@ -26,13 +26,11 @@ REPORT = "report.json"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("validate", __doc__)
     parser.add_argument("--manifest", default="data/ingest", help="folder with manifest.parquet + classes.json")
     parser.add_argument("--out", default="data/validate")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     out = Path(args.out)
     try:
         params = load_params(args.params, args.overrides)

@@ -11,12 +11,13 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Mapping
 
 import numpy as np
 import pandas as pd
 
 from cpcsam.data.records import ImageRecord
+from cpcsam.config import RolesConfig, SplitConfig, coerce
 from cpcsam.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
     except DataError:
         raise
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise DataError(f"{path}: not a readable Parquet manifest: {exc}") from exc
+        raise DataError(f"{path}: not a readable Parquet manifest: {storage.name_the_file(str(exc), path)}") from exc
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: manifest lacks columns {missing}")
@@ -81,11 +82,9 @@ def load_classes(path: str | os.PathLike) -> dict[str, Any]:
     return table
 
 
-def split_ratios(cfg: dict[str, Any]) -> dict[str, float]:
-    ratios = {s: float(cfg.get("ratios", {}).get(s, 0.0)) for s in SPLITS}
-    unknown = set(cfg.get("ratios", {})) - set(SPLITS)
-    if unknown:
-        raise ConfigError(f"params data.split.ratios: unknown split(s) {sorted(unknown)}; use {list(SPLITS)}")
+def split_ratios(cfg: SplitConfig | Mapping[str, Any]) -> dict[str, float]:
+    cfg = coerce(SplitConfig, cfg, "data.split")
+    ratios = {s: float(cfg.ratios.get(s, 0.0)) for s in SPLITS}
     if any(r < 0 for r in ratios.values()) or abs(sum(ratios.values()) - 1.0) > 1e-6:
         raise ConfigError(f"params data.split.ratios: {ratios} must be >= 0 and add up to 1")
     return ratios
@@ -131,7 +130,7 @@ def assign_splits(group_sizes: dict[str, int], ratios: dict[str, float], seed: i
 def assign_roles(
     class_names: Sequence[str],
     class_counts: dict[str, dict[str, int]],
-    cfg: dict[str, Any],
+    cfg: RolesConfig | Mapping[str, Any],
     eval_splits: Sequence[str],
 ) -> dict[str, str]:
     """Classes -> base/target.
@@ -141,9 +140,10 @@ def assign_roles(
     `cfg.seed` (a target class absent from evaluation could never be measured).
     `class_counts[class][split]` = entities per split before any withholding.
     """
+    cfg = coerce(RolesConfig, cfg, "data.roles")
     names = list(class_names)
-    target = list(cfg.get("target") or [])
-    base = list(cfg.get("base") or [])
+    target = list(cfg.target)
+    base = list(cfg.base)
     unknown = sorted(set(target + base) - set(names))
     if unknown:
         raise ConfigError(f"params data.roles: unknown class(es) {unknown}; the source's classes are {names}")
@@ -151,7 +151,7 @@ def assign_roles(
     if overlap:
         raise ConfigError(f"params data.roles: class(es) {overlap} are listed as both base and target")
     if not target:
-        ratio = float(cfg.get("target_ratio", 0.0))
+        ratio = float(cfg.target_ratio)
         if not 0.0 < ratio < 1.0:
             raise ConfigError("params data.roles: give a `target` class list or a `target_ratio` in (0, 1)")
         present = [n for n in names if sum(class_counts.get(n, {}).values()) > 0]
@@ -162,7 +162,7 @@ def assign_roles(
                 f"only {len(eligible)} class(es) have entities in every evaluation split {list(eval_splits)}: "
                 f"{eligible}; cannot draw {n_target} target classes (target_ratio={ratio})"
             )
-        rng = np.random.default_rng(int(cfg.get("seed", 0)))
+        rng = np.random.default_rng(cfg.seed)
         target = sorted(eligible[i] for i in rng.choice(len(eligible), size=n_target, replace=False))
     roles = {n: ("target" if n in target else "base") for n in names}
     if base:  # an explicit base list: classes in neither list are not used at all
@@ -173,8 +173,8 @@ def assign_roles(
 def build_manifest(
     records: Iterable[ImageRecord],
     class_names: Sequence[str],
-    split_cfg: dict[str, Any],
-    role_cfg: dict[str, Any],
+    split_cfg: SplitConfig | Mapping[str, Any],
+    role_cfg: RolesConfig | Mapping[str, Any],
     eval_splits: Sequence[str] = ("val", "test"),
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
     """Rows + class table + a report of what was withheld.
@@ -190,7 +190,8 @@ def build_manifest(
         group_sizes[rec.group_id] = group_sizes.get(rec.group_id, 0) + 1
     if not group_sizes:
         raise DataError("the source produced no usable image (all were quarantined or had no entity)")
-    split_of_group = assign_splits(group_sizes, split_ratios(split_cfg), int(split_cfg.get("seed", 0)))
+    split_cfg = coerce(SplitConfig, split_cfg, "data.split")
+    split_of_group = assign_splits(group_sizes, split_ratios(split_cfg), split_cfg.seed)
 
     class_counts: dict[str, dict[str, int]] = {n: {} for n in class_names}
     for rec in records:

@@ -19,8 +19,11 @@ REASONS = (
     "empty_mask",
     "bbox_outside_image",
     "unknown_class",
-    "duplicate_id",
+    "conflicting_id",  # one id, different contents: every party is quarantined, nothing is guessed
 )
+
+# Reasons of a note: something repaired without losing anything (not counted as quarantined).
+NOTE_REASONS = ("duplicate_id",)  # one id listed again with the very same content: read once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +59,26 @@ class QuarantineItem:
     dropped_annotations: int = 0  # annotations that went with a quarantined image
 
 
+@dataclasses.dataclass(frozen=True)
+class QuarantineNote:
+    """Something the source repaired without losing data (e.g. an exact duplicate read once)."""
+
+    file: str
+    reason: str  # one of NOTE_REASONS
+    detail: str
+    kind: str
+    item_id: str = ""
+
+
 class Quarantine:
-    """Collects refused items; counts every item seen so the quarantined fraction is exact."""
+    """Collects refused items; counts every item seen so the quarantined fraction is exact.
+
+    `notes` list what was repaired without loss; they do not count towards the fraction.
+    """
 
     def __init__(self) -> None:
         self.items: list[QuarantineItem] = []
+        self.notes: list[QuarantineNote] = []
         self.seen = collections.Counter()  # kind -> number of items examined
 
     def saw(self, kind: str, n: int = 1) -> None:
@@ -70,8 +88,15 @@ class Quarantine:
         assert reason in REASONS, reason
         self.items.append(QuarantineItem(str(file), reason, detail, kind, str(item_id), int(dropped_annotations)))
 
+    def note(self, file: str, reason: str, detail: str, kind: str, item_id: str = "") -> None:
+        assert reason in NOTE_REASONS, reason
+        self.notes.append(QuarantineNote(str(file), reason, detail, kind, str(item_id)))
+
     def counts(self) -> dict[str, int]:
         return dict(sorted(collections.Counter(i.reason for i in self.items).items()))
+
+    def note_counts(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(n.reason for n in self.notes).items()))
 
     def fraction(self) -> float:
         """Items lost / items examined, items = images + annotations.
@@ -89,6 +114,8 @@ class Quarantine:
             "fraction": round(self.fraction(), 6),
             "counts_by_reason": self.counts(),
             "items": [dataclasses.asdict(i) for i in self.items],
+            "n_notes": len(self.notes),
+            "notes": [dataclasses.asdict(n) for n in self.notes],
         }
 
 

@@ -12,6 +12,7 @@ import functools
 import io
 import os
 import posixpath
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -24,11 +25,27 @@ S3_SCHEME = "s3://"
 
 
 class ImageError(DataError):
-    """An image that cannot be used; `reason` is its quarantine reason."""
+    """An image that cannot be used; `reason` is its quarantine reason.
 
-    def __init__(self, message: str, reason: str) -> None:
+    `problem` is the message without the leading file name (for messages that name the file
+    themselves, e.g. "mask file x: <problem>").
+    """
+
+    def __init__(self, message: str, reason: str, problem: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.problem = problem if problem is not None else message
+
+
+# How libraries name an in-memory buffer in their messages (PIL: `<_io.BytesIO object at 0x7f..>`,
+# pyarrow: `'<Buffer>'`): noise for the user, replaced by the file's name.
+_BUFFER_REPR = re.compile(r"'?<_io\.\w+ object at 0x[0-9a-fA-F]+>'?|'?<Buffer>'?")
+
+
+def name_the_file(message: str, uri: str | os.PathLike) -> str:
+    """`message` with every in-memory buffer repr replaced by the quoted name of `uri`."""
+    name = posixpath.basename(str(uri).rstrip("/")) if is_s3(uri) else Path(uri).name
+    return _BUFFER_REPR.sub(lambda _: repr(name or str(uri)), str(message))
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -66,10 +83,21 @@ def join(root: str | os.PathLike, *parts: str) -> str:
     return str(Path(root, *parts))
 
 
-def resolve_under(root: str | os.PathLike, relative: str) -> str:
+def resolve_under(
+    root: str | os.PathLike,
+    relative: str,
+    follow_symlinks: bool = False,
+    data_root: str | os.PathLike | None = None,
+) -> str:
     """`root/relative`, refusing a relative path that escapes `root` (`../`, absolute paths).
 
-    Raises DataError naming the path; sources quarantine the item with reason `path_escapes_root`.
+    Symbolic links (the file itself or a folder on its way) are resolved, and a link whose
+    target lies outside both `root` and `data_root` (the data set's folder that holds `root`,
+    when given) is an escape too — unless `follow_symlinks` (a source's `follow_symlinks: true`,
+    for data sets symlinked on purpose): then links are followed wherever they point and the
+    path is returned as written under `root` (`../` and absolute paths are refused either way).
+    Raises DataError naming the path (and the link's target); sources quarantine the item with
+    reason `path_escapes_root`.
     """
     rel = str(relative).replace("\\", "/")
     if rel.startswith("/") or is_s3(rel) or (len(rel) > 1 and rel[1] == ":"):
@@ -80,9 +108,17 @@ def resolve_under(root: str | os.PathLike, relative: str) -> str:
     if is_s3(root):
         return posixpath.join(str(root).rstrip("/"), norm)
     base = Path(root).resolve()
+    if follow_symlinks:
+        return str(base if norm == "." else base / norm)
     full = (base / norm).resolve()  # resolves symlinks too: a link pointing outside is an escape
-    if full != base and base not in full.parents:
-        raise DataError(f"{relative}: path escapes the data root {root}")
+    allowed = [base] if data_root is None or is_s3(data_root) else [base, Path(data_root).resolve()]
+    if not any(full == b or b in full.parents for b in allowed):
+        # `norm` has no `..` left, so only a symbolic link can lead outside
+        raise DataError(
+            f"{relative}: path escapes the data root {data_root if data_root is not None else root} through a "
+            f"symbolic link (to {full}); links leaving the root are refused unless the source sets "
+            "`follow_symlinks: true`"
+        )
     return str(full)
 
 
@@ -111,8 +147,16 @@ def is_dir(uri: str | os.PathLike) -> bool:
     return Path(uri).is_dir()
 
 
-def list_files(root: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> list[str]:
-    """All files under `root` (recursively), as full paths/URIs, sorted; optionally by suffix."""
+def list_files(
+    root: str | os.PathLike, suffixes: tuple[str, ...] | None = None, through_links: bool = False
+) -> list[str]:
+    """All files under `root` (recursively), as full paths/URIs, sorted; optionally by suffix.
+
+    Local paths are listed as written under `root` (symbolic links are not resolved). By
+    default a linked folder is not entered and a broken link is not listed; `through_links`
+    lists both (a link cycle is entered once), for callers that check every path with
+    `resolve_under` and report the links they refuse instead of silently missing them.
+    """
     found: list[str] = []
     if is_s3(root):
         bucket, key = split_s3(str(root))
@@ -126,19 +170,55 @@ def list_files(root: str | os.PathLike, suffixes: tuple[str, ...] | None = None)
         base = Path(root)
         if not base.is_dir():
             raise DataError(f"{root}: folder not found")
-        found = [str(p) for p in base.rglob("*") if p.is_file()]
+        if through_links:
+            found = _walk_through_links(base)
+        else:
+            found = [str(p) for p in base.rglob("*") if p.is_file()]
     if suffixes:
         lowered = tuple(s.lower() for s in suffixes)
         found = [f for f in found if f.lower().endswith(lowered)]
     return sorted(found)
 
 
+def _walk_through_links(base: Path) -> list[str]:
+    """Files and symbolic links (broken ones too) under `base`, entering linked folders."""
+    found: list[str] = []
+
+    def walk(folder: str, ancestors: frozenset[str]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise DataError(f"{folder}: cannot list the folder: {exc}") from exc
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                real = os.path.realpath(entry.path)
+                if real not in ancestors:  # a link back to a folder on the way would loop forever
+                    walk(entry.path, ancestors | {real})
+            elif entry.is_file(follow_symlinks=True) or entry.is_symlink():
+                found.append(entry.path)
+
+    walk(str(base), frozenset({os.path.realpath(base)}))
+    return found
+
+
 def relative_to(root: str | os.PathLike, uri: str) -> str:
-    """`uri` relative to `root`, with forward slashes."""
+    """`uri` relative to `root`, with forward slashes.
+
+    Compared as written first (a file listed under `root` may be a symbolic link pointing
+    elsewhere: its path under `root` is what counts), then with links resolved (a resolved
+    URI under a root given through a link). DataError when `uri` is under neither.
+    """
     if is_s3(root):
         prefix = str(root).rstrip("/") + "/"
         return uri[len(prefix):] if uri.startswith(prefix) else uri
-    return Path(uri).resolve().relative_to(Path(root).resolve()).as_posix()
+    try:
+        return Path(os.path.abspath(uri)).relative_to(os.path.abspath(root)).as_posix()
+    except ValueError:
+        pass
+    try:
+        return Path(uri).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError as exc:
+        raise DataError(f"{uri}: not under the folder {root}") from exc
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
@@ -184,19 +264,18 @@ def open_image(data: bytes, uri: str, max_pixels: int | None = None) -> Image.Im
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
-                raise ImageError(
-                    f"{uri}: image of {w}x{h} = {w * h} pixels is over the limit of {max_pixels}", "image_too_large"
-                )
+                problem = f"image of {w}x{h} = {w * h} pixels is over the limit of {max_pixels}"
+                raise ImageError(f"{uri}: {problem}", "image_too_large", problem)
             img.load()  # full decode: raises OSError on truncated data
     except DataError:
         raise
     except Image.DecompressionBombError as exc:  # pragma: no cover - guard disabled above
         raise ImageError(f"{uri}: decompression bomb: {exc}", "image_too_large") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        msg = str(exc)
+        msg = name_the_file(str(exc), uri)  # PIL names the BytesIO, not the file
         if "truncated" in msg.lower() or "broken data stream" in msg.lower():
-            raise ImageError(f"{uri}: truncated image: {msg}", "truncated_image") from exc
-        raise ImageError(f"{uri}: unreadable image: {msg}", "unreadable_image") from exc
+            raise ImageError(f"{uri}: truncated image: {msg}", "truncated_image", f"truncated image: {msg}") from exc
+        raise ImageError(f"{uri}: unreadable image: {msg}", "unreadable_image", f"unreadable image: {msg}") from exc
     return img
 
 

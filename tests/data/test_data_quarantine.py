@@ -47,7 +47,7 @@ def _corrupt(root: Path) -> dict[str, tuple[str, str]]:
     anns[25]["segmentation"] = {"size": [48, 64], "counts": encode_mask(np.zeros((48, 64), bool))}  # image 9: empty
     anns[28]["bbox"] = [60, 40, 30, 30]  # image 10: bbox outside
     anns[31]["category_id"] = 99  # image 11: unknown class
-    coco["annotations"].append(dict(anns[34]))  # image 12: duplicate annotation id
+    coco["annotations"].append({**anns[34], "category_id": 2})  # image 12: annotation id 34 (a fish) again as a crab
     coco["annotations"].append({**anns[34], "id": 1000, "image_id": 777})  # annotation for a missing image
     (root / "annotations.json").write_text(json.dumps(coco))
     return {
@@ -61,7 +61,7 @@ def _corrupt(root: Path) -> dict[str, tuple[str, str]]:
         "empty_mask": ("annotation", "25"),
         "bbox_outside_image": ("annotation", "28"),
         "unknown_class": ("annotation", "31"),
-        "duplicate_id": ("annotation", "34"),
+        "conflicting_id": ("annotation", "34"),
     }
 
 
@@ -97,10 +97,10 @@ def test_every_bad_input_is_quarantined_and_the_rest_goes_on(corrupted, tmp_path
 
     # the rest went on: images 6..12 are in the manifest, minus exactly the refused annotations
     df = load_manifest(tmp_path / "out" / "manifest.parquet")
-    refused = {"18", "19", "22", "25", "28", "31"}
+    refused = {"18", "19", "22", "25", "28", "31", "34"}  # 34: both of its conflicting entries
     kept_ids = set(df.entity_id) | {e["entity_id"] for e in summary["withheld_target_in_train"]["entities"]}
     assert kept_ids == {str(a) for a in range(16, 37)} - refused
-    assert summary["quarantine"]["n_items"] == len(items) == 13
+    assert summary["quarantine"]["n_items"] == len(items) == 14
 
 
 def test_too_much_quarantine_fails_with_one_clear_message(corrupted, tmp_path) -> None:
@@ -112,7 +112,7 @@ def test_too_much_quarantine_fails_with_one_clear_message(corrupted, tmp_path) -
         run_ingest(cfg, tmp_path / "out")
     assert "by reason" in str(err.value)
     # the reports are still written so the user can see why
-    assert json.loads((tmp_path / "out" / "quarantine.json").read_text())["n_quarantined"] == 13
+    assert json.loads((tmp_path / "out" / "quarantine.json").read_text())["n_quarantined"] == 14
 
 
 def test_pil_default_limit_does_not_hide_our_limit(tmp_path) -> None:

@@ -14,15 +14,15 @@ import pytest
 import yaml
 from data_builders import CLASSES, coco_data_cfg, make_coco
 
-from cpcsam.config import load_params
+from cpcsam.config import load_config, read_params_file
 from cpcsam.data import decode_mask, load_classes, load_manifest, read_image
-from cpcsam.data.ingest import resolve_profile, run_ingest
+from cpcsam.data.ingest import run_ingest
 from cpcsam.data.schema import validate_manifest
 
 
 @pytest.mark.shared_data
 def test_trashcan_folder(trashcan_dir, project_root, tmp_path) -> None:
-    data = load_params(project_root / "params.yaml")["data"]
+    data = read_params_file(project_root / "params.yaml")["data"]
     data = {**data, "profile": "trashcan", "progress": False}
     data["profiles"] = {**data["profiles"], "trashcan": {**data["profiles"]["trashcan"], "root": str(trashcan_dir)}}
     summary = run_ingest(data, tmp_path)
@@ -55,11 +55,11 @@ def test_ingest_from_s3(s3_bucket, tmp_path) -> None:
 
 
 def test_profiles_in_params(project_root) -> None:
-    data = load_params(project_root / "params.yaml")["data"]
+    data = load_config(project_root / "params.yaml").data
     for name in ("oceancoco", "tiny", "trashcan"):
-        assert name in data["profiles"]
-    assert resolve_profile(data)[1]["source"] == "synthetic"
-    assert data["profiles"]["tiny"]["num_images"] <= 32
+        assert name in data.profiles
+    assert data.selected.source == "synthetic"
+    assert data.profiles["tiny"].num_images <= 32
 
 
 def _copy_repo(project_root: Path, dest: Path) -> None:

@@ -8,7 +8,7 @@ sources take a `root` that is a local folder or an `s3://bucket/prefix`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from cpcsam.data.records import DataSource
 from cpcsam.errors import ConfigError
@@ -16,8 +16,9 @@ from cpcsam.errors import ConfigError
 SOURCE_KINDS = ("synthetic", "coco", "semantic_masks", "binary_masks")
 
 
-def build_source(cfg: dict[str, Any], images_dir: str | Path, max_pixels: int | None = None) -> DataSource:
-    kind = cfg.get("source")
+def build_source(cfg: Any, images_dir: str | Path, max_pixels: int | None = None) -> DataSource:
+    """The source of a profile (a typed `cpcsam.config` profile, or a mapping with its `source`)."""
+    kind = cfg.get("source") if isinstance(cfg, Mapping) else cfg.source
     if kind == "synthetic":
         from cpcsam.data.sources.synthetic import SyntheticSource
 

@@ -5,25 +5,33 @@ default `annotations.json`) and the images under `images_dir` (default `images`)
 image's `file_name` relative to it. Group ids come from `group_pattern` applied to the file
 name (TrashCan: `^(vid_\\d+)_frame` keeps each video's frames together).
 
-What is refused, per item (the rest goes on): an image file that escapes the root, is missing,
-unreadable, truncated, over the pixel limit or of another size than declared; an annotation
-for an image id not in `images`, of an unknown category, with a duplicate id, an invalid
-polygon/RLE, an RLE of another size than the image, an empty mask or a bbox outside the image.
-A duplicate image id quarantines the later entry; annotations go with the first.
+What is refused, per item (the rest goes on): an image file that escapes the root (`../`, an
+absolute path, a symbolic link pointing outside `root` unless `follow_symlinks: true`), is
+missing, unreadable, truncated, over the pixel limit or of another size than declared; an
+annotation for an image id not in `images`, of an unknown category, an invalid polygon/RLE, an
+RLE of another size than the image, an empty mask or a bbox outside the image.
+
+Ids are compared as the manifest writes them (`str(id)`: `5` and `"5"` are one id). An id
+listed again with the same content (an image: same `file_name`, `width`, `height`; an
+annotation: same `image_id`, `category_id`, `segmentation`, `bbox`) is read once, with a
+`duplicate_id` note. An id listed with different contents is a conflict nothing can settle
+(order says nothing about which entry is right): every entry of it is quarantined as
+`conflicting_id`, naming all of them, and so are the annotations of a conflicting image id.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from tqdm import tqdm
 
 from cpcsam.data import masks, storage
 from cpcsam.data.records import EntityRecord, ImageRecord, Quarantine
-from cpcsam.data.sources.common import bbox_inside, group_of, load_image_info
-from cpcsam.errors import DataError
+from cpcsam.config import CocoProfile
+from cpcsam.data.sources.common import as_profile, bbox_inside, group_of, load_image_info, progress_of
+from cpcsam.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +39,17 @@ log = logging.getLogger(__name__)
 class CocoSource:
     name = "coco"
 
-    def __init__(self, cfg: dict[str, Any], max_pixels: int | None = None) -> None:
-        if not cfg.get("root"):
-            raise DataError("params data coco source: `root` (folder or s3:// prefix) is required")
-        self.root = str(cfg["root"])
-        self.ann_uri = storage.join(self.root, str(cfg.get("annotations", "annotations.json")))
-        self.images_root = storage.join(self.root, str(cfg.get("images_dir", "images")))
-        self.group_pattern = cfg.get("group_pattern")
+    def __init__(self, cfg: CocoProfile | Mapping[str, Any], max_pixels: int | None = None) -> None:
+        cfg = as_profile(CocoProfile, cfg)
+        if not cfg.root:
+            raise ConfigError("params data coco source: `root` (folder or s3:// prefix) is required")
+        self.root = cfg.root
+        self.ann_uri = storage.join(self.root, cfg.annotations)
+        self.images_root = storage.join(self.root, cfg.images_dir)
+        self.group_pattern = cfg.group_pattern
         self.max_pixels = max_pixels
-        self.progress = bool(cfg.get("progress", True))
+        self.progress = progress_of(cfg)
+        self.follow_symlinks = cfg.follow_symlinks
         try:
             self.coco = json.loads(storage.read_text(self.ann_uri))
         except json.JSONDecodeError as exc:
@@ -63,40 +73,40 @@ class CocoSource:
         return len(self.coco["images"])
 
     def records(self, quarantine: Quarantine) -> Iterator[ImageRecord]:
-        images: dict[Any, dict] = {}
-        for img in self.coco["images"]:
-            quarantine.saw("image")
-            if img.get("id") in images:
-                quarantine.add(self.ann_uri, "duplicate_id", f"image id {img.get('id')} appears again "
-                               f"({img.get('file_name')}); the first entry is kept", "image", str(img.get("id")))
+        images, conflicted = self._images(quarantine)
+        by_image: dict[str, list[dict]] = {}
+        dependants: dict[str, list[str]] = {}  # conflicting image id -> its annotation ids
+        for aid, ann in self._annotations(quarantine):
+            img_id = str(ann.get("image_id"))
+            if img_id in conflicted:
+                dependants.setdefault(img_id, []).append(aid)
                 continue
-            images[img.get("id")] = img
-        by_image: dict[Any, list[dict]] = {}
-        seen_ann: set[Any] = set()
-        for ann in self.coco.get("annotations", []):
-            quarantine.saw("annotation")
-            aid = ann.get("id")
-            if aid in seen_ann:
-                quarantine.add(self.ann_uri, "duplicate_id", f"annotation id {aid} appears again", "annotation", str(aid))
-                continue
-            seen_ann.add(aid)
-            if ann.get("image_id") not in images:
+            if img_id not in images:
                 quarantine.add(self.ann_uri, "missing_image",
                                f"annotation {aid} refers to image id {ann.get('image_id')}, not in `images`",
-                               "annotation", str(aid))
+                               "annotation", aid)
                 continue
             if ann.get("category_id") not in self.category_names:
                 quarantine.add(self.ann_uri, "unknown_class",
                                f"annotation {aid} has category id {ann.get('category_id')}, not in `categories`",
-                               "annotation", str(aid))
+                               "annotation", aid)
                 continue
-            by_image.setdefault(ann["image_id"], []).append(ann)
+            by_image.setdefault(img_id, []).append(ann)
+        for img_id, entries in conflicted.items():
+            anns = dependants.get(img_id, [])
+            files = " and ".join(repr(str(e.get("file_name", ""))) + _size_text(e) for e in _distinct(entries, IMAGE_FIELDS))
+            dropped = (f"; its {len(anns)} annotation(s) {_id_list(anns)} are quarantined with them (nothing says "
+                       "which file they belong to)") if anns else ""
+            for k, entry in enumerate(entries):
+                quarantine.add(self._image_file(entry), "conflicting_id",
+                               f"image id {img_id} is declared {len(entries)} times with different contents: {files}; "
+                               f"every entry is quarantined{dropped}", "image", img_id, len(anns) if k == 0 else 0)
 
-        for img_id, img in tqdm(images.items(), desc=f"ingest {self.root}", unit="img", disable=not self.progress):
-            image_id = str(img_id)
+        for image_id, img in tqdm(images.items(), desc=f"ingest {self.root}", unit="img", disable=not self.progress):
             file_name = str(img.get("file_name", ""))
-            anns = by_image.get(img_id, [])
-            info = load_image_info(self.images_root, file_name, quarantine, self.max_pixels, image_id, len(anns))
+            anns = by_image.get(image_id, [])
+            info = load_image_info(self.images_root, file_name, quarantine, self.max_pixels, image_id, len(anns),
+                                   self.follow_symlinks, self.root)
             if info is None:
                 continue
             uri, width, height, _ = info
@@ -112,6 +122,58 @@ class CocoSource:
                 if entity is not None:
                     rec.entities.append(entity)
             yield rec
+
+    def _image_file(self, entry: dict) -> str:
+        name = str(entry.get("file_name", "") or "")
+        return storage.join(self.images_root, name) if name else self.ann_uri
+
+    def _images(self, quarantine: Quarantine) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+        """(usable image entries by id, conflicting ids -> all their entries)."""
+        entries: dict[str, list[dict]] = {}
+        for img in self.coco["images"]:
+            quarantine.saw("image")
+            entries.setdefault(str(img.get("id")), []).append(img)
+        images: dict[str, dict] = {}
+        conflicted: dict[str, list[dict]] = {}
+        for img_id, listed in entries.items():
+            if len(listed) > 1 and len(_distinct(listed, IMAGE_FIELDS)) > 1:
+                conflicted[img_id] = listed  # every entry is a party, the repeated ones too
+                continue
+            images[img_id] = listed[0]
+            if len(listed) > 1:
+                quarantine.note(self.ann_uri, "duplicate_id",
+                                f"image id {img_id} is listed {len(listed)} times with the same file "
+                                f"{str(listed[0].get('file_name', ''))!r} and size; read once", "image", img_id)
+        return images, conflicted
+
+    def _annotations(self, quarantine: Quarantine) -> Iterator[tuple[str, dict]]:
+        """(id, annotation) for every annotation id with one content; conflicts are quarantined."""
+        entries: dict[str, list[dict]] = {}
+        for ann in self.coco.get("annotations", []):
+            quarantine.saw("annotation")
+            entries.setdefault(str(ann.get("id")), []).append(ann)
+        for aid, listed in entries.items():
+            distinct = _distinct(listed, ANNOTATION_FIELDS) if len(listed) > 1 else listed
+            if len(distinct) > 1:
+                parties = " and ".join(self._describe(a) for a in distinct)
+                differ = [f for f in ANNOTATION_FIELDS if len({_canonical(a.get(f)) for a in distinct}) > 1]
+                for _ in listed:  # every entry is a party, the repeated ones too
+                    quarantine.add(self.ann_uri, "conflicting_id",
+                                   f"annotation id {aid} is declared {len(listed)} times with different contents "
+                                   f"(differing in {', '.join(differ)}): {parties}; every entry is quarantined",
+                                   "annotation", aid)
+                continue
+            if len(listed) > 1:
+                quarantine.note(self.ann_uri, "duplicate_id",
+                                f"annotation id {aid} is listed {len(listed)} times with the same content; read once",
+                                "annotation", aid)
+            yield aid, listed[0]
+
+    def _describe(self, ann: dict) -> str:
+        cat = ann.get("category_id")
+        name = self.category_names.get(cat)
+        label = f"class {name!r}" if name is not None else f"unknown category id {cat!r}"
+        return f"[image {ann.get('image_id')!r}, {label}]"
 
     def _entity(self, ann: dict, uri: str, width: int, height: int, quarantine: Quarantine) -> EntityRecord | None:
         aid = str(ann.get("id"))
@@ -131,3 +193,30 @@ class CocoSource:
             return None
         name = self.category_names[ann["category_id"]]
         return EntityRecord(aid, name, masks.rle_counts_str(rle), masks.rle_bbox(rle), area)
+
+
+# What ingestion reads of an entry: two entries of one id that agree on these are one entry.
+IMAGE_FIELDS = ("file_name", "width", "height")
+ANNOTATION_FIELDS = ("image_id", "category_id", "segmentation", "bbox")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _distinct(entries: list[dict], fields: tuple[str, ...]) -> list[dict]:
+    """The entries that differ in `fields`, first occurrence of each, in order."""
+    seen: dict[str, dict] = {}
+    for entry in entries:
+        seen.setdefault(_canonical({f: entry.get(f) for f in fields}), entry)
+    return list(seen.values())
+
+
+def _size_text(entry: dict) -> str:
+    w, h = entry.get("width"), entry.get("height")
+    return "" if (w, h) == (None, None) else f" ({w}x{h})"
+
+
+def _id_list(ids: list[str], limit: int = 10) -> str:
+    shown = ", ".join(ids[:limit])
+    return f"[{shown}{', ...' if len(ids) > limit else ''}]"

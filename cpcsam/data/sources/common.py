@@ -15,18 +15,38 @@ from cpcsam.errors import ConfigError, DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def as_profile(cls: Any, cfg: Any) -> Any:
+    """A source's typed profile (`cpcsam.config`): itself, or a mapping validated (its `source` implied)."""
+    if isinstance(cfg, cls):
+        return cfg
+    source = cls.model_fields["source"].annotation.__args__[0]
+    return cls.from_params({"source": source, **dict(cfg)}, f"data.profiles.<{source}>")
+
+
+def progress_of(profile: Any) -> bool:
+    return True if profile.progress is None else bool(profile.progress)
+
+
 def load_image_info(
-    root: str, relative: str, quarantine: Quarantine, max_pixels: int | None, image_id: str, n_annotations: int = 0
+    root: str,
+    relative: str,
+    quarantine: Quarantine,
+    max_pixels: int | None,
+    image_id: str,
+    n_annotations: int = 0,
+    follow_symlinks: bool = False,
+    data_root: str | None = None,
 ) -> tuple[str, int, int, Any] | None:
     """Resolve, read and fully decode one image; None (and quarantined) when it is unusable.
 
-    Returns (uri, width, height, PIL image). Reasons: path_escapes_root, missing_image,
-    image_too_large, truncated_image, unreadable_image. The image's `n_annotations` are
-    dropped with it and counted in its quarantine entry.
+    Returns (uri, width, height, PIL image). Reasons: path_escapes_root (`../`, absolute, or a
+    symbolic link leaving `root` and the data set's `data_root` unless `follow_symlinks`),
+    missing_image, image_too_large, truncated_image, unreadable_image. The image's
+    `n_annotations` are dropped with it and counted in its quarantine entry.
     """
     note = f" ({n_annotations} annotation(s) dropped with it)" if n_annotations else ""
     try:
-        uri = storage.resolve_under(root, relative)
+        uri = storage.resolve_under(root, relative, follow_symlinks, data_root)
     except DataError as exc:
         quarantine.add(relative, "path_escapes_root", str(exc) + note, "image", image_id, n_annotations)
         return None

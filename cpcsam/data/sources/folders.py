@@ -21,6 +21,16 @@ Each non-empty mask is one entity.
 For both: an image without any mask has no entity (counted, not quarantined); a mask whose
 image is absent is quarantined as missing_image; a mask of another size than its image as
 mask_size_mismatch; an all-zero binary mask as empty_mask.
+
+Ids: an image's id is its path under `images/` without the extension. Two image files with
+one id (`a.jpg` and `a.png`), or two mask files for one image (and class), leave nothing to say
+which belongs to which: every party is quarantined as conflicting_id, naming all of them (an
+image's masks go with it).
+
+Symbolic links are treated as by the COCO source: files are listed as written under
+`images/` and `masks/` (linked folders are entered), and a file whose link points outside
+`root` is quarantined as path_escapes_root — unless `follow_symlinks: true`, for data sets
+symlinked on purpose, which reads links wherever they point.
 """
 
 from __future__ import annotations
@@ -29,15 +39,23 @@ import io
 import json
 import logging
 from pathlib import PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from cpcsam.config import BinaryMasksProfile, SemanticMasksProfile
 from cpcsam.data import storage
 from cpcsam.data.records import ImageRecord, Quarantine
-from cpcsam.data.sources.common import IMAGE_SUFFIXES, entity_from_mask, group_of, load_image_info
+from cpcsam.data.sources.common import (
+    IMAGE_SUFFIXES,
+    entity_from_mask,
+    group_of,
+    load_image_info,
+    as_profile,
+    progress_of,
+)
 from cpcsam.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -53,7 +71,7 @@ def _read_mask(uri: str, max_pixels: int | None) -> np.ndarray:
     try:
         img = storage.open_image(storage.read_bytes(uri), uri, max_pixels)
     except storage.ImageError as exc:
-        raise DataError(f"{uri}: mask file is not a readable image: {exc}") from exc
+        raise DataError(f"{uri}: mask file is not a readable image: {exc.problem}") from exc
     if img.mode not in ("L", "P", "1", "I", "I;16"):
         img = img.convert("L")
     return np.asarray(img)
@@ -83,67 +101,115 @@ def read_class_map(uri: str) -> dict[int, str]:
     return dict(enumerate(names))
 
 
+def _names(files: list[str]) -> str:
+    return " and ".join(repr(f) for f in files)
+
+
 class _FolderSource:
-    def __init__(self, cfg: dict[str, Any], max_pixels: int | None) -> None:
-        if not cfg.get("root"):
+    def __init__(self, cfg: Any, max_pixels: int | None) -> None:
+        if not cfg.root:
             raise ConfigError(f"params data {self.name} source: `root` (folder or s3:// prefix) is required")
-        self.root = str(cfg["root"])
-        self.images_root = storage.join(self.root, str(cfg.get("images_dir", "images")))
-        self.masks_root = storage.join(self.root, str(cfg.get("masks_dir", "masks")))
-        self.group_pattern = cfg.get("group_pattern")
+        self.root = cfg.root
+        self.images_root = storage.join(self.root, cfg.images_dir)
+        self.masks_root = storage.join(self.root, cfg.masks_dir)
+        self.group_pattern = cfg.group_pattern
         self.max_pixels = max_pixels
-        self.progress = bool(cfg.get("progress", True))
-        files = storage.list_files(self.images_root, IMAGE_SUFFIXES)
-        self.image_rels = {_stem(storage.relative_to(self.images_root, f)): storage.relative_to(self.images_root, f)
-                           for f in files}
-        if not self.image_rels:
+        self.progress = progress_of(cfg)
+        self.follow_symlinks = cfg.follow_symlinks
+        # image id (path without extension) -> its files; more than one file is a conflict
+        self.image_files: dict[str, list[str]] = {}
+        for f in storage.list_files(self.images_root, IMAGE_SUFFIXES, through_links=True):
+            rel = storage.relative_to(self.images_root, f)
+            self.image_files.setdefault(_stem(rel), []).append(rel)
+        if not self.image_files:
             raise DataError(f"{self.images_root}: no image files found")
+        self.image_rels = {stem: rels[0] for stem, rels in self.image_files.items() if len(rels) == 1}
 
     def __len__(self) -> int:
-        return len(self.image_rels)
+        return sum(len(rels) for rels in self.image_files.values())
+
+    def _list_masks(self) -> list[str]:
+        """Mask files, relative to the masks folder (linked files and folders included)."""
+        return [storage.relative_to(self.masks_root, f)
+                for f in storage.list_files(self.masks_root, (self.mask_suffix,), through_links=True)]
+
+    def _mask_uri(self, rel: str, quarantine: Quarantine, item_id: str) -> str | None:
+        """The mask's path, or None (quarantined as path_escapes_root) when it leaves the masks folder."""
+        try:
+            return storage.resolve_under(self.masks_root, rel, self.follow_symlinks, self.root)
+        except DataError as exc:
+            quarantine.add(storage.join(self.masks_root, rel), "path_escapes_root", str(exc), "annotation", item_id)
+            return None
+
+    def _image_conflict(self, stem: str, quarantine: Quarantine, mask_files: list[str]) -> None:
+        """Quarantine every file of an image id held by several files, and the id's masks with them."""
+        rels = self.image_files[stem]
+        dropped = (f"; its mask(s) {_names(mask_files)} are quarantined with them (nothing says which image "
+                   "they belong to)") if mask_files else ""
+        for k, rel in enumerate(rels):
+            quarantine.add(storage.join(self.images_root, rel), "conflicting_id",
+                           f"image id {stem!r} is held by {len(rels)} files: {_names(rels)}; every one is "
+                           f"quarantined{dropped}", "image", stem, len(mask_files) if k == 0 else 0)
+
+    def _mask_conflict(self, what: str, files: list[str], quarantine: Quarantine, item_id: str) -> None:
+        for f in files:
+            quarantine.add(f, "conflicting_id",
+                           f"{what} has {len(files)} mask files: {_names(files)}; nothing says which one is right, "
+                           "every one is quarantined", "annotation", item_id)
 
     def _load(self, stem: str, quarantine: Quarantine, n_masks: int) -> tuple[str, int, int] | None:
-        info = load_image_info(self.images_root, self.image_rels[stem], quarantine, self.max_pixels, stem, n_masks)
+        info = load_image_info(self.images_root, self.image_rels[stem], quarantine, self.max_pixels, stem, n_masks,
+                               self.follow_symlinks, self.root)
         return None if info is None else info[:3]
 
 
 class SemanticMaskSource(_FolderSource):
     name = "semantic_masks"
 
-    def __init__(self, cfg: dict[str, Any], max_pixels: int | None = None) -> None:
+    def __init__(self, cfg: SemanticMasksProfile | Mapping[str, Any], max_pixels: int | None = None) -> None:
+        cfg = as_profile(SemanticMasksProfile, cfg)
         super().__init__(cfg, max_pixels)
-        self.class_map = read_class_map(storage.join(self.root, str(cfg.get("class_map", "classes.txt"))))
-        ignore = set(cfg.get("ignore_classes", ["background"]))
-        self.ignore_indices = {i for i, n in self.class_map.items() if n in ignore} | {int(cfg.get("ignore_index", 255))}
-        self.mode = str(cfg.get("entities", "per_class"))
+        self.class_map = read_class_map(storage.join(self.root, cfg.class_map))
+        ignore = set(cfg.ignore_classes)
+        self.ignore_indices = {i for i, n in self.class_map.items() if n in ignore} | {cfg.ignore_index}
+        self.mode = cfg.entities
         if self.mode not in ("per_class", "components"):
             raise ConfigError(f"params data semantic_masks entities={self.mode!r}: use per_class or components")
-        self.min_component_area = int(cfg.get("min_component_area", 1))
-        self.mask_suffix = str(cfg.get("mask_suffix", ".png"))
+        self.min_component_area = cfg.min_component_area
+        self.mask_suffix = cfg.mask_suffix
 
     def classes(self) -> list[str]:
         return [n for i, n in sorted(self.class_map.items()) if i not in self.ignore_indices]
 
     def records(self, quarantine: Quarantine) -> Iterator[ImageRecord]:
-        mask_files = storage.list_files(self.masks_root, (self.mask_suffix,))
-        masks_by_stem = {}
-        for f in mask_files:
-            rel = storage.relative_to(self.masks_root, f)
-            masks_by_stem[rel[: -len(self.mask_suffix)]] = f
-        for stem in sorted(set(masks_by_stem) - set(self.image_rels)):
-            quarantine.saw("annotation")
-            quarantine.add(masks_by_stem[stem], "missing_image", f"mask {stem} has no image in {self.images_root}",
-                           "annotation", stem)
-        for stem in tqdm(sorted(self.image_rels), desc=f"ingest {self.root}", unit="img", disable=not self.progress):
-            quarantine.saw("image")
-            mask_uri = masks_by_stem.get(stem)
-            if mask_uri is None:  # an image without a mask has no entity: counted, not quarantined
+        masks_by_stem: dict[str, list[str]] = {}  # image id -> its mask files (relative)
+        for rel in self._list_masks():
+            masks_by_stem.setdefault(rel[: -len(self.mask_suffix)], []).append(rel)
+        for stem in sorted(set(masks_by_stem) - set(self.image_files)):
+            for rel in masks_by_stem[stem]:
+                quarantine.saw("annotation")
+                quarantine.add(storage.join(self.masks_root, rel), "missing_image",
+                               f"mask {stem} has no image in {self.images_root}", "annotation", stem)
+        for stem in tqdm(sorted(self.image_files), desc=f"ingest {self.root}", unit="img", disable=not self.progress):
+            quarantine.saw("image", len(self.image_files[stem]))
+            mask_rels = masks_by_stem.get(stem, [])
+            quarantine.saw("annotation", len(mask_rels))
+            if stem not in self.image_rels:
+                self._image_conflict(stem, quarantine, [storage.join(self.masks_root, r) for r in mask_rels])
                 continue
-            quarantine.saw("annotation")
+            if not mask_rels:  # an image without a mask has no entity: counted, not quarantined
+                continue
+            if len(mask_rels) > 1:
+                self._mask_conflict(f"image {stem!r}", [storage.join(self.masks_root, r) for r in mask_rels],
+                                    quarantine, stem)
+                continue
             info = self._load(stem, quarantine, 1)
             if info is None:
                 continue
             uri, width, height = info
+            mask_uri = self._mask_uri(mask_rels[0], quarantine, stem)
+            if mask_uri is None:
+                continue
             try:
                 index_map = _read_mask(mask_uri, self.max_pixels)
             except DataError as exc:
@@ -184,15 +250,13 @@ class SemanticMaskSource(_FolderSource):
 class BinaryMaskSource(_FolderSource):
     name = "binary_masks"
 
-    def __init__(self, cfg: dict[str, Any], max_pixels: int | None = None) -> None:
+    def __init__(self, cfg: BinaryMasksProfile | Mapping[str, Any], max_pixels: int | None = None) -> None:
+        cfg = as_profile(BinaryMasksProfile, cfg)
         super().__init__(cfg, max_pixels)
-        self.layout = str(cfg.get("layout", "class_dirs"))
-        if self.layout not in ("class_dirs", "suffix"):
-            raise ConfigError(f"params data binary_masks layout={self.layout!r}: use class_dirs or suffix")
-        self.mask_suffix = str(cfg.get("mask_suffix", ".png"))
-        self.mask_files = [storage.relative_to(self.masks_root, f)
-                           for f in storage.list_files(self.masks_root, (self.mask_suffix,))]
-        given = cfg.get("classes")
+        self.layout = cfg.layout
+        self.mask_suffix = cfg.mask_suffix
+        self.mask_files = self._list_masks()
+        given = cfg.classes
         if given:
             self.class_names = [str(c) for c in given]
         elif self.layout == "class_dirs":
@@ -219,7 +283,7 @@ class BinaryMaskSource(_FolderSource):
         return (stem, cls) if stem else None
 
     def records(self, quarantine: Quarantine) -> Iterator[ImageRecord]:
-        by_stem: dict[str, list[tuple[str, str]]] = {}
+        by_stem: dict[str, dict[str, list[str]]] = {}  # image id -> class -> mask files (relative)
         for rel in self.mask_files:
             quarantine.saw("annotation")
             uri = storage.join(self.masks_root, rel)
@@ -229,14 +293,26 @@ class BinaryMaskSource(_FolderSource):
                                f"{self.class_names}", "annotation", rel)
                 continue
             stem, cls = parsed
-            if stem not in self.image_rels:
+            if stem not in self.image_files:
                 quarantine.add(uri, "missing_image", f"mask {rel} has no image {stem} in {self.images_root}",
                                "annotation", rel)
                 continue
-            by_stem.setdefault(stem, []).append((cls, uri))
-        for stem in tqdm(sorted(self.image_rels), desc=f"ingest {self.root}", unit="img", disable=not self.progress):
-            quarantine.saw("image")
-            masks = sorted(by_stem.get(stem, []))
+            by_stem.setdefault(stem, {}).setdefault(cls, []).append(rel)
+        for stem in tqdm(sorted(self.image_files), desc=f"ingest {self.root}", unit="img", disable=not self.progress):
+            quarantine.saw("image", len(self.image_files[stem]))
+            by_class = by_stem.get(stem, {})
+            if stem not in self.image_rels:
+                self._image_conflict(stem, quarantine, [storage.join(self.masks_root, r)
+                                                        for cls in sorted(by_class) for r in by_class[cls]])
+                continue
+            masks: list[tuple[str, str]] = []  # (class, relative mask file)
+            for cls in sorted(by_class):
+                if len(by_class[cls]) > 1:
+                    self._mask_conflict(f"class {cls!r} of image {stem!r}",
+                                        [storage.join(self.masks_root, r) for r in by_class[cls]],
+                                        quarantine, f"{stem}:{cls}")
+                    continue
+                masks.append((cls, by_class[cls][0]))
             if not masks:
                 continue
             info = self._load(stem, quarantine, len(masks))
@@ -244,7 +320,10 @@ class BinaryMaskSource(_FolderSource):
                 continue
             uri, width, height = info
             rec = ImageRecord(stem, uri, width, height, group_of(self.image_rels[stem], stem, self.group_pattern))
-            for cls, mask_uri in masks:
+            for cls, rel in masks:
+                mask_uri = self._mask_uri(rel, quarantine, f"{stem}:{cls}")
+                if mask_uri is None:
+                    continue
                 try:
                     arr = _read_mask(mask_uri, self.max_pixels)
                 except DataError as exc:

@@ -19,11 +19,12 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cpcsam.config import SyntheticProfile
 from cpcsam.data.masks import encode_mask, mask_bbox
 from cpcsam.data.records import EntityRecord, ImageRecord, Quarantine
 from cpcsam.errors import ConfigError
@@ -234,7 +235,7 @@ def _texture(style: ClassStyle, rng: np.random.Generator, h: int, w: int, box: t
     return np.clip(base[None, None, :] * (1.0 + pat[..., None]), 0, 255)
 
 
-def _water(rng: np.random.Generator, strength: float) -> dict[str, Any]:
+def water_environment(rng: np.random.Generator, strength: float) -> dict[str, Any]:
     """One dive's environment; strength 0 gives neutral, clear, evenly lit water."""
     casts = np.array([[0.55, 0.85, 1.15], [0.6, 1.1, 0.9], [0.5, 1.0, 1.1], [0.9, 0.95, 0.8], [0.7, 0.8, 1.2]], np.float32)
     cast = 1.0 + strength * (casts[rng.integers(len(casts))] * rng.uniform(0.85, 1.15, 3) - 1.0)
@@ -264,7 +265,7 @@ def _background(env: dict[str, Any], h: int, w: int) -> np.ndarray:
     return np.broadcast_to(water, (h, w, 3)) * (1 - blend) + seabed * blend
 
 
-def _apply_environment(img: np.ndarray, env: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+def apply_environment(img: np.ndarray, env: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     h, w, _ = img.shape
     out = img * env["cast"][None, None, :]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -285,18 +286,21 @@ class SyntheticSource:
 
     name = "synthetic"
 
-    def __init__(self, cfg: dict[str, Any], images_dir: str | Path) -> None:
-        self.num_images = int(cfg.get("num_images", 240))
-        self.width = int(cfg.get("width", 320))
-        self.height = int(cfg.get("height", 240))
-        self.frames_per_dive = int(cfg.get("frames_per_dive", 4))
-        self.min_entities = int(cfg.get("min_entities", 1))
-        self.max_entities = int(cfg.get("max_entities", 5))
-        self.strength = float(cfg.get("confounder_strength", 0.6))
-        self.seed = int(cfg.get("seed", 0))
+    def __init__(self, cfg: SyntheticProfile | Mapping[str, Any], images_dir: str | Path) -> None:
+        from cpcsam.data.sources.common import as_profile
+
+        cfg = as_profile(SyntheticProfile, cfg)
+        self.num_images = cfg.num_images
+        self.width = cfg.width
+        self.height = cfg.height
+        self.frames_per_dive = cfg.frames_per_dive
+        self.min_entities = cfg.min_entities
+        self.max_entities = cfg.max_entities
+        self.strength = cfg.confounder_strength
+        self.seed = cfg.seed
         # small enough for tiny test images, large enough that an entity is more than a speck
-        self.min_area = int(cfg.get("min_entity_area", max(12, self.width * self.height // 2000)))
-        names = cfg.get("classes") or list(CLASSES)
+        self.min_area = cfg.min_entity_area or max(12, self.width * self.height // 2000)
+        names = cfg.classes or list(CLASSES)
         unknown = sorted(set(names) - set(CLASSES))
         if unknown:
             raise ConfigError(f"params data synthetic classes: unknown {unknown}; known {list(CLASSES)}")
@@ -355,7 +359,7 @@ class SyntheticSource:
             patch[sub] = style.opacity * tex[sub] + (1 - style.opacity) * patch[sub]
             owner[mask] = len(drawn)
             drawn.append(cls)
-        img = _apply_environment(img, env, rng)
+        img = apply_environment(img, env, rng)
         entities = []
         for j, cls in enumerate(drawn):
             visible = owner == j
@@ -372,7 +376,7 @@ class SyntheticSource:
         for index in range(self.num_images):
             dive, frame = divmod(index, self.frames_per_dive)
             if frame == 0:
-                env = _water(env_rng, self.strength)
+                env = water_environment(env_rng, self.strength)
             # frames of a dive share the water, with a small per-frame drift of the light
             frame_env = dict(env, light_angle=env["light_angle"] + 0.1 * frame)
             n = int(count_rng.integers(self.min_entities, self.max_entities + 1))

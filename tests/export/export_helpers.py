@@ -24,3 +24,17 @@ def calibrated_small_model(seed: int = 0):
             if name.startswith("capl.") or "lora_B" in name:
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
     return model.eval()
+
+
+def saturate_entity_gates(model, factor: float = 300.0):
+    """Scale the entity module's query head (the only source of q) by `factor`, in place.
+
+    s = q·k/√r scales with it: at 300, s reaches about −1e4 and, in the image→token attention,
+    whole rows (one image position, all T tokens) have every gate far below −69 — the regime
+    a trained module reaches when it learns to shut positions off. Returns the model.
+    """
+    head = model.capl.entity.query_head
+    with torch.no_grad():
+        head.weight.mul_(factor)
+        head.bias.mul_(factor)
+    return model

@@ -47,10 +47,12 @@ from torch import Tensor, nn
 
 from cpcsam.errors import CheckpointError, ConfigError
 from cpcsam.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from cpcsam.training.config import TrainConfig, resolve_device
+from cpcsam.config import TrainConfig
+from cpcsam.files import write_json_atomic
+from cpcsam.training.device import resolve_device
 from cpcsam.training.errors import NonFiniteLossError
 from cpcsam.training.data import Batch, BatchStream, PromptProvider, TrainingImages, split_halves, stream_rng
-from cpcsam.training.logging import MetricLogger, NullLogger
+from cpcsam.training.metric_logger import MetricLogger, NullLogger
 from cpcsam.training.losses import entity_loss, sam_loss, seg_loss_logits, task_loss
 
 logger = logging.getLogger(__name__)
@@ -98,8 +100,10 @@ class Trainer:
 
     `model` is a `cpcsam.modeling.CPCSAM`, already carrying LoRA adapters in the `bilevel` and
     `lora-only` modes (see `cpcsam.training.run.build_training_model`). `out_dir` receives
-    `checkpoints/`, `curve.csv` and `metrics.json`; `fingerprint` identifies the run's inputs so
-    that a checkpoint of another configuration is never resumed.
+    `curve.csv` and `metrics.json`; checkpoints and `timing.json` go to `checkpoint_dir` (default
+    `out_dir/checkpoints`; the pipeline keeps them outside its outs, whose bytes must not depend
+    on wall time); `fingerprint` identifies the run's inputs so that a checkpoint of another
+    configuration is never resumed.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         metric_logger: MetricLogger | None = None,
         fingerprint: str = "",
+        checkpoint_dir: str | Path | None = None,
     ) -> None:
         from cpcsam.modeling import capl_parameters
 
@@ -118,6 +123,7 @@ class Trainer:
         self.data = data
         self.prompts = prompts
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.metric_logger = metric_logger or NullLogger()
         self.fingerprint = fingerprint
         self.device = resolve_device(cfg.device)
@@ -457,6 +463,8 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path | None:
+        if self._checkpoint_dir is not None:
+            return self._checkpoint_dir
         return self.out_dir / "checkpoints" if self.out_dir is not None else None
 
     def save(self, light: Mapping[str, Any] | None = None) -> Path | None:
@@ -551,8 +559,12 @@ class Trainer:
             "images_seen": self.images_seen,
             "final": final,
             "first": {k: v for k, v in (self.curve[0].items() if self.curve else []) if k != "step"},
-            "seconds": self.seconds,
-            "seconds_per_step": self.seconds / max(1, len(self.curve)),
+            "budget": {  # what makes variants comparable (wall time is in timing.json)
+                "steps": self.cfg.steps,
+                "images_per_step": self.images_seen / max(1, self.step),
+                "trainable_parameters": sum(p.numel() for _, p in self.lower_params)
+                + sum(p.numel() for _, p in self.upper_params),
+            },
             "cached_embeddings": self.data.uses_embeddings,
         }
 
@@ -565,7 +577,11 @@ class Trainer:
             writer.writeheader()
             for row in self.curve:
                 writer.writerow({k: (int(v) if k == "step" else v) for k, v in row.items()})
-        (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(self.out_dir / "metrics.json", summary)
+        # Wall time differs run to run: kept out of metrics.json, a DVC out that must be reproducible.
+        timing_dir = self.checkpoint_dir or self.out_dir
+        write_json_atomic(timing_dir / "timing.json",
+                          {"seconds": self.seconds, "seconds_per_step": self.seconds / max(1, len(self.curve))})
 
 
 def run_fingerprint(*parts: Any) -> str:

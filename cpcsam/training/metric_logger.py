@@ -1,7 +1,7 @@
 """The one small interface per-step metrics go through.
 
 The library never imports MLflow: components pass an object with these two methods
-(`components.tracking.stage_run(...)` yields one); `NullLogger` drops everything and
+(`operations.tracking.stage_run(...)` yields one); `NullLogger` drops everything and
 `MemoryLogger` keeps it (tests, notebooks).
 """
 

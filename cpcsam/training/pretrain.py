@@ -1,48 +1,163 @@
-"""Stand-in for SAM's pretraining: the small SAM trained from scratch, all weights.
+"""The starting SAM: a class-agnostic generalist pretrained on the procedural corpus.
 
 No SA-1B weights can be downloaded here, so the `pretrain` stage trains a randomly initialised
-small SAM on the base classes of the training split with random prompts derived from the ground
-truth (box with noise, points, both: `GroundTruthPrompts`), single-mask output, with SAM's two
-losses: the mask loss and the IoU-head MSE. The mask loss is class-balanced BCE + Dice
-(`balanced_seg_loss_logits`): with plain BCE a from-scratch SAM first predicts background
-everywhere and stays there for ~250 of the stage's few hundred steps (measured on the embedded
-data, loss flat at ~1.0); balanced, it leaves that plateau at once. The result is written as a plain
-segment-anything state dict (`Sam.state_dict()`), so everything downstream treats it exactly
-like an official checkpoint.
+SAM (all weights) on `cpcsam.training.corpus` scenes, which share no class with any fine-tuning
+data. From SAM's recipe it keeps what pays on a CPU budget:
+- random prompts per object: a box whose sides move by up to `sigma_max` of the side, 1-3
+  positive points (displaced by the same noise), 0-2 negatives from the band outside, or both;
+- iterative point sampling: after the first prediction, one corrective click in the error region
+  (positive where the object was missed, negative where background was taken) and a second
+  decoder pass on the same image embedding, both passes supervised (decoder-only cost);
+- the mask loss plus SAM's IoU-head MSE. The mask loss is class-balanced BCE + Dice rather than
+  SAM's focal + Dice: from scratch, an unbalanced pixel loss first collapses every mask to
+  background and stays there for hundreds of steps (measured on the embedded data).
+Left out: multi-mask output for ambiguous clicks (the pipeline decodes one mask per prompt) and
+dense mask prompts (the pipeline's decoder takes none).
+
+Training is resumable: `checkpoints/step_*.pt` hold model, optimiser, scheduler and step; scene
+`i` of the corpus is a pure function of `(seed, i)`, so a resumed run sees the same batches.
+The result is a plain segment-anything state dict (`Sam.state_dict()`), so everything downstream
+treats it exactly like an official checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from cpcsam.training.config import PretrainConfig, resolve_device
-from cpcsam.training.data import BatchStream, GroundTruthPrompts, TrainingImages
+from cpcsam.config import ModelConfig, PretrainConfig, coerce
+from cpcsam.files import torch_save_atomic, write_json_atomic
+from cpcsam.prompts.perturb import pad_prompt, prompt_from_mask
+from cpcsam.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cpcsam.training.corpus import CorpusConfig, render_scene
+from cpcsam.training.device import resolve_device
 from cpcsam.training.errors import NonFiniteLossError
-from cpcsam.training.logging import MetricLogger, NullLogger
 from cpcsam.training.losses import balanced_seg_loss_logits, iou_prediction_loss, mask_iou
+from cpcsam.training.metric_logger import MetricLogger, NullLogger
 
 logger = logging.getLogger(__name__)
 
+LABEL_POSITIVE, LABEL_NEGATIVE, LABEL_PAD = 1, 0, -1
+VALIDATION_SEED_OFFSET = 1_000_003  # validation scenes come from another seed: never trained on
+
+
+@dataclass
+class CorpusBatch:
+    inputs: torch.Tensor  # [B, 3, S, S]
+    image_index: torch.Tensor  # [N]
+    coords: torch.Tensor  # [N, P, 2] model frame
+    labels: torch.Tensor  # [N, P]
+    targets: torch.Tensor  # [N, L, L] in [0, 1]
+
+
+def corpus_batch(
+    seed: int, first_index: int, cfg: PretrainConfig, image_size: int, lowres: int, sigma: float | None = None
+) -> CorpusBatch:
+    """Scenes `first_index .. first_index + batch_images - 1` with one random prompt per object.
+
+    `sigma=None` draws each object's prompt noise from U(0, sigma_max); validation passes 0.
+    """
+    from cpcsam.modeling.transforms import mask_to_model, preprocess_image
+
+    corpus = CorpusConfig(long_side=image_size)
+    kinds = list(cfg.kinds)
+    probs = np.array([cfg.kinds[k] for k in kinds], np.float64)
+    inputs, index, coords, labels, targets = [], [], [], [], []
+    for b in range(cfg.batch_images):
+        scene = first_index + b
+        if cfg.corpus_scenes and sigma is None:  # a finite corpus (validation scenes stay distinct)
+            scene %= cfg.corpus_scenes
+        image, masks = render_scene(seed, scene, corpus)
+        rng = np.random.default_rng([seed, scene, 11])
+        if len(masks) > cfg.max_entities:
+            masks = [masks[i] for i in sorted(rng.choice(len(masks), cfg.max_entities, replace=False))]
+        inputs.append(preprocess_image(image, image_size))
+        for mask in masks:
+            kind = kinds[int(rng.choice(len(kinds), p=probs / probs.sum()))] if sigma is None else "box"
+            noise = float(rng.uniform(0, cfg.sigma_max)) if sigma is None else sigma
+            prompt = prompt_from_mask(
+                mask, kind, noise, rng, num_positive=int(rng.integers(1, 4)), num_negative=int(rng.integers(0, 3))
+            )
+            c, lab = pad_prompt(prompt, cfg.prompt_slots)
+            coords.append(torch.from_numpy(np.asarray(c, np.float32)))
+            labels.append(torch.from_numpy(np.asarray(lab, np.int64)))
+            targets.append(mask_to_model(mask, image_size, lowres).clamp(0, 1))
+            index.append(b)
+    return CorpusBatch(
+        inputs=torch.stack(inputs),
+        image_index=torch.tensor(index, dtype=torch.long),
+        coords=torch.stack(coords),  # the scene's long side is the model side: original = model frame
+        labels=torch.stack(labels),
+        targets=torch.stack(targets),
+    )
+
+
+def corrective_clicks(
+    logits: torch.Tensor, targets: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, scale: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One click per prompt in its error region, written into the first padding slot.
+
+    A missed object pixel gives a positive click, a wrongly taken background pixel a negative
+    one (SAM's iterative sampling); prompts with no free slot or no error stay as they are.
+    """
+    coords, labels = coords.clone(), labels.clone()
+    pred = logits.detach() > 0
+    truth = targets >= 0.5
+    error = (pred ^ truth).flatten(1)
+    width = logits.shape[-1]
+    for n in range(logits.shape[0]):
+        free = (labels[n] == LABEL_PAD).nonzero()
+        where = error[n].nonzero()
+        if len(free) == 0 or len(where) == 0:
+            continue
+        pick = int(where[torch.randint(len(where), (1,), generator=gen)].item())
+        y, x = divmod(pick, width)
+        slot = int(free[0])
+        coords[n, slot] = torch.tensor([(x + 0.5) * scale, (y + 0.5) * scale])
+        labels[n, slot] = LABEL_POSITIVE if bool(truth[n].flatten()[pick]) else LABEL_NEGATIVE
+    return coords, labels
+
+
+def _decode(model: Any, embeddings: torch.Tensor, batch: CorpusBatch, coords: torch.Tensor, labels: torch.Tensor):
+    sparse = model.embed_prompts(coords, labels)
+    out = model.decode(embeddings, batch.image_index, sparse)
+    return out.low_res_logits[:, 0], out.iou_pred
+
+
+@torch.no_grad()
+def validate(model: Any, cfg: PretrainConfig, images: int) -> float:
+    """Mean box@0 mask IoU on held-out corpus scenes (another seed)."""
+    model.eval()
+    grid = model.embedding_size[0]
+    scores = []
+    for first in range(0, images, cfg.batch_images):
+        batch = corpus_batch(cfg.seed + VALIDATION_SEED_OFFSET, first, cfg, model.image_size, 4 * grid, sigma=0.0)
+        logits, _ = _decode(model, model.encode_images(batch.inputs), batch, batch.coords, batch.labels)
+        scores.append(mask_iou(logits, batch.targets))
+    model.train()
+    return float(torch.cat(scores).mean())
+
 
 def pretrain_sam(
-    model_section: Mapping[str, Any],
+    model_section: ModelConfig | Mapping[str, Any],
     cfg: PretrainConfig,
-    manifest: Any,
     out_path: str | Path | None,
     metric_logger: MetricLogger | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train SAM (random init, `model_section` sizes) for `cfg.steps`; returns (sam, metrics).
+    """Train SAM (random init, `model_section` sizes) on the corpus for `cfg.steps`; returns (sam, metrics).
 
-    Writes `sam.state_dict()` to `out_path` atomically when given.
+    With `checkpoint_dir`, resumes from its latest checkpoint and writes one every
+    `cfg.checkpoint_every` steps. Writes `sam.state_dict()` to `out_path` atomically when given.
     """
     from tqdm import tqdm
 
@@ -51,37 +166,50 @@ def pretrain_sam(
     metric_logger = metric_logger or NullLogger()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    sam = build_sam({**dict(model_section), "checkpoint": None})
+    sam = build_sam(coerce(ModelConfig, model_section, "model").model_copy(update={"checkpoint": None}))
     # CPCSAM in `fixed` mode is SAM itself (no CaPL parameters) with the same training entry
     # points as the trainer: the weights learn exactly the path that is fine-tuned later.
     model = CPCSAM(sam, {"mode": "fixed"}).to(device)
     model.train()
-    params = [p for p in model.sam.parameters()]
+    params = list(model.sam.parameters())
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_factor(s, cfg.steps))
+    start, curve, seconds_before = 0, [], 0.0
+    if checkpoint_dir is not None and (latest := latest_checkpoint(checkpoint_dir)) is not None:
+        state = load_checkpoint(latest)
+        model.sam.load_state_dict(state["sam"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, curve, seconds_before = int(state["step"]), list(state["curve"]), float(state["seconds"])
+        logger.info("pretrain: resumed from %s (step %d)", latest, start)
     grid = model.embedding_size[0]
-    data = TrainingImages(manifest, model.image_size, 4 * grid, cache_mb=cfg.cache_mb)
-    prompts = GroundTruthPrompts(kind_probs=dict(cfg.kinds), sigma=cfg.sigma_box, slots=cfg.prompt_slots)
-    stream = BatchStream(data, prompts, data.image_ids, cfg.batch_images, cfg.max_entities, cfg.seed, "pretrain")
+    lowres, scale = 4 * grid, model.image_size / (4 * grid)
+    clicks = torch.Generator().manual_seed(cfg.seed)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
         if cfg.amp
-        else None
+        else contextlib.nullcontext()
     )
-    curve: list[dict[str, float]] = []
     started = time.perf_counter()
-    for step in tqdm(range(1, cfg.steps + 1), desc="pretrain", disable=not progress):
-        batch = stream.next().to(device)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            embeddings = model.encode_images(batch.inputs)
-            sparse = model.embed_prompts(batch.coords[:, 0], batch.labels[:, 0])
-            out = model.decode(embeddings, batch.image_index, sparse)
-            logits = out.low_res_logits[:, 0]
-            mask_loss = balanced_seg_loss_logits(logits, batch.targets).mean()
-            iou_loss = iou_prediction_loss(out.iou_pred, logits, batch.targets)
+    for step in tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", disable=not progress, initial=start, total=cfg.steps):
+        clicks.manual_seed(cfg.seed * 1_000_003 + step)
+        batch = corpus_batch(cfg.seed, (step - 1) * cfg.batch_images, cfg, model.image_size, lowres)
+        inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+        batch.image_index = batch.image_index.to(device)
+        with autocast:
+            embeddings = model.encode_images(inputs)
+            logits, iou_pred = _decode(model, embeddings, batch, batch.coords.to(device), batch.labels.to(device))
+            mask_loss = balanced_seg_loss_logits(logits, targets).mean()
+            iou_loss = iou_prediction_loss(iou_pred, logits, targets)
+            first_iou = mask_iou(logits.detach(), targets).mean()
             loss = mask_loss + cfg.iou_loss_weight * iou_loss
+            for _ in range(cfg.corrective_clicks):
+                coords, labels = corrective_clicks(logits, targets, batch.coords, batch.labels, scale, clicks)
+                logits, iou_pred = _decode(model, embeddings, batch, coords.to(device), labels.to(device))
+                loss = loss + balanced_seg_loss_logits(logits, targets).mean()
+                loss = loss + cfg.iou_loss_weight * iou_prediction_loss(iou_pred, logits, targets)
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLossError(f"pretrain step {step}: non-finite loss ({float(loss)}); nothing was written")
         optimizer.zero_grad(set_to_none=True)
@@ -94,35 +222,94 @@ def pretrain_sam(
             "loss": float(loss.detach()),
             "mask_loss": float(mask_loss.detach()),
             "iou_loss": float(iou_loss.detach()),
-            "mask_iou": float(mask_iou(logits.detach(), batch.targets).mean()),
+            "mask_iou": float(first_iou),
             "grad_norm": float(grad_norm),
             "lr": optimizer.param_groups[0]["lr"],
         }
+        if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+            row["val_box_iou"] = validate(model, cfg, cfg.val_images)
+            logger.info("pretrain step %d: loss %.3f train IoU %.3f val box@0 IoU %.3f", step, row["loss"], row["mask_iou"], row["val_box_iou"])
         curve.append(row)
         if step % cfg.log_every == 0 or step == cfg.steps:
             metric_logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-    seconds = time.perf_counter() - started
+        if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            state = {
+                "sam": model.sam.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "curve": curve,
+                "seconds": seconds_before + time.perf_counter() - started,
+            }
+            save_checkpoint(checkpoint_dir, step, state, keep=2)
+    seconds = seconds_before + time.perf_counter() - started
     model.eval()
     tail = curve[-10:]
+    vals = [r["val_box_iou"] for r in curve if "val_box_iou" in r]
     metrics = {
         "source": "pretrained-here",
+        "corpus": "procedural (cpcsam.training.corpus)",
         "steps": cfg.steps,
-        "seconds": seconds,
+        "scenes_seen": cfg.steps * cfg.batch_images,
         "first": {k: v for k, v in curve[0].items() if k != "step"},
         "final": {k: float(np.mean([r[k] for r in tail])) for k in ("loss", "mask_loss", "iou_loss", "mask_iou")},
-        "train_images": len(data.image_ids),
+        "val_box_iou": vals[-1] if vals else None,
     }
     if out_path is not None:
         save_sam_state_dict(model.sam, out_path)
+        write_json_atomic(Path(out_path).with_name("curve.json"), curve, indent=None)
+        # Wall time differs run to run: not in metrics.json (a DVC out that must be reproducible).
+        write_json_atomic(Path(out_path).with_name("timing.json"), {"seconds": seconds})
     return model.sam, metrics
 
 
 def save_sam_state_dict(sam: torch.nn.Module, path: str | Path) -> Path:
     """`torch.save(sam.state_dict())` (segment-anything's checkpoint format), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()}
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    torch_save_atomic({k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()}, path)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The long pretraining of the shipped checkpoint (see checkpoints/README.md).
+
+    `python -m cpcsam.training.pretrain --params params.yaml --out checkpoints/sam_small_generalist.pth
+    -S pretrain.steps=8000`: the `pretrain:` and `model:` sections of the params file with the
+    overrides (the seed is `pretrain.seed` as given), resumable from `--work` (checkpoints, log).
+    """
+    import argparse
+
+    from cpcsam.config import load_config
+    from cpcsam.files import sha256_file
+    from cpcsam.training.device import apply_threads
+
+    parser = argparse.ArgumentParser(prog="python -m cpcsam.training.pretrain", description=main.__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--work", default=".pretrain-work", help="checkpoints and log of the run (resumable)")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(work / "pretrain.log"), logging.StreamHandler()],
+    )
+    params = load_config(args.params, args.overrides)
+    cfg = params.pretrain
+    apply_threads(cfg.threads)
+    model = params.model.model_copy(update={"checkpoint": None})
+    recipe = {"model": model.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json")}
+    logger.info("pretrain recipe: %s", json.dumps(recipe, sort_keys=True))
+    _, metrics = pretrain_sam(model, cfg, args.out, progress=False, checkpoint_dir=work / "checkpoints")
+    import hashlib
+
+    md5 = hashlib.md5(Path(args.out).read_bytes()).hexdigest()
+    write_json_atomic(Path(args.out).with_suffix(".json"),
+                      {**metrics, "md5": md5, "sha256": sha256_file(args.out), "recipe": recipe})
+    logger.info("pretrain: wrote %s (md5 %s), val box@0 IoU %s", args.out, md5, metrics["val_box_iou"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,8 +1,8 @@
-"""Putting a training run together from params.yaml sections and files (what the components call).
+"""Putting a training run together from typed params sections and files (what the components call).
 
-    trainer = prepare_training(params, manifest, prompts, sam_checkpoint, out_dir, embeddings_dir)
+    trainer = prepare_training(params.seeded("train"), params.model, params.perturb, manifest, prompts, sam, out)
     summary = trainer.run()
-    save_cpcsam(out_dir / "model.pt", trainer.model, training_model_cfg(params["model"], ...))
+    save_cpcsam(out / "model.pt", trainer.model, training_model_cfg(params.model, trainer.cfg.mode, None))
 
 Library code: no MLflow/DVC here; the metric logger is passed in.
 """
@@ -18,55 +18,42 @@ import torch
 
 from cpcsam.errors import ConfigError, DataError
 from cpcsam.training.bilevel import Trainer, run_fingerprint
-from cpcsam.training.config import TrainConfig
+from cpcsam.config import EmbedConfig, ModelConfig, PerturbConfig, TrainConfig
 from cpcsam.training.data import TablePrompts, TrainingImages
-from cpcsam.training.logging import MetricLogger
+from cpcsam.training.metric_logger import MetricLogger
 
 logger = logging.getLogger(__name__)
 
 ENCODER_LORA_TARGET = "image_encoder_qkv"
 
 
-def training_model_cfg(model_section: Mapping[str, Any], mode: str, sam_checkpoint: str | Path | None) -> dict[str, Any]:
-    """The `model` section as used by a training mode: baselines get `capl.mode = fixed`."""
-    cfg = dict(model_section)
-    cfg["checkpoint"] = str(sam_checkpoint) if sam_checkpoint else None
-    capl = dict(cfg.get("capl") or {})
-    if mode != "bilevel":
-        capl["mode"] = "fixed"  # lora-only / full-finetune: plain SAM prompts, no CaPL
-    cfg["capl"] = capl
-    return cfg
+def training_model_cfg(model: ModelConfig, mode: str, sam_checkpoint: str | Path | None) -> ModelConfig:
+    """The `model` section as a training mode uses it: baselines get `capl.mode = fixed`."""
+    capl = model.capl if mode == "bilevel" else model.capl.model_copy(update={"mode": "fixed"})
+    return model.model_copy(update={"checkpoint": str(sam_checkpoint) if sam_checkpoint else None, "capl": capl})
 
 
-def build_training_model(model_section: Mapping[str, Any], mode: str, sam_checkpoint: str | Path | None):
+def build_training_model(model: ModelConfig, mode: str, sam_checkpoint: str | Path | None):
     """SAM (from `sam_checkpoint`) + CaPL, with LoRA adapters in the bilevel and lora-only modes."""
     from cpcsam.modeling import build_cpcsam
 
-    cfg = training_model_cfg(model_section, mode, sam_checkpoint)
-    return build_cpcsam(cfg, with_lora=mode in ("bilevel", "lora-only"))
+    return build_cpcsam(training_model_cfg(model, mode, sam_checkpoint), with_lora=mode in ("bilevel", "lora-only"))
 
 
-def encoder_is_frozen(model_section: Mapping[str, Any], mode: str) -> bool:
+def encoder_is_frozen(model: ModelConfig, mode: str) -> bool:
     """True when training never changes the image encoder, so its embeddings can be cached."""
-    if mode == "full-finetune":
-        return False
-    targets = (model_section.get("lora") or {}).get("targets")
-    if targets is None:
-        from cpcsam.modeling.lora import DEFAULT_LORA_CFG
-
-        targets = DEFAULT_LORA_CFG["targets"]
-    return ENCODER_LORA_TARGET not in targets
+    return mode != "full-finetune" and ENCODER_LORA_TARGET not in model.lora.targets
 
 
-def use_embedding_cache(model_section: Mapping[str, Any], train_cfg: TrainConfig) -> bool:
+def use_embedding_cache(model: ModelConfig, train: TrainConfig) -> bool:
     """Whether training reads `data/embeddings/` (`train.embedding_cache`: auto | on | off)."""
-    frozen = encoder_is_frozen(model_section, train_cfg.mode)
-    if train_cfg.embedding_cache == "on" and not frozen:
+    frozen = encoder_is_frozen(model, train.mode)
+    if train.embedding_cache == "on" and not frozen:
         raise ConfigError(
             "train.embedding_cache: on needs a frozen image encoder; remove "
             f"{ENCODER_LORA_TARGET!r} from model.lora.targets or use mode lora-only/bilevel (not full-finetune)"
         )
-    return train_cfg.embedding_cache == "on" or (train_cfg.embedding_cache == "auto" and frozen)
+    return train.embedding_cache == "on" or (train.embedding_cache == "auto" and frozen)
 
 
 def file_digest(path: str | Path | None) -> str | None:
@@ -84,23 +71,20 @@ def file_digest(path: str | Path | None) -> str | None:
 
 
 def prepare_training(
-    params: Mapping[str, Any],
+    cfg: TrainConfig,
+    model_section: ModelConfig,
+    perturb: PerturbConfig,
     manifest: Any,
     prompts_table: Any,
     sam_checkpoint: str | Path | None,
     out_dir: str | Path | None,
     embeddings_dir: str | Path | None = None,
     metric_logger: MetricLogger | None = None,
-    train_overrides: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> Trainer:
-    """A ready `Trainer` for the `train` section of `params` (with optional overrides)."""
-    from cpcsam.prompts.perturb import PerturbConfig
+    """A ready `Trainer`: `cfg` carries the effective seed (`Params.seeded("train")`)."""
     from cpcsam.training.embeddings import EmbeddingStore, encoder_fingerprint
 
-    train_section = {**(params.get("train") or {}), **(train_overrides or {})}
-    cfg = TrainConfig.from_params(train_section)
-    model_section = params.get("model") or {}
-    perturb = PerturbConfig.from_params(params.get("perturb") or {})
     # LoRA's A matrices (and SAM itself without a checkpoint) are randomly initialised.
     torch.manual_seed(cfg.seed)
     model = build_training_model(model_section, cfg.mode, sam_checkpoint)
@@ -120,14 +104,15 @@ def prepare_training(
     prompts.check_covers(data)
     fingerprint = run_fingerprint(
         cfg.as_dict(),
-        training_model_cfg(model_section, cfg.mode, None),
+        training_model_cfg(model_section, cfg.mode, None).model_dump(mode="json"),
         {"k": perturb.k, "slots": perturb.prompt_slots},
         sorted((e.entity_id, row.image_id) for row in data.images.values() for e in row.entities),
         prompts_digest(prompts_table),
         file_digest(sam_checkpoint),
         cached,
     )
-    return Trainer(model, cfg, data, prompts, out_dir, metric_logger, fingerprint=fingerprint)
+    return Trainer(model, cfg, data, prompts, out_dir, metric_logger, fingerprint=fingerprint,
+                   checkpoint_dir=checkpoint_dir)
 
 
 def prompts_digest(table: Any) -> str:
@@ -142,25 +127,23 @@ def prompts_digest(table: Any) -> str:
 
 
 def build_embedding_cache(
-    params: Mapping[str, Any],
+    cfg: TrainConfig,
+    model_section: ModelConfig,
+    embed: EmbedConfig,
     manifest: Any,
     sam_checkpoint: str | Path | None,
     out_dir: str | Path,
-    batch_size: int = 4,
-    device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """The `embed` stage: cache the training images' embeddings when training can use them.
 
-    The encoder is built exactly as `prepare_training` builds it (same seed, same checkpoint),
-    so the fingerprint matches. When the cache does not apply (the encoder trains), an index
-    saying so is written instead. Returns a small summary.
+    The encoder is built exactly as `prepare_training` builds it (same seed: `cfg` carries the
+    train stage's effective seed; same checkpoint), so the fingerprint matches. When the cache
+    does not apply (the encoder trains), an index saying so is written instead. Returns a summary.
     """
-    from cpcsam.training.config import resolve_device
+    from cpcsam.training.device import resolve_device
     from cpcsam.training.embeddings import encoder_fingerprint, write_disabled_index, write_embeddings
 
-    cfg = TrainConfig.from_params(params.get("train") or {})
-    model_section = params.get("model") or {}
     if not use_embedding_cache(model_section, cfg):
         reason = (
             f"train.embedding_cache={cfg.embedding_cache}, mode={cfg.mode}, "
@@ -171,7 +154,7 @@ def build_embedding_cache(
         return {"enabled": False, "reason": reason, "images": 0}
     torch.manual_seed(cfg.seed)
     model = build_training_model(model_section, cfg.mode, sam_checkpoint)
-    target = resolve_device(device)
+    target = resolve_device(embed.device)
     model.to(target).eval()
     data = TrainingImages(manifest, model.image_size, 4 * model.embedding_size[0], cache_mb=0)
     write_embeddings(
@@ -180,7 +163,7 @@ def build_embedding_cache(
         data.image_ids,
         out_dir,
         encoder_fingerprint(model.sam.image_encoder),
-        batch_size=batch_size,
+        batch_size=embed.batch_size,
         device=target,
         progress=progress,
     )

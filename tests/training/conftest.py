@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from cpcsam.prompts import PerturbConfig, perturb_manifest
-from cpcsam.training.config import PretrainConfig
+from cpcsam.config import PretrainConfig
 from cpcsam.training.pretrain import pretrain_sam
 
 # A SAM small enough for many steps in a test: 128² input, 8×8 embedding grid.
@@ -69,6 +69,7 @@ TINY_PARAMS: dict[str, Any] = {
         "optim": {"lr": 0.001, "warmup_steps": 0},
         "device": "cpu",
         "log_every": 1,
+        "val_every": 0,
     },
 }
 
@@ -162,9 +163,12 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     perturb = PerturbConfig.from_params(params["perturb"])
     prompts = perturb_manifest(manifest, perturb, seed=params["perturb"]["seed"], decode=decode, progress=False)
     prompts.to_parquet(root / "prompts.parquet")
-    cfg = PretrainConfig.from_params({**params["pretrain"], "steps": 60, "optim": {"lr": 3e-3, "warmup_steps": 0}})
+    # A few corpus scenes, seen again and again: the tiny SAM learns them in 60 steps (the endless
+    # corpus needs thousands of steps of a real configuration).
+    cfg = PretrainConfig.from_params({**params["pretrain"], "steps": 60, "corpus_scenes": 4,
+                                      "optim": {"lr": 3e-3, "warmup_steps": 0}})
     with one_torch_thread():  # session fixtures are set up before the module's thread fixture
-        _, metrics = pretrain_sam(params["model"], cfg, manifest, root / "sam.pth", progress=False)
+        _, metrics = pretrain_sam(params["model"], cfg, root / "sam.pth", progress=False)
     return {
         "root": root,
         "manifest": manifest,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from cpcsam.errors import ConfigError
 from cpcsam.training.bilevel import NonFiniteLossError
 from cpcsam.training.checkpoint import list_checkpoints, load_checkpoint
-from cpcsam.training.logging import MemoryLogger
-from cpcsam.training.run import prepare_training
+from cpcsam.training.metric_logger import MemoryLogger
+from training_helpers import trainer_from_dicts as prepare_training
 
 
 def _trainer(project, params, out_dir=None, **overrides):
@@ -213,15 +216,200 @@ def test_infinite_lr_stops_at_the_first_bad_update(tiny_project, tiny_params, tm
 def test_bad_config_raises_config_error(tiny_project, tiny_params) -> None:
     with pytest.raises(ConfigError, match="train.mode"):
         _trainer(tiny_project, tiny_params, mode="bilevel-ish")
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown key"):
         _trainer(tiny_project, tiny_params, step=3)
     with pytest.raises(ConfigError, match="embedding_cache: on"):
         _trainer(tiny_project, tiny_params, embedding_cache="on")
 
 
-def test_mixed_precision_runs_on_cpu(tiny_project, tiny_params) -> None:
-    trainer = _trainer(tiny_project, tiny_params, amp=True, steps=2)
+@pytest.mark.parametrize("amp, hypergradient", [(True, "first-order"), (True, "unrolled"), (False, "first-order")])
+def test_mixed_precision_runs_on_cpu(tiny_project, tiny_params, amp, hypergradient) -> None:
+    """With `amp`, both levels' forwards really run under bfloat16 autocast (seen by hooks on the
+    linear layers); the unrolled CaPL step stays in float32 (its second-order terms); weights stay fp32."""
+    trainer = _trainer(tiny_project, tiny_params, amp=amp, hypergradient=hypergradient, steps=2)
     assert trainer.device.type == "cpu" and trainer.amp_dtype == torch.bfloat16
-    trainer.run(resume=False, progress=False)
+    model = trainer.model
+    current: list[str | None] = [None]
+    seen: dict[tuple[str | None, str], set[torch.dtype]] = collections.defaultdict(set)
+    for name in ("upper_step", "upper_step_unrolled", "lower_step"):
+
+        def entered(*args, _method=getattr(trainer, name), _name=name, **kwargs):
+            current[0] = _name
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                current[0] = None
+
+        setattr(trainer, name, entered)
+
+    def recorder(part: str):
+        def record(module, args, output) -> None:
+            seen[current[0], part].add(output.dtype)
+
+        return record
+
+    parts = {"encoder": model.sam.image_encoder, "decoder": model.sam.mask_decoder}
+    handles = [
+        module.register_forward_hook(recorder(part))
+        for part, root in parts.items()
+        for module in root.modules()
+        if isinstance(module, nn.Linear)
+    ]
+    try:
+        trainer.run(resume=False, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    low = torch.bfloat16 if amp else torch.float32
+    upper = "upper_step" if hypergradient == "first-order" else "upper_step_unrolled"
+    expected = {
+        (upper, "decoder"): {low if hypergradient == "first-order" else torch.float32},
+        ("lower_step", "encoder"): {low},
+        ("lower_step", "decoder"): {low},
+    }
+    assert {key: seen[key] for key in expected} == expected
     assert all(math.isfinite(row["loss_upper"]) and math.isfinite(row["loss_lower"]) for row in trainer.curve)
-    assert all(p.dtype == torch.float32 for _, p in trainer.lower_params)  # weights stay fp32
+    assert all(p.dtype == torch.float32 for _, p in trainer.lower_params + trainer.upper_params)  # weights stay fp32
+
+
+# ---- the unrolled hypergradient against finite differences (float64) ----------------------------
+
+
+def _float64_batch(batch):
+    """The batch with float64 images and targets (coordinates and labels are constants of the losses)."""
+    return dataclasses.replace(batch, inputs=batch.inputs.double(), targets=batch.targets.double())
+
+
+def _keep_float64_in_losses(monkeypatch) -> None:
+    """`Tensor.float()` leaves float64 as it is (the losses upcast bfloat16 logits with `.float()`,
+    which would otherwise round a float64 model's logits to float32 and ruin finite differences)."""
+    original = torch.Tensor.float
+
+    def float_(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "float", float_)
+
+
+def _theta_prime(trainer, lower_batch, step: int, eta: float) -> list[torch.Tensor]:
+    """θ − η ∇θ L_lower(φ, θ) at the model's current φ and θ (the trainer's loss, not its unrolling)."""
+    theta = [p for _, p in trainer.lower_params]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(trainer.lower_loss(lower_batch, step), theta, allow_unused=True)
+    return [p.detach() - eta * g if g is not None else p.detach().clone() for p, g in zip(theta, grads)]
+
+
+def _upper_at(trainer, upper_batch, theta_values: list[torch.Tensor]) -> float:
+    """L_upper(φ, θ_values) with θ_values written into the LoRA weights in place (then restored)."""
+    theta = [p for _, p in trainer.lower_params]
+    saved = [p.detach().clone() for p in theta]
+    try:
+        with torch.no_grad():
+            for p, value in zip(theta, theta_values):
+                p.copy_(value)
+            upper, _ = trainer.upper_loss(upper_batch)
+    finally:
+        with torch.no_grad():
+            for p, value in zip(theta, saved):
+                p.copy_(value)
+    return float(upper)
+
+
+def _set_flat(params, flat: torch.Tensor) -> None:
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_unrolled_hypergradient_matches_finite_differences(tiny_project, tiny_params, monkeypatch) -> None:
+    """The CaPL gradient of `hypergradient: unrolled`, taken from a real `train_step`, equals central
+    finite differences of φ ↦ L_upper(φ, θ − η ∇θ L_lower(φ, θ)) in float64: the LoRA step's
+    learning rate of that step as η, the upper level on the half-A batch and the lower level on
+    the half-B batch (with that step's choice of prompt per entity), LoRA dropout off."""
+    trainer = _trainer(
+        tiny_project,
+        tiny_params,
+        hypergradient="unrolled",
+        capl_optim={"lr": 0.003, "warmup_steps": 0, "grad_clip": None},  # record the raw hypergradient
+        # warmup: step 1's LoRA learning rate is half the base one (η must be the live one); a large
+        # η makes the second-order term (through θ'(φ)) a sizeable part of the gradient
+        sam_optim={"lr": 1.0, "warmup_steps": 2},
+    )
+    cfg = trainer.cfg
+    eta = cfg.sam_optim.lr * cfg.sam_optim.lr_factor(0, cfg.steps)
+    assert eta == 0.5 != cfg.capl_optim.lr
+    model = trainer.model.double()
+    model.sam.prompt_encoder.pe_layer.float()  # SAM builds its PE grid in float32; frozen constants
+    _keep_float64_in_losses(monkeypatch)
+    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    phi = [p for _, p in trainer.upper_params]
+    theta = [p for _, p in trainer.lower_params]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # away from CaPL's identity init and LoRA's B = 0: every term carries signal
+        for p in phi:
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        for p in theta:
+            p.add_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    phi0 = torch.cat([p.detach().flatten() for p in phi])
+    theta0 = [p.detach().clone() for p in theta]
+
+    batches = {}
+
+    def to_float64(step, level, batch):
+        batches[level] = _float64_batch(batch)
+        return batches[level]
+
+    recorded = []
+    optimizer_step = trainer.opt_upper.step
+
+    def recording_step(*args, **kwargs):
+        recorded.append([p.grad.detach().clone() for p in phi])
+        return optimizer_step(*args, **kwargs)
+
+    trainer.batch_hook = to_float64
+    trainer.opt_upper.step = recording_step
+    metrics = trainer.train_step()  # step 1: the unrolled CaPL step, then the LoRA step
+    assert len(recorded) == 1 and all(g.dtype == torch.float64 for g in recorded[0])
+    hypergradient = torch.cat([g.flatten() for g in recorded[0]])
+    _set_flat(phi, phi0)  # back to the point where the hypergradient was taken
+    _set_flat(theta, torch.cat([t.flatten() for t in theta0]))
+    upper, lower, step = batches["upper"], batches["lower"], 1
+    theta_prime0 = _theta_prime(trainer, lower, step, eta)
+
+    def objective(flat: torch.Tensor, through_theta: bool = True) -> float:
+        """L_upper(φ, θ'(φ)) at φ = flat; through_theta=False keeps θ' at θ'(φ0) (the path cut)."""
+        _set_flat(phi, flat)
+        try:
+            return _upper_at(trainer, upper, _theta_prime(trainer, lower, step, eta) if through_theta else theta_prime0)
+        finally:
+            _set_flat(phi, phi0)
+
+    def derivative(direction: torch.Tensor, through_theta: bool = True, eps: float = 1e-6) -> float:
+        plus = objective(phi0 + eps * direction, through_theta)
+        minus = objective(phi0 - eps * direction, through_theta)
+        return (plus - minus) / (2 * eps)
+
+    value = objective(phi0)
+    assert objective(phi0) == value  # deterministic
+    # the trainer's upper loss is this objective's value: same batches, prompt choice, η and θ'
+    assert metrics["loss_upper"] == pytest.approx(value, rel=1e-12, abs=0)
+
+    tolerance = 1e-5
+    # along the hypergradient itself and along two random directions of the whole of φ ...
+    directions = [hypergradient / hypergradient.norm()]
+    directions += [d / d.norm() for d in torch.randn(2, phi0.numel(), generator=gen, dtype=torch.float64)]
+    for direction in directions:
+        numeric, analytic = derivative(direction), float(hypergradient @ direction)
+        assert abs(numeric - analytic) <= tolerance * abs(numeric), (numeric, analytic)
+    # ... and coordinate by coordinate on a random subset of φ's scalars
+    coords = torch.randperm(phi0.numel(), generator=gen)[:12]
+    units = torch.nn.functional.one_hot(coords, phi0.numel()).to(torch.float64)
+    numeric = torch.tensor([derivative(u) for u in units], dtype=torch.float64)
+    error = float((numeric - hypergradient[coords]).norm() / numeric.norm())
+    assert error <= tolerance, (numeric, hypergradient[coords])
+    # the check has teeth: the path through θ'(φ) moves these derivatives far beyond the tolerance
+    cut = torch.tensor([derivative(u, through_theta=False) for u in units], dtype=torch.float64)
+    assert float((numeric - cut).norm() / numeric.norm()) > 100 * tolerance

@@ -15,7 +15,7 @@ import torch
 
 from cpcsam.errors import CheckpointError
 from cpcsam.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from cpcsam.training.run import prepare_training
+from training_helpers import trainer_from_dicts as prepare_training
 
 # Runs the trainer on the tiny project; argv: params.json project_root out_dir seconds_per_batch.
 # The optional sleep (a batch hook: it changes no number) makes the run slow enough to kill mid-way.
@@ -25,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 torch.set_num_threads(1)
-from cpcsam.training.run import prepare_training
+sys.path.insert(0, sys.argv[5])
+from training_helpers import trainer_from_dicts as prepare_training
 params = json.loads(Path(sys.argv[1]).read_text())
 root, out, pause = Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 trainer = prepare_training(params, pd.read_parquet(root / "manifest.parquet"),
@@ -43,7 +44,7 @@ torch.save({n: p.detach() for n, p in trainer.model.named_parameters()}, out / "
 
 def _start(script: Path, params: Path, root: Path, out: Path, pause: float) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(script), str(params), str(root), str(out), str(pause)],
+        [sys.executable, str(script), str(params), str(root), str(out), str(pause), str(Path(__file__).parent)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -12,16 +12,28 @@ import torch
 import yaml
 
 from components import embed, perturb, pretrain, train
+from cpcsam.config import read_params_file
 from cpcsam.modeling import build_sam, load_cpcsam
 from cpcsam.prompts import load_prompts
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def workdir(tiny_project, tiny_params, tmp_path) -> Path:
-    params = copy.deepcopy(tiny_params)
+    """The project's params.yaml with the tiny model and budgets (a whole, valid params tree)."""
+    tiny = copy.deepcopy(tiny_params)
+    params = read_params_file(ROOT / "params.yaml")
     params["tracking"] = {"enabled": False}
-    params["model"]["lora"]["targets"] = ["decoder_attention"]  # frozen encoder: embed writes a cache
-    params["train"].update(steps=3, embedding_cache="auto", checkpoint_every=2)
+    params["variants"] = ["cpcsam", "lora_only"]
+    model = {k: v for k, v in tiny["model"].items() if k != "capl"}
+    model["capl"] = {k: v for k, v in tiny["model"]["capl"].items() if k != "mode"}
+    model["lora"]["targets"] = ["decoder_attention"]  # frozen encoder: embed writes a cache
+    params["model"] = model
+    params["perturb"] = tiny["perturb"]
+    params["pretrain"] = {**tiny["pretrain"], "val_every": 0}
+    train_section = {k: v for k, v in tiny["train"].items() if k != "mode"}
+    params["train"] = {**train_section, "steps": 3, "embedding_cache": "auto", "checkpoint_every": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
@@ -38,7 +50,7 @@ def test_stages_chain_end_to_end(tiny_project, workdir, capsys) -> None:
     table = load_prompts(prompts / "prompts.parquet")
     assert len(table) == 3 * table["entity_id"].nunique()
 
-    assert pretrain.main(_args(workdir, "--manifest", manifest, "--out", str(pre))) == 0
+    assert pretrain.main(_args(workdir, "--out", str(pre))) == 0
     metrics = json.loads((pre / "metrics.json").read_text())
     assert metrics["source"] == "pretrained-here" and metrics["steps"] == 4
     state = torch.load(pre / "sam.pth", weights_only=True)
@@ -50,7 +62,7 @@ def test_stages_chain_end_to_end(tiny_project, workdir, capsys) -> None:
     assert json.loads((emb / "index.json").read_text())["enabled"] is True
 
     train_args = ["--manifest", manifest, "--prompts", str(prompts / "prompts.parquet"), "--sam", sam,
-                  "--embeddings", str(emb), "--out", str(out)]
+                  "--embeddings", str(emb), "--checkpoints", str(workdir / "checkpoints"), "--out", str(out)]
     assert train.main(_args(workdir, *train_args)) == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["steps"] == 3 and summary["cached_embeddings"] is True
@@ -60,11 +72,13 @@ def test_stages_chain_end_to_end(tiny_project, workdir, capsys) -> None:
     assert model.mode == "causal"
     capsys.readouterr()
 
-    # a baseline goes where the evaluation looks for it
-    base = workdir / "baselines"
-    assert train.main(_args(workdir, *train_args[:-2], "--out", str(base / "lora_only"),
-                            "--model", str(base / "lora_only.pt"), "-S", "train.mode=lora-only")) == 0
-    assert load_cpcsam(base / "lora_only.pt").mode == "fixed"
+    # a baseline variant: its own trainer mode, no CaPL
+    base = workdir / "lora_only"
+    assert train.main(_args(workdir, *train_args[:-2], "--variant", "lora_only", "--out", str(base))) == 0
+    assert load_cpcsam(base / "model.pt").mode == "fixed"
+    assert json.loads((base / "metrics.json").read_text())["mode"] == "lora-only"
+    # a variant that is not in `variants` is refused
+    assert train.main(_args(workdir, *train_args[:-2], "--variant", "task", "--out", str(workdir / "t"))) == 2
 
 
 def workdir_params(workdir: Path) -> dict:
@@ -78,8 +92,7 @@ def test_pretrain_adopts_a_real_checkpoint(tiny_project, workdir, tmp_path) -> N
     official = tmp_path / "official_small.pth"
     torch.save(build_sam(params["model"]).state_dict(), official)
     out = tmp_path / "pretrain"
-    args = _args(workdir, "--manifest", str(tiny_project["root"] / "manifest.parquet"), "--out", str(out),
-                 "-S", f"model.checkpoint={official}")
+    args = _args(workdir, "--out", str(out), "-S", f"model.checkpoint={official}")
     assert pretrain.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["source"] == "checkpoint" and metrics["checkpoint"] == str(official)
@@ -97,7 +110,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_project, workdir, capsys) -> None
     manifest = str(tiny_project["root"] / "manifest.parquet")
     assert perturb.main(_args(workdir, "--manifest", manifest, "--out", str(workdir / "p"), "-S", "perturb.k=0")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["perturb: params perturb.k: must be >= 1, got 0"]
+    assert len(err) == 1 and err[0].startswith("perturb: ") and "perturb.k: Input should be greater than or equal to 1" in err[0]
     assert train.main(_args(workdir, "--manifest", manifest, "--prompts", str(workdir / "missing.parquet"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.parquet" in err[0] and err[0].startswith("train: ")

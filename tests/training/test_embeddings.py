@@ -9,7 +9,7 @@ import torch
 
 from cpcsam.errors import DataError
 from cpcsam.training.embeddings import EmbeddingStore
-from cpcsam.training.run import build_embedding_cache, prepare_training
+from training_helpers import cache_from_dicts as build_embedding_cache, trainer_from_dicts as prepare_training
 
 
 @pytest.fixture

@@ -7,6 +7,9 @@ Checks (each reported with value, threshold, passed and a sentence):
 - `min_target_dice`: the candidate's target-class Dice under the gating protocol ≥ threshold.
 - `max_base_regression`: champion base Dice − candidate base Dice ≤ threshold, when a champion's
   metrics are given; without a champion the check passes and says it was skipped.
+- `beats_reference`: the candidate's target Dice must exceed that of the prompt-only reference row
+  `beat_reference` (default the filled box) under the same protocol: a model that loses to the
+  prompt it was given adds nothing and must never become champion.
 - `onnx_parity`: when `require_onnx_parity`, the export stage's parity result must have passed.
 A missing number fails its check (a gate must never pass on absent evidence).
 """
@@ -15,10 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from cpcsam.config import GateConfig, coerce
 from cpcsam.errors import ConfigError
-
-GATE_KEYS = ("min_target_dice", "max_base_regression", "require_onnx_parity")
-OPTIONAL_GATE_KEYS = ("champion_metrics", "champion_from_registry")
 
 
 def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def _check(name: str, value: float | None, threshold: float | None, passed: bool
 
 def check_gate(
     candidate: Mapping[str, Any],
-    cfg: Mapping[str, Any],
+    cfg: GateConfig | Mapping[str, Any],
     champion: Mapping[str, Any] | None = None,
     parity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -43,15 +44,10 @@ def check_gate(
 
     Returns `{"passed": bool, "reasons": [check, ...], "candidate": ..., "champion": ...}`.
     """
-    missing = [k for k in GATE_KEYS if k not in cfg]
-    if missing:
-        raise ConfigError(f"params gate: missing key(s) {', '.join(missing)}")
-    unknown = sorted(set(cfg) - set(GATE_KEYS) - set(OPTIONAL_GATE_KEYS))
-    if unknown:
-        raise ConfigError(f"params gate: unknown key(s) {unknown}; known: {sorted(GATE_KEYS + OPTIONAL_GATE_KEYS)}")
+    cfg = coerce(GateConfig, cfg, "gate")
     reasons: list[dict[str, Any]] = []
 
-    min_target = float(cfg["min_target_dice"])
+    min_target = float(cfg.min_target_dice)
     target = candidate.get("target_dice")
     if target is None:
         reasons.append(_check("min_target_dice", None, min_target, False, "no target-class Dice was measured"))
@@ -62,7 +58,10 @@ def check_gate(
                    f"target Dice {float(target):.4f} {'>=' if ok else '<'} minimum {min_target:.4f}")
         )
 
-    max_regression = float(cfg["max_base_regression"])
+    if cfg.beat_reference:
+        reasons.append(_reference_check(candidate, cfg.beat_reference))
+
+    max_regression = float(cfg.max_base_regression)
     if champion is None:
         reasons.append(_check("max_base_regression", None, max_regression, True, "no champion: check skipped"))
     else:
@@ -79,7 +78,7 @@ def check_gate(
                        f"{regression:+.4f} {'<=' if ok else '>'} allowed {max_regression:.4f}")
             )
 
-    if bool(cfg["require_onnx_parity"]):
+    if cfg.require_onnx_parity:
         if parity is None:
             reasons.append(_check("onnx_parity", None, None, False, "parity result missing (export stage did not run?)"))
         else:
@@ -98,3 +97,14 @@ def check_gate(
         "candidate": dict(candidate),
         "champion": dict(champion) if champion is not None else None,
     }
+
+
+def _reference_check(candidate: Mapping[str, Any], name: str) -> dict[str, Any]:
+    reference = (candidate.get("references") or {}).get(name) or {}
+    target, ref = candidate.get("target_dice"), reference.get("target_dice")
+    if target is None or ref is None:
+        return _check("beats_reference", target, ref, False,
+                      f"no target Dice of the candidate or of the reference {name!r} (evaluate.references off?)")
+    ok = float(target) > float(ref)
+    return _check("beats_reference", float(target), float(ref), ok,
+                  f"target Dice {float(target):.4f} {'>' if ok else '<='} {name} {float(ref):.4f} (its own prompt)")

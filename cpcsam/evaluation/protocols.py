@@ -31,7 +31,9 @@ from tqdm import tqdm
 from cpcsam.errors import ConfigError
 from cpcsam.evaluation.engine import EncodedImage, TorchEngine
 from cpcsam.evaluation.metrics import ClassScores
-from cpcsam.prompts.auto import AutoPromptConfig, auto_prompt, class_prototypes, mask_to_grid, masked_average
+from cpcsam.evaluation.references import REFERENCE_MODELS
+from cpcsam.config import AutoConfig, EvaluateConfig
+from cpcsam.prompts.auto import auto_prompt, class_prototypes, mask_to_grid, masked_average
 from cpcsam.prompts.perturb import (
     LABEL_BOX_BOTTOM_RIGHT,
     LABEL_BOX_TOP_LEFT,
@@ -69,13 +71,12 @@ class Protocol:
         return {"kind": self.kind, "sigma": self.sigma, "tta": self.tta}
 
 
-def protocol_names(cfg: Mapping[str, Any]) -> list[str]:
+def protocol_names(cfg: EvaluateConfig) -> list[str]:
     """The protocol list of the `evaluate` params: kinds × sigmas, the TTA rows, `auto`."""
-    names = [f"{kind}@{float(s):g}" for kind in cfg.get("kinds", ["box", "points"]) for s in cfg.get("sigmas", [0.0])]
-    tta = cfg.get("tta") or {}
-    if int(tta.get("k", 1)) > 1:
-        names += [f"{base}+tta{int(tta['k'])}" for base in tta.get("protocols", [])]
-    if (cfg.get("auto") or {}).get("enabled", True):
+    names = [f"{kind}@{float(s):g}" for kind in cfg.kinds for s in cfg.sigmas]
+    if cfg.tta.k > 1:
+        names += [f"{base}+tta{cfg.tta.k}" for base in cfg.tta.protocols]
+    if cfg.auto.enabled:
         names.append("auto")
     return names
 
@@ -150,43 +151,34 @@ def choose_support(images: Sequence[ImageRecord], target: Iterable[str], fractio
     return chosen
 
 
-EVALUATE_KEYS = {
-    "seed", "splits", "max_images", "models", "kinds", "sigmas", "num_positive", "num_negative", "tta", "auto",
-    "support_fraction", "threshold", "batch_entities", "threads", "overlays", "overlay_protocol", "headline",
-}
-
-
 @dataclass
 class EvalConfig:
+    """The `evaluate` section resolved for a run: its protocols parsed, its effective seed."""
+
     protocols: list[Protocol]
     seed: int = 0
     num_positive: int = 1
     num_negative: int = 0
     tta_sigma: float = 0.1
     support_fraction: float = 0.1
-    auto: AutoPromptConfig = field(default_factory=AutoPromptConfig)
+    auto: AutoConfig = field(default_factory=AutoConfig)
     threshold: float = 0.0
     overlay_images: int = 4
     overlay_protocol: str = "box@0"
 
     @classmethod
-    def from_params(cls, cfg: Mapping[str, Any], seed: int) -> "EvalConfig":
-        unknown = sorted(set(cfg) - EVALUATE_KEYS)
-        if unknown:
-            raise ConfigError(f"params evaluate: unknown keys {unknown}; known keys are {sorted(EVALUATE_KEYS)}")
-        protocols = [Protocol.parse(n) for n in protocol_names(cfg)]
-        tta = cfg.get("tta") or {}
+    def from_section(cls, cfg: EvaluateConfig, seed: int) -> "EvalConfig":
         return cls(
-            protocols=protocols,
+            protocols=[Protocol.parse(n) for n in protocol_names(cfg)],
             seed=int(seed),
-            num_positive=int(cfg.get("num_positive", 1)),
-            num_negative=int(cfg.get("num_negative", 0)),
-            tta_sigma=float(tta.get("sigma", 0.1)),
-            support_fraction=float(cfg.get("support_fraction", 0.1)),
-            auto=AutoPromptConfig.from_dict(cfg.get("auto")),
-            threshold=float(cfg.get("threshold", 0.0)),
-            overlay_images=int(cfg.get("overlays", 4)),
-            overlay_protocol=str(cfg.get("overlay_protocol", "box@0")),
+            num_positive=cfg.num_positive,
+            num_negative=cfg.num_negative,
+            tta_sigma=cfg.tta.sigma,
+            support_fraction=cfg.support_fraction,
+            auto=cfg.auto,
+            threshold=cfg.threshold,
+            overlay_images=cfg.overlays,
+            overlay_protocol=cfg.overlay_protocol,
         )
 
 
@@ -226,10 +218,13 @@ def evaluate_model(
     name: str = "model",
 ) -> ModelResult:
     """Every protocol of `cfg` on every image, for one model."""
-    scores = {p.name: ClassScores() for p in cfg.protocols}
+    # Prompt-only references (cpcsam.evaluation.references) answer only plain box protocols.
+    supports = getattr(engine, "supports", None)
+    protocols = [p for p in cfg.protocols if supports is None or (supports(p.kind) and p.tta == 1)]
+    scores = {p.name: ClassScores() for p in protocols}
     overlays: dict[str, list[np.ndarray]] = {}
     overlay_ids = {im.image_id for im in images[: cfg.overlay_images]}
-    has_auto = any(p.kind == "auto" for p in cfg.protocols)
+    has_auto = any(p.kind == "auto" for p in protocols)
     support_set = set(support_ids)
     prototypes: dict[str, torch.Tensor] = {}
     if has_auto:
@@ -241,7 +236,7 @@ def evaluate_model(
         enc = engine.encode(load_image(im))
         gt = [e.mask for e in im.entities]
         names = [e.class_name for e in im.entities]
-        for protocol in cfg.protocols:
+        for protocol in protocols:
             if protocol.kind == "auto":
                 if im.image_id not in support_set:
                     _score_auto(engine, enc, im, target, prototypes, cfg.auto, scores[protocol.name], cfg.threshold)
@@ -252,13 +247,13 @@ def evaluate_model(
             scores[protocol.name].add_image(preds, gt, names, logits=logits, threshold=cfg.threshold)
             if protocol.name == cfg.overlay_protocol and im.image_id in overlay_ids:
                 overlays[im.image_id] = preds
-    summaries = {p.name: scores[p.name].summary(base, target) for p in cfg.protocols}
+    summaries = {p.name: scores[p.name].summary(base, target) for p in protocols}
     missing = sorted(set(target) - set(prototypes)) if has_auto else []
     return ModelResult(summaries, overlays, missing)
 
 
 def _score_auto(engine: TorchEngine, enc: EncodedImage, im: ImageRecord, target: Sequence[str],
-                prototypes: Mapping[str, torch.Tensor], auto_cfg: AutoPromptConfig, scores: ClassScores,
+                prototypes: Mapping[str, torch.Tensor], auto_cfg: AutoConfig, scores: ClassScores,
                 threshold: float) -> None:
     present = sorted({e.class_name for e in im.entities} & set(target) & set(prototypes))
     if not present:
@@ -320,9 +315,16 @@ def headline_numbers(metrics: Mapping[str, Any], model: str, protocol: str) -> d
     if protocol not in protocols:
         raise ConfigError(f"evaluate.headline.protocol: {protocol!r} is not a protocol of this run ({sorted(protocols)})")
     s = protocols[protocol]
+    references = {
+        name: {"target_dice": entry["protocols"][protocol]["target"]["dice"],
+               "base_dice": entry["protocols"][protocol]["base"]["dice"]}
+        for name, entry in metrics["models"].items()
+        if name in REFERENCE_MODELS and protocol in entry["protocols"]
+    }
     return {
         "model": model,
         "protocol": protocol,
+        "references": references,
         "target_dice": s["target"]["dice"],
         "base_dice": s["base"]["dice"],
         "overall_dice": s["overall"]["dice"],

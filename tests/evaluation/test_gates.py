@@ -7,7 +7,8 @@ import pytest
 from cpcsam.errors import ConfigError
 from cpcsam.evaluation.gates import check_gate
 
-CFG = {"min_target_dice": 0.5, "max_base_regression": 0.02, "require_onnx_parity": True}
+# The reference check has its own tests below; here the other checks alone.
+CFG = {"min_target_dice": 0.5, "max_base_regression": 0.02, "require_onnx_parity": True, "beat_reference": None}
 PARITY_OK = {"passed": True, "max_abs_logit_diff": 2e-6, "min_mask_iou": 1.0}
 
 
@@ -51,7 +52,27 @@ def test_gate_parity_required_and_missing_numbers_fail():
 
 
 def test_gate_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="min_target_dice"):
-        check_gate({"target_dice": 0.9}, {"max_base_regression": 0.1, "require_onnx_parity": False})
-    with pytest.raises(ConfigError, match="min_target_dise"):
+    with pytest.raises(ConfigError, match="gate.min_target_dice"):
+        check_gate({"target_dice": 0.9}, {"min_target_dice": "high"})
+    with pytest.raises(ConfigError, match="did you mean 'gate.min_target_dice'"):
         check_gate({"target_dice": 0.9}, dict(CFG, min_target_dise=0.4))
+
+
+def _with_box(target: float, box: float) -> dict:
+    return {"target_dice": target, "base_dice": 0.9, "references": {"filled_box": {"target_dice": box, "base_dice": 0.5}}}
+
+
+def test_a_model_that_loses_to_its_own_prompt_is_rejected():
+    cfg = dict(CFG, beat_reference="filled_box")
+    rejected = check_gate(_with_box(0.60, 0.635), cfg, None, PARITY_OK)
+    assert rejected["passed"] is False
+    check = _by_name(rejected)["beats_reference"]
+    assert check["passed"] is False and check["value"] == 0.60 and check["threshold"] == 0.635
+    assert check_gate(_with_box(0.70, 0.635), cfg, None, PARITY_OK)["passed"] is True
+    assert check_gate(_with_box(0.635, 0.635), cfg, None, PARITY_OK)["passed"] is False  # a tie is no gain
+
+
+def test_the_reference_check_fails_without_the_reference_row():
+    cfg = dict(CFG, beat_reference="filled_box")
+    out = check_gate({"target_dice": 0.9, "base_dice": 0.9}, cfg, None, PARITY_OK)
+    assert out["passed"] is False and "no target Dice" in _by_name(out)["beats_reference"]["detail"]

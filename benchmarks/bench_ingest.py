@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cpcsam.config import load_params  # noqa: E402
+from cpcsam.config import read_params_file  # noqa: E402
 from cpcsam.data.ingest import run_ingest  # noqa: E402
 from cpcsam.errors import DataError  # noqa: E402
 
@@ -28,7 +28,7 @@ DEFAULT_TRASHCAN = Path(os.environ.get("CPCSAM_SHARED_DIR", ROOT.parent / "share
 
 
 def _data_cfg(profile: str, root: Path | None = None) -> dict:
-    data = load_params(ROOT / "params.yaml")["data"]
+    data = read_params_file(ROOT / "params.yaml")["data"]
     data = {**data, "profile": profile, "progress": False}
     if root is not None:
         data["profiles"] = {**data["profiles"], profile: {**data["profiles"][profile], "root": str(root)}}

@@ -95,12 +95,12 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this process and return its measurements."""
     import torch
 
-    from cpcsam.config import load_params
+    from cpcsam.config import EmbedConfig, ModelConfig, PerturbConfig, TrainConfig, read_params_file
     from cpcsam.training.run import build_embedding_cache, prepare_training
 
     if case.get("threads"):
         torch.set_num_threads(int(case["threads"]))
-    params = load_params(ROOT / "params.yaml")
+    params = read_params_file(ROOT / "params.yaml")
     model = dict(params["model"])
     model.update(type=case["config"], checkpoint=None)
     model["lora"] = {**model.get("lora", {}), "targets": ["image_encoder_qkv", "decoder_attention"]
@@ -109,7 +109,8 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     train = dict(params["train"], mode=case["mode"], device="cpu", batch_images=batch_images,
                  max_entities=case["max_entities"], upper_max_entities=1,
                  embedding_cache="on" if case["cache"] else "off", steps=1000, checkpoint_every=1000)
-    run_params = {"seed": 0, "model": model, "perturb": {"k": 4}, "train": train}
+    train_cfg, model_cfg = TrainConfig.from_params(train), ModelConfig.from_params(model)
+    perturb = PerturbConfig(k=4)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # every image seen once (small configs); vit_b: 4 images, revisited (their inputs stay cached in memory)
@@ -118,8 +119,9 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
             num_images = min(num_images, 4)
         manifest, prompts = _dataset(root, case["config"], num_images)
         if case["cache"]:
-            build_embedding_cache(run_params, manifest, None, root / "emb", batch_size=1, device="cpu", progress=False)
-        trainer = prepare_training(run_params, manifest, prompts, None, None, embeddings_dir=root / "emb")
+            build_embedding_cache(train_cfg, model_cfg, EmbedConfig(batch_size=1, device="cpu"), manifest, None,
+                                  root / "emb", progress=False)
+        trainer = prepare_training(train_cfg, model_cfg, perturb, manifest, prompts, None, None, embeddings_dir=root / "emb")
         for _ in range(case["warmup"]):
             trainer.train_step()
         seen = trainer.images_seen

@@ -10,52 +10,34 @@ stage writes only an `index.json` saying why, and training runs the encoder itse
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
-from components.cli import configure_logging, stage_parser
-from cpcsam.config import load_params
-from cpcsam.errors import CpcSamError
-
-log = logging.getLogger("components.embed")
+from components.cli import stage_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("embed", __doc__)
+def add_arguments(parser) -> None:
     parser.add_argument("--manifest", default="data/ingest/manifest.parquet")
     parser.add_argument("--sam", default="artifacts/pretrain/sam.pth", help="SAM weights training starts from")
     parser.add_argument("--out", default="data/embeddings")
-    args = parser.parse_args(argv)
-    configure_logging()
-    try:
-        from cpcsam.data import load_manifest
-        from cpcsam.training.config import stage_seed
-        from cpcsam.training.run import build_embedding_cache
 
-        params = load_params(args.params, args.overrides)
-        embed = params.get("embed") or {}
-        params["train"] = {**(params.get("train") or {}), "seed": stage_seed(params, "train")}
-        summary = build_embedding_cache(
-            params,
-            load_manifest(args.manifest),
-            args.sam,
-            args.out,
-            batch_size=int(embed.get("batch_size", 4)),
-            device=str(embed.get("device", "auto")),
-        )
-        from components.tracking import stage_run
 
-        with stage_run("embed", params) as run:
-            run.log_metrics({"cached_images": summary["images"], "enabled": float(summary["enabled"])})
-    except CpcSamError as exc:
-        print(f"embed: {exc}", file=sys.stderr)
-        return 2
+def work(params, args, run) -> str:
+    from cpcsam.data import load_manifest
+    from cpcsam.training.device import apply_threads
+    from cpcsam.training.run import build_embedding_cache
+
+    train = params.seeded("train")
+    apply_threads(train.threads)
+    summary = build_embedding_cache(train, params.model, params.embed, load_manifest(args.manifest), args.sam, args.out)
+    run.log_metrics({"cached_images": summary["images"], "enabled": float(summary["enabled"])})
     if summary["enabled"]:
-        print(f"embed: {summary['images']} image embeddings -> {args.out}")
-    else:
-        print(f"embed: no cache needed ({summary['reason']}) -> {Path(args.out) / 'index.json'}")
-    return 0
+        return f"embed: {summary['images']} image embeddings -> {args.out}"
+    return f"embed: no cache needed ({summary['reason']}) -> {Path(args.out) / 'index.json'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("embed", __doc__, add_arguments, work, argv)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,14 @@ split or target class, a bad config).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from cpcsam.config import load_params, section
+from components.cli import stage_main
 from cpcsam.data.ingest import MANIFEST, QUARANTINE, SUMMARY, run_ingest
 from cpcsam.errors import CpcSamError
 
-log = logging.getLogger("components.ingest")
 
 DEFAULT_OUT = "data/ingest"
 
@@ -54,39 +51,30 @@ def _log_summary(run, summary: dict, out: Path) -> None:
                         source=str((out / MANIFEST).resolve()), context="ingest")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.ingest", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+def add_arguments(parser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, e.g. -S data.profile=tiny (repeatable)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def work(params, args, run) -> str:
     out = Path(args.out)
     try:
-        params = load_params(args.params, args.overrides)
-        data_cfg = section(params, "data")
-        from components.tracking import stage_run
-
-        with stage_run("ingest", params) as run:
-            try:
-                summary = run_ingest(data_cfg, out)
-            except CpcSamError:
-                if (out / SUMMARY).exists():  # the failed ingestion's reports still go to MLflow
-                    _log_summary(run, json.loads((out / SUMMARY).read_text()), out)
-                raise
-            _log_summary(run, summary, out)
-    except CpcSamError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
-        return 2
+        summary = run_ingest(params.data, out)
+    except CpcSamError:
+        if (out / SUMMARY).exists():  # the failed ingestion's reports still go to MLflow
+            _log_summary(run, json.loads((out / SUMMARY).read_text()), out)
+        raise
+    _log_summary(run, summary, out)
     q = summary["quarantine"]
-    print(
+    return (
         f"ingest: profile {summary['profile']}: {summary['n_images']} images, {summary['n_entities']} entities "
         f"(train/val/test images {'/'.join(str(summary['splits'][s]['images']) for s in ('train', 'val', 'test'))}); "
         f"quarantined {q['n_items']} item(s) ({q['fraction']:.1%}) {q['counts_by_reason'] or ''}; "
         f"{summary['withheld_target_in_train']['count']} target-class entities withheld from train; -> {out}"
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("ingest", __doc__, add_arguments, work, argv)
 
 
 if __name__ == "__main__":

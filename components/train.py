@@ -1,79 +1,67 @@
-"""Pipeline step `train`: bi-level CaPL <-> LoRA-SAM training (or a baseline mode), resumable.
+"""Pipeline step `train`: one variant (CPC-SAM, a baseline or an ablation), resumable.
 
-    python -m components.train [--params params.yaml] [--manifest data/ingest/manifest.parquet]
+    python -m components.train --variant cpcsam [--params params.yaml] [--manifest data/ingest/manifest.parquet]
                                [--prompts data/prompts/prompts.parquet] [--sam artifacts/pretrain/sam.pth]
-                               [--embeddings data/embeddings] [--out artifacts/train] [--model artifacts/train/model.pt]
+                               [--embeddings data/embeddings] [--out artifacts/train/<variant>]
 
-Reads `seed`, `train:`, `model:` and `perturb.k/prompt_slots`. Writes `checkpoints/` (every
-`train.checkpoint_every` steps; a restarted run resumes from the latest compatible one),
-`curve.csv`, `metrics.json` under `--out` and the trained model (`save_cpcsam`) to `--model`.
-Baselines for the evaluation: `-S train.mode=lora-only --out artifacts/baselines/lora_only
---model artifacts/baselines/lora_only.pt` (likewise `full-finetune`).
+Reads `seed`, `train:`, `model:` and `perturb:`; the variant (`cpcsam.training.variants`) sets the
+trainer mode and the CaPL mode. Writes under `--out` the DVC outs `curve.csv`, `metrics.json`
+(with its budget: steps, images per step, trainable parameters) and `model.pt` (`save_cpcsam`);
+checkpoints (every `train.checkpoint_every` steps; a restarted run resumes from the latest
+compatible one) and `timing.json` (wall time: kept out of the outs, whose bytes must be
+reproducible) go to `--checkpoints`.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
-from components.cli import configure_logging, stage_parser
-from cpcsam.config import load_params, section
-from cpcsam.errors import CpcSamError
-
-log = logging.getLogger("components.train")
+from components.cli import stage_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("train", __doc__)
+def add_arguments(parser) -> None:
+    parser.add_argument("--variant", default="cpcsam", help="an entry of variants")
     parser.add_argument("--manifest", default="data/ingest/manifest.parquet")
     parser.add_argument("--prompts", default="data/prompts/prompts.parquet")
     parser.add_argument("--sam", default="artifacts/pretrain/sam.pth", help="SAM weights to start from")
     parser.add_argument("--embeddings", default="data/embeddings")
-    parser.add_argument("--out", default="artifacts/train")
-    parser.add_argument("--model", default=None, help="trained model file (default: <out>/model.pt)")
+    parser.add_argument("--out", default=None, help="output folder (default: artifacts/train/<variant>)")
+    parser.add_argument("--checkpoints", default=None, help="resumable checkpoints (default: artifacts/checkpoints/<variant>)")
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
-    args = parser.parse_args(argv)
-    configure_logging()
-    out = Path(args.out)
-    model_path = Path(args.model) if args.model else out / "model.pt"
-    try:
-        from cpcsam.data import load_manifest
-        from cpcsam.modeling import save_cpcsam
-        from cpcsam.prompts.perturb import load_prompts
-        from cpcsam.training.config import TrainConfig, apply_threads, stage_seed
-        from cpcsam.training.run import prepare_training, training_model_cfg
 
-        params = load_params(args.params, args.overrides)
-        model_section = section(params, "model")
-        seed = stage_seed(params, "train")
-        apply_threads(TrainConfig.from_params(params.get("train") or {}).threads)
-        from components.tracking import stage_run
 
-        with stage_run("train", params) as run:
-            trainer = prepare_training(
-                params,
-                load_manifest(args.manifest),
-                load_prompts(args.prompts),
-                args.sam,
-                out,
-                embeddings_dir=args.embeddings,
-                metric_logger=run,
-                train_overrides={"seed": seed},
-            )
-            run.log_params({"train.effective_seed": seed, "train.cached_embeddings": trainer.data.uses_embeddings,
-                            "train.images": len(trainer.data.image_ids)})
-            summary = trainer.run(resume=not args.no_resume)
-            save_cpcsam(model_path, trainer.model, training_model_cfg(model_section, trainer.cfg.mode, None))
-            run.log_metrics({f"final_{k}": v for k, v in summary["final"].items()}, step=trainer.step)
-            run.log_artifact(out / "curve.csv")
-            run.log_artifact(out / "metrics.json")
-    except CpcSamError as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 2
+def work(params, args, run) -> str:
+    from cpcsam.data import load_manifest
+    from cpcsam.errors import ConfigError
+    from cpcsam.modeling import save_cpcsam
+    from cpcsam.prompts.perturb import load_prompts
+    from cpcsam.training.device import apply_threads
+    from cpcsam.training.run import prepare_training, training_model_cfg
+    from cpcsam.training.variants import variant_sections
+
+    if args.variant not in params.variants:
+        raise ConfigError(f"--variant {args.variant!r} is not in variants {params.variants}")
+    out = Path(args.out or f"artifacts/train/{args.variant}")
+    train, model = variant_sections(args.variant, params.seeded("train"), params.model)
+    apply_threads(train.threads)
+    trainer = prepare_training(train, model, params.perturb, load_manifest(args.manifest), load_prompts(args.prompts),
+                               args.sam, out, embeddings_dir=args.embeddings, metric_logger=run,
+                               checkpoint_dir=args.checkpoints or f"artifacts/checkpoints/{args.variant}")
+    run.set_tags({"cpcsam.variant": args.variant})
+    run.log_params({"train.effective_seed": train.seed, "train.variant": args.variant,
+                    "train.cached_embeddings": trainer.data.uses_embeddings, "train.images": len(trainer.data.image_ids)})
+    summary = trainer.run(resume=not args.no_resume)
+    save_cpcsam(out / "model.pt", trainer.model, training_model_cfg(model, train.mode, None))
+    run.log_metrics({f"final_{k}": v for k, v in summary["final"].items()}, step=trainer.step)
+    run.log_artifact(out / "curve.csv")
+    run.log_artifact(out / "metrics.json")
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items() if k.startswith("loss"))
-    print(f"train[{summary['mode']}]: {summary['steps']} steps, {final} -> {model_path}")
-    return 0
+    return f"train[{args.variant}: {summary['mode']}]: {summary['steps']} steps, {final} -> {out / 'model.pt'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("train", __doc__, add_arguments, work, argv)
 
 
 if __name__ == "__main__":

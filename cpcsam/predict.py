@@ -341,7 +341,8 @@ def predict(
     from cpcsam.data import read_image
     from cpcsam.evaluation.report import overlay_masks, save_png
     from cpcsam.modeling.transforms import coords_to_model
-    from cpcsam.prompts.auto import AutoPromptConfig, auto_prompt
+    from cpcsam.config import AutoConfig
+    from cpcsam.prompts.auto import auto_prompt
     from cpcsam.prompts.perturb import LABEL_PAD
 
     if prompts is None and support is None:
@@ -360,7 +361,7 @@ def predict(
     if unknown:
         raise DataError(f"unknown class(es) {unknown} in automatic mode: the support set {support} has "
                         f"no usable instance of them (have {sorted(prototypes) or 'none'})")
-    auto = AutoPromptConfig.from_dict(auto_cfg)
+    auto = AutoConfig.from_params(auto_cfg, "auto prompts")
 
     out = Path(out_dir)
     summary = PredictSummary(str(out), providers=engine.providers)

@@ -21,25 +21,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from components import register, tracking  # noqa: E402
-from cpcsam.config import load_params  # noqa: E402
-from cpcsam.data import storage  # noqa: E402
-from cpcsam.data.records import ImageRecord, Quarantine  # noqa: E402
-from cpcsam.data.sources.coco import CocoSource  # noqa: E402
-from cpcsam.errors import DataError  # noqa: E402
-from flows import s3_watch, stages  # noqa: E402
-from flows.train import project_root  # noqa: E402
+from cpcsam.config import Params, load_config
+from cpcsam.data import storage
+from cpcsam.data.records import ImageRecord, Quarantine
+from cpcsam.data.sources.coco import CocoSource
+from cpcsam.errors import DataError
+from cpcsam.files import write_json_atomic
+from flows import s3_watch, stages
+from flows.train import project_root
+from operations import registry as register
+from operations import tracking
 
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
@@ -106,8 +103,8 @@ def merge_batch(dataset: Path, batch: str, images_root: str, records: list[Image
             })
             next_ann += 1
     dataset.mkdir(parents=True, exist_ok=True)
-    tracking.write_json_atomic(ann_path, coco)
-    tracking.write_json_atomic(dataset / "quarantine" / f"{batch or '_root'}.json", quarantine.to_json())
+    write_json_atomic(ann_path, coco)
+    write_json_atomic(dataset / "quarantine" / f"{batch or '_root'}.json", quarantine.to_json())
     return {"images_accepted": len(records), "images_new": added, "quarantined": len(quarantine.items)}
 
 
@@ -145,7 +142,7 @@ def profile_override(
 
 
 @task(name="preflight", cache_policy=NO_CACHE, persist_result=False)
-def preflight_task(params: dict[str, Any], s3: list[tuple[str | None, str | None]]) -> list[str]:
+def preflight_task(params: Params, s3: list[tuple[str | None, str | None]]) -> list[str]:
     done = tracking.preflight(params, s3_endpoints=s3)
     get_run_logger().info("preflight ok: %s", "; ".join(done))
     return done
@@ -203,8 +200,8 @@ def retrain(
     """Pick up new data under s3://bucket/prefix, version it, retrain and report the gate's verdict."""
     logger = get_run_logger()
     root = project_root()
-    params = load_params(root / "params.yaml")
-    max_pixels = int((params.get("data") or {}).get("max_pixels", 40_000_000))
+    params = load_config(root / "params.yaml")
+    max_pixels = params.data.max_pixels
     watch_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     checks: list[tuple[str | None, str | None]] = [(watch_endpoint, bucket)]
     if push:
@@ -251,7 +248,8 @@ def retrain(
 
     from prefect.deployments import run_deployment
 
-    overrides = [profile_override(dataset, group_pattern, version, profile_extra), *train_overrides]
+    # absolute: the train flow runs in its own worktree, where the dataset folder does not exist
+    overrides = [profile_override(str(root / dataset), group_pattern, version, profile_extra), *train_overrides]
     logger.info("triggering %s on data version %s", deployment, version)
     flow_run = run_deployment(name=deployment, parameters={"profile": "oceancoco", "overrides": overrides},
                               timeout=wait_timeout_s)

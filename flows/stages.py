@@ -1,4 +1,4 @@
-"""DVC as the flows see it: the stage order (asked of DVC), one stage's repro, params overrides, push.
+"""DVC as the flows see it: the stage order (asked of DVC), one stage's repro, push.
 
 No Prefect here (plain functions the flows wrap in tasks). The stage graph stays in
 `dvc.yaml`: the order comes from `dvc stage list` + `dvc dag --dot`, never from Python.
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 from cpcsam.errors import ConfigError
 
@@ -27,6 +27,14 @@ _EDGE = re.compile(r'^\s*"?([^"\s]+)"?\s*->\s*"?([^"\s;]+)"?\s*;?\s*$')
 
 class StageFailed(RuntimeError):
     """A `dvc` command exited non-zero (Prefect retries the task per policy)."""
+
+
+class StageRefused(StageFailed):
+    """The stage's own step exited with a code that says a retry cannot help (`components.cli`:
+    2 bad input or configuration, 3 a deterministic check such as ONNX parity)."""
+
+
+_STEP_EXIT = re.compile(r"exited with (\d+)")
 
 
 def dvc_executable() -> str:
@@ -74,7 +82,12 @@ def run_dvc(
         with open(log_file, "a") as fh:
             fh.write(f"$ {' '.join(cmd)}\n{output}\n")
     if proc.returncode != 0:
-        raise StageFailed(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}); output tail:\n{output[-3000:]}")
+        from components.cli import NOT_RETRYABLE
+
+        codes = [int(c) for c in _STEP_EXIT.findall(output)]  # dvc reports its child's exit code
+        kind = StageRefused if codes and codes[-1] in NOT_RETRYABLE else StageFailed
+        raise kind(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}"
+                   f"{f', step exit {codes[-1]}' if codes else ''}); output tail:\n{output[-3000:]}")
     return output
 
 
@@ -140,50 +153,6 @@ def repro_stage(
         "restored_from_run_cache": "is cached - skipping run" in output,
         "seconds": round(time.monotonic() - start, 2),
     }
-
-
-@contextlib.contextmanager
-def params_overrides(root: Path, overrides: list[str], params_file: str = "params.yaml") -> Iterator[Path]:
-    """Apply `key.sub=value` overrides to params.yaml for the duration of one run, then restore it.
-
-    Comments and layout survive (ruamel round-trip). Values are parsed as YAML, like
-    `cpcsam.config.load_params` and `dvc exp run -S`. Unlike `dvc exp run`, the workspace's
-    params.yaml comes back afterwards, so a run with overrides never changes what the next
-    scheduled run trains (DVC's run cache makes switching back cheap).
-    """
-    import io
-
-    import yaml
-    from ruamel.yaml import YAML
-
-    path = root / params_file
-    original = path.read_text()
-    if not overrides:
-        yield path
-        return
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(original)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        node = doc
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if part not in node or node[part] is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a mapping in {path}")
-        node[parts[-1]] = yaml.safe_load(raw)
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    path.write_text(buf.getvalue())
-    try:
-        yield path
-    finally:
-        path.write_text(original)
 
 
 def remote_endpoint(root: Path, remote: str | None = None) -> tuple[str | None, str | None, str | None]:

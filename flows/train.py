@@ -3,14 +3,17 @@
     prefect deployment run train/oceancoco --param profile=tiny --param 'overrides=["train.steps=5"]'
     python -m flows.train --profile tiny train.steps=5          # same flow, no server needed
 
-1. preflight: tracking store (and the DVC remote when `push`) must answer, before any training;
-2. params: `data.profile=<profile>` + `overrides` are written into params.yaml for this run
-   and restored afterwards (DVC sees them as params, dvc.lock records them);
-3. one task per DVC stage, in the order DVC gives (`dvc stage list` + `dvc dag`), each a
+1. params: `data.profile=<profile>` + `overrides` validated as one typed tree before anything runs;
+2. preflight: tracking store (and the DVC remote when `push`) must answer, before any training;
+3. the run gets its own git worktree of the commit (`flows.workspace`), sharing the DVC cache,
+   with the overrides written into *its* params.yaml: the user's checkout is never written, and
+   runs of different profiles share a worker without touching each other;
+4. one task per DVC stage, in the order DVC gives (`dvc stage list` + `dvc dag`), each a
    `dvc repro --single-item <stage>` with retries and a timeout. DVC decides what re-runs;
    Prefect's result caching is off;
-4. the stages log into nested MLflow runs under this flow's pipeline run;
-5. when the graph produced `artifacts/eval/gate.json`, `components.register` registers the
+5. the stages log into nested MLflow runs under this flow's pipeline run; the registry's champion
+   enters the graph as the param `gate.champion`;
+6. when the graph produced `artifacts/eval/gate.json`, `operations.registry` registers the
    exported model and moves `champion` only if the gate passed.
 Returns a summary dict (also logged on the MLflow run as `summary.json`).
 """
@@ -28,15 +31,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-# The flow may be loaded by path (Prefect) from another working directory.
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+from operations import registry as register
+from cpcsam.config import Params, load_config
+from cpcsam.errors import ConfigError
+from flows import stages
+from flows.workspace import isolated_workspace
+from operations import tracking
 
-from components import register, tracking  # noqa: E402
-from cpcsam.config import load_params  # noqa: E402
-from cpcsam.errors import ConfigError  # noqa: E402
-from flows import stages  # noqa: E402
+_ROOT = Path(__file__).resolve().parents[1]
 
 # Report files of the stage contracts (docs/CONTRACTS.md) also kept on the pipeline run,
 # so one run page shows the whole story; stages log the rest on their nested runs.
@@ -44,8 +46,7 @@ REPORT_FILES = [
     "data/ingest/summary.json",
     "data/ingest/quarantine.json",
     "data/validate/report.json",
-    "artifacts/train/metrics.json",
-    "artifacts/train/curve.csv",
+    "artifacts/train",
     "artifacts/eval/metrics.json",
     "artifacts/eval/table.md",
     "artifacts/eval/plots",
@@ -70,7 +71,7 @@ def flow_run_id() -> str | None:
 
 
 @task(name="preflight", cache_policy=NO_CACHE, persist_result=False)
-def preflight_task(params: dict[str, Any], s3: list[tuple[str | None, str | None]]) -> list[str]:
+def preflight_task(params: Params, s3: list[tuple[str | None, str | None]]) -> list[str]:
     done = tracking.preflight(params, s3_endpoints=s3)
     get_run_logger().info("preflight ok: %s", "; ".join(done) or "tracking off")
     return done
@@ -83,6 +84,18 @@ def stage_order_task(root: str) -> list[str]:
     return order
 
 
+def retry_unless_refused(task, task_run, state) -> bool:
+    """Prefect retry condition: retry a crash or an outage, never a stage that refused its input
+    or failed a deterministic check (the same inputs would fail the same way)."""
+    try:
+        state.result()
+    except stages.StageRefused:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 @task(name="dvc-repro", cache_policy=NO_CACHE, persist_result=False)
 def repro_task(root: str, stage: str, env: dict[str, str], timeout_s: float, pull: bool = False) -> dict[str, Any]:
     """One DVC stage. A failure raises, and Prefect retries it per the task's policy."""
@@ -93,7 +106,7 @@ def repro_task(root: str, stage: str, env: dict[str, str], timeout_s: float, pul
 
 
 @task(name="register", cache_policy=NO_CACHE, persist_result=False)
-def register_task(root: str, run_id: str, params: dict[str, Any], profile: str) -> dict[str, Any]:
+def register_task(root: str, run_id: str, params: Params, profile: str) -> dict[str, Any]:
     base = Path(root)
     result = register.register_candidate(
         run_id, params, base / register.GATE_PATH, base / register.EXPORT_DIR, profile=profile
@@ -131,10 +144,30 @@ def _gate_is_a_dvc_out(root: Path) -> bool:
     return False
 
 
-def _validate_profile(params: dict[str, Any], profile: str) -> None:
-    profiles = (params.get("data") or {}).get("profiles")
-    if isinstance(profiles, dict) and profiles and profile not in profiles:
-        raise ConfigError(f"params.yaml data.profiles: no profile {profile!r} (known: {', '.join(sorted(profiles))})")
+def absolute_tracking(params: Params, root: Path) -> Params:
+    """`tracking.uri` / `artifact_location` made absolute against the user's checkout, so that a
+    run in a worktree logs into the same local store as `make run` there (servers are unchanged)."""
+    cfg = params.tracking
+    uri = tracking.resolve_tracking_uri(params)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
+    location = cfg.artifact_location
+    if location and "://" not in location and not Path(location).is_absolute():
+        location = str((root / location).resolve())
+    return params.model_copy(update={"tracking": cfg.model_copy(update={"uri": uri, "artifact_location": location})})
+
+
+def champion_override(params: Params, profile: str) -> list[str]:
+    """`gate.champion=<headline of the registry's champion>`, or nothing without one."""
+    try:
+        head = register.champion_headline(params, profile)
+    except Exception as exc:  # no registry yet, or tracking off: no champion to compare with
+        get_run_logger().info("no champion from the registry (%s)", exc)
+        return []
+    if not head:
+        return []
+    keep = {k: head.get(k) for k in ("target_dice", "base_dice", "version")}
+    return [f"gate.champion={json.dumps(keep, sort_keys=True)}"]
 
 
 @flow(name="train", persist_result=False, log_prints=True)
@@ -149,12 +182,8 @@ def train(
     logger = get_run_logger()
     root = project_root()
     all_overrides = [f"data.profile={profile}", *overrides]
-    params = load_params(root / "params.yaml", overrides=all_overrides)
-    _validate_profile(params, profile)
-    flow_cfg = dict(tracking.tracking_config(params).get("flow") or {})
-    retries = int(flow_cfg.get("stage_retries", 1))
-    retry_delay = float(flow_cfg.get("stage_retry_delay_s", 5))
-    timeout = float(flow_cfg.get("stage_timeout_s", 3600))
+    params = absolute_tracking(load_config(root / "params.yaml", all_overrides), root)  # validated before any work
+    flow_cfg = params.tracking.flow
 
     s3 = []
     if push or pull:
@@ -163,63 +192,60 @@ def train(
             raise ConfigError(f"{root / '.dvc/config'}: push/pull requested but no default DVC remote (core.remote)")
         s3.append((endpoint, bucket))
     preflight_task(params, s3)  # fails fast: nothing below runs
-    order = stage_order_task(str(root))
+    all_overrides += champion_override(params, profile)
 
-    run_id_env = {}
     fr = flow_run_id()
-    if fr:
-        run_id_env[tracking.FLOW_RUN_ENV] = fr
     summary: dict[str, Any] = {"profile": profile, "overrides": list(overrides), "stages": [], "gate": None,
                                "registration": None, "pushed": False, "flow_run_id": fr}
-    prev_cwd = os.getcwd()
-    os.chdir(root)  # tracking resolves relative sqlite paths and lineage (git, dvc.lock) from here
-    try:
-        with stages.params_overrides(root, all_overrides), tracking.pipeline_run(
-            params,
-            run_name=f"train-{profile}",
-            tags={"cpcsam.profile": profile, "cpcsam.overrides": json.dumps(list(overrides)),
-                  **({"cpcsam.prefect.flow_run_id": fr} if fr else {})},
-        ) as run:
-            summary["mlflow_run_id"] = run.run_id
-            run.log_params({k: v for k, v in params.items() if k != "tracking"})
-            env = {**run_id_env, **({tracking.PARENT_RUN_ENV: run.run_id} if run.run_id else {})}
-            for stage in order:
-                task_ = repro_task.with_options(
-                    name=f"dvc-repro-{stage}", retries=retries, retry_delay_seconds=retry_delay,
-                    timeout_seconds=timeout + 60,  # the subprocess's own timeout fires first and kills it
-                )
-                summary["stages"].append(task_(str(root), stage, env, timeout, pull))
+    with isolated_workspace(root, all_overrides, label=f"train-{profile}") as ws, tracking.pipeline_run(
+        params,
+        run_name=f"train-{profile}",
+        tags={"cpcsam.profile": profile, "cpcsam.overrides": json.dumps(list(overrides)),
+              **({"cpcsam.prefect.flow_run_id": fr} if fr else {})},
+        root=ws,
+    ) as run:
+        summary["mlflow_run_id"] = run.run_id
+        summary["workspace"] = str(ws)
+        run.log_params(params.model_dump(mode="json", exclude={"tracking"}))
+        env = {"MLFLOW_TRACKING_URI": params.tracking.uri,
+               **({tracking.FLOW_RUN_ENV: fr} if fr else {}),
+               **({tracking.PARENT_RUN_ENV: run.run_id} if run.run_id else {})}
+        order = stage_order_task(str(ws))
+        for stage in order:
+            task_ = repro_task.with_options(
+                name=f"dvc-repro-{stage}", retries=flow_cfg.stage_retries,
+                retry_delay_seconds=flow_cfg.stage_retry_delay_s,
+                retry_condition_fn=retry_unless_refused,
+                timeout_seconds=flow_cfg.stage_timeout_s + 60,  # the subprocess's own timeout fires first
+            )
+            summary["stages"].append(task_(str(ws), stage, env, flow_cfg.stage_timeout_s, pull))
 
-            run.set_tags(tracking.lineage_tags(root, list(tracking.tracking_config(params)["data_stages"])))
-            manifest = root / "data/ingest/manifest.parquet"
-            if manifest.is_file():  # dataset lineage (mlflow.log_input): schema, digest, source
-                import pandas as pd
+        run.set_tags(tracking.lineage_tags(ws, list(params.tracking.data_stages)))
+        manifest = ws / "data/ingest/manifest.parquet"
+        if manifest.is_file():  # dataset lineage (mlflow.log_input): schema, digest, source
+            import pandas as pd
 
-                run.log_dataset(pd.read_parquet(manifest), name=f"manifest-{profile}",
-                                source=str(manifest), context="training")
-            run.log_artifact(root / "params.yaml", "config")  # with this run's overrides applied
-            run.log_artifact(root / "dvc.lock", "config")
-            for rel in REPORT_FILES:  # a folder's contents go under reports/<folder>
-                path = root / rel
-                if path.exists():
-                    run.log_artifact(path, str(Path("reports") / (rel if path.is_dir() else Path(rel).parent)))
+            run.log_dataset(pd.read_parquet(manifest), name=f"manifest-{profile}", source=str(manifest), context="training")
+        run.log_artifact(ws / "params.yaml", "config")  # with this run's overrides applied
+        run.log_artifact(ws / "dvc.lock", "config")
+        for rel in REPORT_FILES:  # a folder's contents go under reports/<folder>
+            path = ws / rel
+            if path.exists():
+                run.log_artifact(path, str(Path("reports") / (rel if path.is_dir() else Path(rel).parent)))
 
-            if _gate_is_a_dvc_out(root) and (root / register.GATE_PATH).is_file():
-                gate = register.read_gate(root / register.GATE_PATH)
-                summary["gate"] = {"passed": gate["passed"], "reasons": register.reason_lines(gate)}
-                if run.run_id:
-                    summary["registration"] = register_task(str(root), run.run_id, params, profile)
-                else:
-                    logger.warning("tracking is off: gate %s, nothing registered",
-                                   "passed" if gate["passed"] else "rejected")
+        if _gate_is_a_dvc_out(ws) and (ws / register.GATE_PATH).is_file():
+            gate = register.read_gate(ws / register.GATE_PATH)
+            summary["gate"] = {"passed": gate["passed"], "reasons": register.reason_lines(gate)}
+            if run.run_id:
+                summary["registration"] = register_task(str(ws), run.run_id, params, profile)
             else:
-                logger.warning("dvc.yaml has no stage producing %s yet: no gate, nothing registered", register.GATE_PATH)
-            if push:
-                push_task(str(root))
-                summary["pushed"] = True
-            run.log_dict(summary, "summary.json")
-    finally:
-        os.chdir(prev_cwd)
+                logger.warning("tracking is off: gate %s, nothing registered", "passed" if gate["passed"] else "rejected")
+        else:
+            logger.warning("dvc.yaml has no stage producing %s yet: no gate, nothing registered", register.GATE_PATH)
+        if push:
+            push_task(str(ws))
+            summary["pushed"] = True
+        run.log_dict(summary, "summary.json")
     verdict = "no gate" if summary["gate"] is None else ("PASSED" if summary["gate"]["passed"] else "REJECTED")
     print(f"train/{profile}: {len(summary['stages'])} stages, gate {verdict}, MLflow run {summary.get('mlflow_run_id')}")
     return summary

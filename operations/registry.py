@@ -1,6 +1,6 @@
 """Model registration and gated promotion in the MLflow model registry.
 
-    python -m components.register [--run-id RUN] [--params params.yaml]
+    python -m operations.registry [--run-id RUN] [--params params.yaml]
 
 Reads the evaluation gate (`artifacts/eval/gate.json`: `passed` + `reasons`), logs the
 exported model (`artifacts/export/`) and the gate on the pipeline run, and registers a new
@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cpcsam.config import load_params
+from cpcsam.config import Params, load_config
 from cpcsam.errors import ConfigError, CpcSamError, DataError
 
-from components import tracking
+from operations import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +53,19 @@ class Registration:
         return asdict(self)
 
 
-def registry_config(params: Mapping[str, Any]) -> dict[str, str]:
-    reg = dict(tracking.tracking_config(params).get("registry") or {})
-    return {
-        "model_name": str(reg.get("model_name", "cpcsam-{profile}")),
-        "champion_alias": str(reg.get("champion_alias", "champion")),
-    }
+def registry_config(params: Params | Mapping[str, Any] | None) -> dict[str, str]:
+    reg = tracking.tracking_config(params).registry
+    return {"model_name": reg.model_name, "champion_alias": reg.champion_alias}
 
 
-def profile_of(params: Mapping[str, Any]) -> str:
-    data = params.get("data") or {}
-    profile = data.get("profile") if isinstance(data, Mapping) else None
+def profile_of(params: Params | Mapping[str, Any]) -> str:
+    profile = tracking._get(params, "data", "profile")
     if not profile:
         raise ConfigError("params data.profile: not set (the registered model is named after the dataset profile)")
     return str(profile)
 
 
-def model_name_for(params: Mapping[str, Any], profile: str | None = None) -> str:
+def model_name_for(params: Params | Mapping[str, Any], profile: str | None = None) -> str:
     return registry_config(params)["model_name"].format(profile=profile or profile_of(params))
 
 
@@ -121,7 +117,7 @@ def _ensure_registered_model(client, name: str) -> None:
 
 def register_candidate(
     run_id: str,
-    params: Mapping[str, Any],
+    params: Params | Mapping[str, Any],
     gate_path: str | Path = GATE_PATH,
     export_dir: str | Path = EXPORT_DIR,
     profile: str | None = None,
@@ -197,14 +193,14 @@ def champion_version(client, name: str, alias: str = "champion") -> str | None:
         return None
 
 
-def champion_headline(params: Mapping[str, Any], profile: str | None = None) -> dict[str, Any] | None:
+def champion_headline(params: Params | Mapping[str, Any], profile: str | None = None) -> dict[str, Any] | None:
     """The gating numbers (`target_dice`, `base_dice`, ...) of the current champion, or None.
 
     For the gate stage: compare a candidate with the champion. None when tracking is off,
     the store is unreachable, or there is no champion yet.
     """
     cfg = tracking.tracking_config(params)
-    if not cfg["enabled"]:
+    if not cfg.enabled:
         return None
     try:
         client = tracking.make_client(params)
@@ -215,17 +211,17 @@ def champion_headline(params: Mapping[str, Any], profile: str | None = None) -> 
         logger.info("no champion found: %s", exc)
         return None
     raw = (version.tags or {}).get("cpcsam.headline")
-    return json.loads(raw) if raw else None
+    return {**json.loads(raw), "version": str(version.version)} if raw else None
 
 
-def outcome_of_flow_run(params: Mapping[str, Any], flow_run_id: str) -> dict[str, Any] | None:
+def outcome_of_flow_run(params: Params | Mapping[str, Any], flow_run_id: str) -> dict[str, Any] | None:
     """What a `train` flow run produced, read back from MLflow: its pipeline run, gate, version.
 
     None when no pipeline run carries that Prefect flow-run id (e.g. tracking was off).
     """
     client = tracking.make_client(params)
     cfg = tracking.tracking_config(params)
-    experiment = client.get_experiment_by_name(str(cfg["experiment"]))
+    experiment = client.get_experiment_by_name(str(cfg.experiment))
     if experiment is None:
         return None
     runs = client.search_runs(
@@ -257,7 +253,7 @@ def outcome_of_flow_run(params: Mapping[str, Any], flow_run_id: str) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.register", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m operations.registry", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--run-id", help="the pipeline's MLflow run (default: a new 'register' run)")
     parser.add_argument("--gate", default=str(GATE_PATH))
@@ -265,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        params = load_params(args.params)
-        if not tracking.tracking_config(params)["enabled"]:
+        params = load_config(args.params)
+        if not tracking.tracking_config(params).enabled:
             raise ConfigError(f"{args.params}: tracking.enabled is false; nothing to register into")
         tracking.preflight(params)
         if args.run_id:

@@ -1,8 +1,8 @@
 """The one MLflow interface of the pipeline: every component logs through `stage_run`.
 
-    from components.tracking import stage_run
+    from operations.tracking import stage_run
 
-    with stage_run("train", params) as run:      # params: the whole params.yaml dict
+    with stage_run("train", params) as run:      # params: the typed tree (cpcsam.config.Params)
         run.log_metrics({"loss": 0.3}, step=10)
         run.log_artifact("artifacts/train/curve.csv")
 
@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+from cpcsam.config import Params, TrackingConfig, load_config
 from cpcsam.errors import CpcSamError
 
 logger = logging.getLogger(__name__)
@@ -57,17 +58,6 @@ FLOW_RUN_ENV = "CPCSAM_PREFECT_FLOW_RUN_ID"
 PREFECT_FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
 TRACKING_SWITCH_ENV = "CPCSAM_TRACKING"
 
-DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "uri": "sqlite:///mlflow.db",
-    "experiment": "cpcsam",
-    "artifact_location": "mlruns",
-    "data_stages": ["ingest", "validate"],
-    "retries": 3,
-    "retry_wait_s": 0.5,
-    "max_consecutive_failures": 5,
-    "preflight_timeout_s": 5.0,
-}
 
 # MLflow's own HTTP client retries 7 times with exponential back-off (minutes when a server
 # is gone); our retry loop is the policy, so keep MLflow's short. Users may override.
@@ -85,35 +75,46 @@ class PreflightError(CpcSamError):
 # --------------------------------------------------------------------------- configuration
 
 
-def tracking_config(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The `tracking:` section merged over `DEFAULTS` (environment switch applied)."""
-    section = dict((params or {}).get("tracking") or {})
-    cfg = {**DEFAULTS, **section}
+def tracking_config(params: Params | Mapping[str, Any] | None) -> TrackingConfig:
+    """The `tracking:` section (defaults without params), with the `CPCSAM_TRACKING` switch applied.
+
+    `params` is the typed tree, or, for a stage script outside this project's params (any DVC
+    stage may log through `stage_run`), a plain mapping whose `tracking:` section is validated.
+    """
+    if isinstance(params, Mapping):
+        cfg = TrackingConfig.from_params(params.get("tracking"))
+    else:
+        cfg = params.tracking if params is not None else TrackingConfig()
     switch = os.environ.get(TRACKING_SWITCH_ENV, "").strip().lower()
     if switch in {"0", "off", "false", "no"}:
-        cfg["enabled"] = False
+        cfg = cfg.model_copy(update={"enabled": False})
     elif switch in {"1", "on", "true", "yes"}:
-        cfg["enabled"] = True
+        cfg = cfg.model_copy(update={"enabled": True})
     return cfg
 
 
-def resolve_tracking_uri(params: Mapping[str, Any] | None) -> str:
+def _get(params: Params | Mapping[str, Any] | None, *path: str) -> Any:
+    """A value of the typed tree or of a plain mapping (None when absent)."""
+    node: Any = params
+    for key in path:
+        if node is None:
+            return None
+        node = node.get(key) if isinstance(node, Mapping) else getattr(node, key, None)
+    return node
+
+
+def resolve_tracking_uri(params: Params | Mapping[str, Any] | None) -> str:
     """`MLFLOW_TRACKING_URI` wins over `tracking.uri`, which wins over the sqlite default."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or str(tracking_config(params)["uri"])
+    return os.environ.get("MLFLOW_TRACKING_URI") or str(tracking_config(params).uri)
 
 
 def is_remote_uri(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in {"http", "https"}
 
 
-def _load_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """params.yaml of the working directory, or {} (tracking works with defaults)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
+def _load_params_file(path: str | Path = "params.yaml") -> Params | None:
+    """params.yaml of the working directory, or None (tracking works with defaults)."""
+    return load_config(path) if Path(path).is_file() else None
 
 
 def _configure_mlflow_env() -> None:
@@ -123,7 +124,7 @@ def _configure_mlflow_env() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
-def make_client(params: Mapping[str, Any] | None = None, uri: str | None = None):
+def make_client(params: Params | None = None, uri: str | None = None):
     """An `MlflowClient` on the resolved URI (tracking and registry on the same store)."""
     _configure_mlflow_env()
     from mlflow import MlflowClient
@@ -204,7 +205,7 @@ def lineage_tags(root: str | Path = ".", data_stages: list[str] | None = None) -
         tags["cpcsam.git.dirty"] = "true" if changed else "false"
         if changed:
             tags["cpcsam.git.dirty_files"] = " ".join(changed)[:2000]
-    tags.update(dvc_lock_hashes(root, data_stages if data_stages is not None else DEFAULTS["data_stages"]))
+    tags.update(dvc_lock_hashes(root, data_stages if data_stages is not None else TrackingConfig().data_stages))
     flow_run = os.environ.get(FLOW_RUN_ENV) or os.environ.get(PREFECT_FLOW_RUN_ENV)
     if flow_run:
         tags["cpcsam.prefect.flow_run_id"] = flow_run
@@ -300,7 +301,7 @@ class StageRun:
                     )
         return None
 
-    # -- public API (matches cpcsam.training.logging.MetricLogger)
+    # -- public API (matches cpcsam.training.metric_logger.MetricLogger)
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Numeric metrics on the stage run, mirrored on the pipeline run as `<stage>/<key>`."""
         from mlflow.entities import Metric
@@ -375,17 +376,17 @@ def _is_nan(value: Any) -> bool:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[StageRun | NullRun]:
+def stage_run(stage: str, params: Params | Mapping[str, Any] | None = None) -> Iterator[StageRun | NullRun]:
     """Open the MLflow run of one pipeline stage; close it FINISHED or FAILED.
 
-    `params` is the whole params.yaml mapping (read from the working directory when None):
+    `params` is the typed params tree (read from the working directory when None):
     its `tracking:` section configures the logger, and `seed` + the stage's own section are
     logged as the run's params. If MLflow cannot be reached, the stage runs untracked (a
     warning says so); the fail-fast check belongs to `preflight`, called by the flows.
     """
-    params = dict(params) if params is not None else _load_params_file()
+    params = params if params is not None else _load_params_file()
     cfg = tracking_config(params)
-    if not cfg["enabled"]:
+    if not cfg.enabled:
         yield NullRun()
         return
 
@@ -405,22 +406,22 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[S
 
 
 def _open_stage_run(
-    stage: str, params: Mapping[str, Any], cfg: Mapping[str, Any], uri: str, parent: str | None
+    stage: str, params: Params | Mapping[str, Any] | None, cfg: TrackingConfig, uri: str, parent: str | None
 ) -> StageRun | None:
-    retries = int(cfg["retries"])
-    wait = float(cfg["retry_wait_s"])
+    retries = int(cfg.retries)
+    wait = float(cfg.retry_wait_s)
 
     def _create():
         client = make_client(uri=uri)
         if parent:
             experiment_id = client.get_run(parent).info.experiment_id
         else:
-            experiment_id = get_or_create_experiment(client, str(cfg["experiment"]), cfg.get("artifact_location"), uri)
+            experiment_id = get_or_create_experiment(client, str(cfg.experiment), cfg.artifact_location, uri)
         tags = {
             "cpcsam.stage": stage,
-            **lineage_tags(".", list(cfg["data_stages"])),
+            **lineage_tags(".", list(cfg.data_stages)),
         }
-        profile = (params.get("data") or {}).get("profile") if isinstance(params.get("data"), Mapping) else None
+        profile = _get(params, "data", "profile")
         if profile:
             tags["cpcsam.profile"] = str(profile)
         if parent:
@@ -448,13 +449,14 @@ def _open_stage_run(
         stage=stage,
         retries=retries,
         retry_wait_s=wait,
-        max_consecutive_failures=int(cfg["max_consecutive_failures"]),
+        max_consecutive_failures=int(cfg.max_consecutive_failures),
     )
     logged: dict[str, Any] = {}
-    if "seed" in params:
-        logged["seed"] = params["seed"]
-    if isinstance(params.get(stage), Mapping):
-        logged[stage] = params[stage]
+    if params is not None:
+        logged["seed"] = _get(params, "seed")
+        section = _get(params, stage)
+        if section is not None:
+            logged[stage] = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
     if logged:
         run.log_params(logged)
     return run
@@ -462,9 +464,10 @@ def _open_stage_run(
 
 @contextlib.contextmanager
 def pipeline_run(
-    params: Mapping[str, Any] | None = None,
+    params: Params | None = None,
     run_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    root: str | Path = ".",
 ) -> Iterator[StageRun | NullRun]:
     """The parent run of a whole pipeline run (opened by a flow).
 
@@ -472,15 +475,15 @@ def pipeline_run(
     stages it starts (`dvc repro` children) nest under it. Unlike `stage_run`, failing to
     create it raises: the flow must have called `preflight` first.
     """
-    params = dict(params) if params is not None else _load_params_file()
+    params = params if params is not None else _load_params_file()
     cfg = tracking_config(params)
-    if not cfg["enabled"]:
+    if not cfg.enabled:
         yield NullRun()
         return
     uri = resolve_tracking_uri(params)
     client = make_client(uri=uri)
-    experiment_id = get_or_create_experiment(client, str(cfg["experiment"]), cfg.get("artifact_location"), uri)
-    all_tags = {"cpcsam.stage": "pipeline", **lineage_tags(".", list(cfg["data_stages"])), **(tags or {})}
+    experiment_id = get_or_create_experiment(client, str(cfg.experiment), cfg.artifact_location, uri)
+    all_tags = {"cpcsam.stage": "pipeline", **lineage_tags(root, list(cfg.data_stages)), **(tags or {})}
     created = client.create_run(
         experiment_id, tags={safe_key(k): str(v)[:5000] for k, v in all_tags.items()}, run_name=run_name
     )
@@ -488,9 +491,9 @@ def pipeline_run(
         client=client,
         run_id=created.info.run_id,
         stage="pipeline",
-        retries=int(cfg["retries"]),
-        retry_wait_s=float(cfg["retry_wait_s"]),
-        max_consecutive_failures=int(cfg["max_consecutive_failures"]),
+        retries=int(cfg.retries),
+        retry_wait_s=float(cfg.retry_wait_s),
+        max_consecutive_failures=int(cfg.max_consecutive_failures),
     )
     saved = os.environ.get(PARENT_RUN_ENV)
     os.environ[PARENT_RUN_ENV] = run.run_id
@@ -522,11 +525,11 @@ def _http_reachable(url: str, timeout: float) -> tuple[bool, str]:
         return False, str(reason)
 
 
-def check_tracking(params: Mapping[str, Any] | None, timeout: float | None = None) -> str:
+def check_tracking(params: Params | None, timeout: float | None = None) -> str:
     """Raise `PreflightError` unless the configured tracking store can be used. Returns the URI."""
     cfg = tracking_config(params)
     uri = resolve_tracking_uri(params)
-    timeout = float(timeout if timeout is not None else cfg["preflight_timeout_s"])
+    timeout = float(timeout if timeout is not None else cfg.preflight_timeout_s)
     parsed = urllib.parse.urlparse(uri)
     if is_remote_uri(uri):
         health = uri.rstrip("/") + "/health"
@@ -585,7 +588,7 @@ def check_s3_endpoint(endpoint_url: str | None, bucket: str | None = None, timeo
 
 
 def preflight(
-    params: Mapping[str, Any] | None = None,
+    params: Params | None = None,
     s3_endpoints: list[tuple[str | None, str | None]] | None = None,
     timeout: float | None = None,
 ) -> list[str]:
@@ -595,9 +598,9 @@ def preflight(
     Returns one line per check that passed; raises `PreflightError` at the first that fails.
     """
     cfg = tracking_config(params)
-    timeout = float(timeout if timeout is not None else cfg["preflight_timeout_s"])
+    timeout = float(timeout if timeout is not None else cfg.preflight_timeout_s)
     done: list[str] = []
-    if cfg["enabled"]:
+    if cfg.enabled:
         uri = check_tracking(params, timeout)
         done.append(f"tracking store {uri}")
         mlflow_s3 = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
@@ -610,10 +613,3 @@ def preflight(
     return done
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON via a temporary file + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(obj, tmp, indent=2, sort_keys=True)
-    os.replace(tmp.name, path)

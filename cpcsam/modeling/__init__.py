@@ -10,10 +10,9 @@ from cpcsam.modeling.cpcsam import (
     DecoderOutput,
     capl_parameters,
     lora_parameters,
-    resolve_capl_cfg,
     sam_parameters,
 )
-from cpcsam.modeling.lora import apply_lora, has_lora, merge_lora, resolve_lora_cfg
+from cpcsam.modeling.lora import apply_lora, has_lora, merge_lora
 from cpcsam.modeling.serialization import build_cpcsam, load_cpcsam, save_cpcsam
 
 __all__ = [
@@ -35,8 +34,6 @@ __all__ = [
     "merge_lora",
     "read_state_dict",
     "resolve_arch",
-    "resolve_capl_cfg",
-    "resolve_lora_cfg",
     "sam_parameters",
     "save_cpcsam",
 ]

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from cpcsam.config import ModelConfig, coerce
 from cpcsam.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -92,25 +93,17 @@ ARCHS: dict[str, SamArch] = {
 OFFICIAL_TYPES = ("vit_b", "vit_l", "vit_h")
 
 
-def resolve_arch(cfg: Mapping[str, Any]) -> SamArch:
-    """The architecture named by `cfg["type"]`, with `cfg["sizes"][type]` overrides for small types.
+def resolve_arch(cfg: ModelConfig | Mapping[str, Any]) -> SamArch:
+    """The architecture named by `model.type`, with `model.sizes[type]` overrides for small types.
 
-    The official types take no overrides: their sizes are fixed by the released checkpoints.
+    The official types take no overrides (`ModelConfig` refuses them): their sizes are fixed by
+    the released checkpoints.
     """
-    sam_type = cfg.get("type")
-    if sam_type not in ARCHS:
-        raise ConfigError(f"model.type: {sam_type!r} is not one of {sorted(ARCHS)}")
-    arch = ARCHS[sam_type]
-    overrides = dict((cfg.get("sizes") or {}).get(sam_type) or {})
-    if overrides and sam_type in OFFICIAL_TYPES:
-        raise ConfigError(f"model.sizes.{sam_type}: the official {sam_type} sizes cannot be overridden")
-    known = {f.name for f in dataclasses.fields(SamArch)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"model.sizes.{sam_type}: unknown keys {unknown}; known: {sorted(known)}")
-    if "encoder_global_attn_indexes" in overrides:
-        overrides["encoder_global_attn_indexes"] = tuple(overrides["encoder_global_attn_indexes"])
-    arch = dataclasses.replace(arch, **overrides)
+    cfg = coerce(ModelConfig, cfg, "model")
+    sam_type = cfg.type
+    over = cfg.sizes.get(sam_type)
+    overrides = over.model_dump(exclude_none=True) if over is not None else {}
+    arch = dataclasses.replace(ARCHS[sam_type], **overrides)
     _check_arch(arch, f"model.sizes.{sam_type}")
     return arch
 
@@ -169,21 +162,20 @@ def build_sam_from_arch(arch: SamArch) -> Sam:
     return sam
 
 
-def build_sam(cfg: Mapping[str, Any]) -> Sam:
-    """Build SAM from the `model` section of `params.yaml`.
+def build_sam(cfg: ModelConfig | Mapping[str, Any]) -> Sam:
+    """Build SAM from the `model` section (`cpcsam.config.ModelConfig`, or a mapping of it).
 
-    `cfg["type"]`: `small | base_small | vit_b | vit_l | vit_h`; `cfg["sizes"][type]` overrides the
-    small configurations; `cfg["checkpoint"]` (optional, local path or `s3://bucket/key`) is a
-    segment-anything state dict loaded with strict key and shape checks. The model is returned in
-    eval mode on the CPU; move it with `.to(device)`.
+    `type`: `small | base_small | vit_b | vit_l | vit_h`; `sizes[type]` overrides the small
+    configurations; `checkpoint` (optional, local path or `s3://bucket/key`) is a segment-anything
+    state dict loaded with strict key and shape checks. The model is returned in eval mode on the
+    CPU; move it with `.to(device)`.
     """
-    arch = resolve_arch(cfg)
-    sam = build_sam_from_arch(arch)
-    checkpoint = cfg.get("checkpoint")
-    if checkpoint:
-        state = read_state_dict(str(checkpoint))
-        load_state_dict_strict(sam, state, source=str(checkpoint))
-        logger.info("loaded SAM %s weights from %s", cfg["type"], checkpoint)
+    cfg = coerce(ModelConfig, cfg, "model")
+    sam = build_sam_from_arch(resolve_arch(cfg))
+    if cfg.checkpoint:
+        state = read_state_dict(str(cfg.checkpoint))
+        load_state_dict_strict(sam, state, source=str(cfg.checkpoint))
+        logger.info("loaded SAM %s weights from %s", cfg.type, cfg.checkpoint)
     sam.eval()
     return sam
 

@@ -37,8 +37,6 @@ _LOG2 = math.log(2.0)
 
 CAPL_MODES = ("fixed", "learnable", "task", "causal")
 
-# Defaults of `params.yaml` `model.capl`; validated by `cpcsam.modeling.cpcsam.resolve_capl_cfg`.
-DEFAULT_CAPL_CFG: dict[str, Any] = {"mode": "causal", "task_hidden": 128, "entity_hidden": 64, "entity_rank": 8}
 
 
 class CalibratedAttention(nn.Module):

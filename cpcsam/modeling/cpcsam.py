@@ -16,10 +16,9 @@ import torch
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from cpcsam.errors import ConfigError
+from cpcsam.config import CaplConfig, coerce
 from cpcsam.modeling.capl import (
     CAPL_MODES,
-    DEFAULT_CAPL_CFG,
     FINAL_SITE,
     CaPL,
     CalibratedAttention,
@@ -40,22 +39,6 @@ class DecoderOutput(NamedTuple):
     calibration_l1: Tensor  # scalar, mean |C − 1| of the entity calibration (0 without it)
 
 
-def resolve_capl_cfg(capl_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`model.capl` with defaults filled in; unknown keys and bad values raise `ConfigError`."""
-    cfg = dict(DEFAULT_CAPL_CFG)
-    given = dict(capl_cfg or {})
-    unknown = sorted(set(given) - set(cfg))
-    if unknown:
-        raise ConfigError(f"model.capl: unknown keys {unknown}; known: {sorted(cfg)}")
-    cfg.update(given)
-    if cfg["mode"] not in CAPL_MODES:
-        raise ConfigError(f"model.capl.mode: {cfg['mode']!r} is not one of {list(CAPL_MODES)}")
-    for key in ("task_hidden", "entity_hidden", "entity_rank"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"model.capl.{key}: expected a positive integer, got {cfg[key]!r}")
-    return cfg
-
-
 class CPCSAM(nn.Module):
     """SAM + CaPL. `mode` (from `capl_cfg`) selects the prompt-embedding ablation:
 
@@ -69,9 +52,9 @@ class CPCSAM(nn.Module):
     (same parameters and keys, same outputs without a bias); deep-copy it first to keep a plain one.
     """
 
-    def __init__(self, sam: Sam, capl_cfg: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, sam: Sam, capl_cfg: CaplConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.capl_cfg = resolve_capl_cfg(capl_cfg)
+        self.capl_cfg: CaplConfig = coerce(CaplConfig, capl_cfg, "model.capl")
         self.sam = sam
         transformer = sam.mask_decoder.transformer
         # Looked up by path at each call (`_cross_attention`), not cached: PEFT and deep copies
@@ -81,10 +64,10 @@ class CPCSAM(nn.Module):
             dim=transformer.embedding_dim,
             num_heads=transformer.num_heads,
             sites=cross_attention_sites(transformer),
-            mode=self.capl_cfg["mode"],
-            task_hidden=self.capl_cfg["task_hidden"],
-            entity_hidden=self.capl_cfg["entity_hidden"],
-            entity_rank=self.capl_cfg["entity_rank"],
+            mode=self.capl_cfg.mode,
+            task_hidden=self.capl_cfg.task_hidden,
+            entity_hidden=self.capl_cfg.entity_hidden,
+            entity_rank=self.capl_cfg.entity_rank,
         )
 
     @property

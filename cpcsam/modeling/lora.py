@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from cpcsam.config import LoraConfig, coerce
 from cpcsam.errors import ConfigError
 from cpcsam.modeling.cpcsam import _unwrap
 
@@ -26,51 +28,26 @@ LORA_TARGETS: dict[str, str] = {
     "image_encoder_qkv": r"image_encoder\.blocks\.\d+\.attn\.qkv",
     "decoder_attention": r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj)",
 }
-DEFAULT_LORA_CFG: dict[str, Any] = {
-    "rank": 4,
-    "alpha": 4,
-    "dropout": 0.0,
-    "targets": ["image_encoder_qkv", "decoder_attention"],
-}
-
-
-def resolve_lora_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`model.lora` with defaults filled in; unknown keys and bad values raise `ConfigError`."""
-    out = dict(DEFAULT_LORA_CFG)
-    given = dict(cfg or {})
-    unknown = sorted(set(given) - set(out))
-    if unknown:
-        raise ConfigError(f"model.lora: unknown keys {unknown}; known: {sorted(out)}")
-    out.update(given)
-    if not isinstance(out["rank"], int) or out["rank"] < 1:
-        raise ConfigError(f"model.lora.rank: expected a positive integer, got {out['rank']!r}")
-    if not 0.0 <= float(out["dropout"]) < 1.0:
-        raise ConfigError(f"model.lora.dropout: expected a value in [0, 1), got {out['dropout']!r}")
-    bad = [t for t in out["targets"] if t not in LORA_TARGETS]
-    if bad or not out["targets"]:
-        raise ConfigError(f"model.lora.targets: {bad or 'empty'}; choose from {sorted(LORA_TARGETS)}")
-    out["targets"] = list(out["targets"])
-    return out
 
 
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in _unwrap(model).modules())
 
 
-def apply_lora(model: nn.Module, cfg: Mapping[str, Any] | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig | Mapping[str, Any] | None = None) -> nn.Module:
     """Inject LoRA adapters into SAM (a `Sam` or the `sam` of a `CPCSAM`) and freeze the rest of SAM.
 
     Returns `model` (modified in place). CaPL's parameters keep their `requires_grad`.
     """
-    cfg = resolve_lora_cfg(cfg)
+    cfg = coerce(LoraConfig, cfg, "model.lora")
     sam = _unwrap(model)
     if has_lora(sam):
         raise ConfigError("apply_lora: the model already carries LoRA adapters")
-    pattern = "|".join(f"(?:{LORA_TARGETS[t]})" for t in cfg["targets"])
-    config = LoraConfig(
-        r=cfg["rank"],
-        lora_alpha=cfg["alpha"],
-        lora_dropout=float(cfg["dropout"]),
+    pattern = "|".join(f"(?:{LORA_TARGETS[t]})" for t in cfg.targets)
+    config = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=float(cfg.dropout),
         target_modules=f"^(?:{pattern})$",
         bias="none",
     )
@@ -78,7 +55,7 @@ def apply_lora(model: nn.Module, cfg: Mapping[str, Any] | None = None) -> nn.Mod
     for name, param in sam.named_parameters():
         param.requires_grad_("lora_" in name)
     n_layers = sum(isinstance(m, BaseTunerLayer) for m in sam.modules())
-    logger.info("LoRA rank %d on %d layers (%s)", cfg["rank"], n_layers, ", ".join(cfg["targets"]))
+    logger.info("LoRA rank %d on %d layers (%s)", cfg.rank, n_layers, ", ".join(cfg.targets))
     return model
 
 
@@ -101,4 +78,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["apply_lora", "merge_lora", "has_lora", "resolve_lora_cfg", "LORA_TARGETS"]
+__all__ = ["apply_lora", "merge_lora", "has_lora", "LORA_TARGETS"]

@@ -23,29 +23,30 @@ import torch
 from cpcsam.errors import CheckpointError
 from cpcsam.modeling.build import build_sam, load_state_dict_strict, read_uri_bytes
 from cpcsam.modeling.cpcsam import CPCSAM
-from cpcsam.modeling.lora import apply_lora, has_lora, resolve_lora_cfg
+from cpcsam.config import LoraConfig, ModelConfig, coerce
+from cpcsam.files import torch_save_atomic
+from cpcsam.modeling.lora import apply_lora, has_lora
 
 FORMAT = "cpcsam/1"
 
 
-def build_cpcsam(model_cfg: Mapping[str, Any], with_lora: bool = False) -> CPCSAM:
-    """SAM from `model_cfg` (its checkpoint, when named) + CaPL from `model_cfg["capl"]`, LoRA optional."""
-    model = CPCSAM(build_sam(model_cfg), model_cfg.get("capl"))
+def build_cpcsam(model_cfg: ModelConfig | Mapping[str, Any], with_lora: bool = False) -> CPCSAM:
+    """SAM from `model_cfg` (its checkpoint, when named) + CaPL from `model_cfg.capl`, LoRA optional."""
+    model_cfg = coerce(ModelConfig, model_cfg, "model")
+    model = CPCSAM(build_sam(model_cfg), model_cfg.capl)
     if with_lora:
-        apply_lora(model, model_cfg.get("lora"))
+        apply_lora(model, model_cfg.lora)
     return model
 
 
-def save_cpcsam(path: str | Path, model: CPCSAM, model_cfg: Mapping[str, Any]) -> None:
+def save_cpcsam(path: str | Path, model: CPCSAM, model_cfg: ModelConfig | Mapping[str, Any]) -> None:
     """Write `model` and the config that rebuilds it to a local file (atomically) or `s3://` URI."""
-    cfg = copy.deepcopy(dict(model_cfg))
-    cfg.pop("checkpoint", None)  # the weights are in this file; do not depend on the original
-    cfg["capl"] = dict(model.capl_cfg)
-    lora = resolve_lora_cfg(cfg.get("lora")) if has_lora(model) else None
+    # The weights are in this file: do not depend on the original checkpoint.
+    cfg = coerce(ModelConfig, model_cfg, "model").model_copy(update={"checkpoint": None, "capl": model.capl_cfg})
     payload = {
         "format": FORMAT,
-        "model_cfg": cfg,
-        "lora": lora,
+        "model_cfg": cfg.model_dump(mode="json"),
+        "lora": cfg.lora.model_dump(mode="json") if has_lora(model) else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     if str(path).startswith("s3://"):
@@ -55,11 +56,7 @@ def save_cpcsam(path: str | Path, model: CPCSAM, model_cfg: Mapping[str, Any]) -
         torch.save(payload, buffer)
         storage.write_bytes(str(path), buffer.getvalue())  # an S3 PUT is atomic already
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # a killed save never leaves a truncated file behind
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    torch_save_atomic(payload, path)  # a killed save never leaves a truncated file behind
 
 
 def load_cpcsam(uri: str | Path, map_location: str | torch.device = "cpu") -> CPCSAM:
@@ -74,11 +71,10 @@ def load_cpcsam(uri: str | Path, map_location: str | torch.device = "cpu") -> CP
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{uri}: not a CPC-SAM file of format {FORMAT!r} (found {found!r})")
-    cfg = dict(payload["model_cfg"])
-    cfg.pop("checkpoint", None)
-    model = CPCSAM(build_sam(cfg), cfg.get("capl"))
+    cfg = ModelConfig.from_params({**payload["model_cfg"], "checkpoint": None}, f"{uri} model_cfg")
+    model = CPCSAM(build_sam(cfg), cfg.capl)
     if payload.get("lora") is not None:
-        apply_lora(model, payload["lora"])
+        apply_lora(model, LoraConfig.from_params(payload["lora"], f"{uri} lora"))
     load_state_dict_strict(model, payload["state_dict"], source=uri)
     model.eval()
     return model.to(map_location)

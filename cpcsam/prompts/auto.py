@@ -27,23 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cpcsam.config import AutoConfig
 
-@dataclass(frozen=True)
-class AutoPromptConfig:
-    num_positive: int = 2
-    num_negative: int = 1
-    box_threshold: float = 0.5
-    use_box: bool = True
 
-    @classmethod
-    def from_dict(cls, cfg: Mapping | None) -> "AutoPromptConfig":
-        cfg = dict(cfg or {})
-        return cls(
-            num_positive=int(cfg.get("num_positive", cls.num_positive)),
-            num_negative=int(cfg.get("num_negative", cls.num_negative)),
-            box_threshold=float(cfg.get("box_threshold", cls.box_threshold)),
-            use_box=bool(cfg.get("use_box", cls.use_box)),
-        )
+# The `evaluate.auto` section (num_positive, num_negative, box_threshold, use_box) lives in cpcsam.config.
+AutoPromptConfig = AutoConfig
 
 
 @dataclass

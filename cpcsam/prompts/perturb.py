@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from cpcsam.config import PROMPT_KINDS, PerturbConfig
 from cpcsam.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ LABEL_POSITIVE = 1
 LABEL_BOX_TOP_LEFT = 2
 LABEL_BOX_BOTTOM_RIGHT = 3
 
-PROMPT_KINDS: tuple[str, ...] = ("box", "points", "box+points")
+# PROMPT_KINDS (box | points | box+points) is defined with the params that name them, in cpcsam.config.
 
 
 @dataclass(frozen=True)
@@ -75,77 +76,6 @@ class Prompt:
         if len(tl) == 0 or len(br) == 0:
             return None
         return np.concatenate([tl[0], br[0]])
-
-
-@dataclass(frozen=True)
-class PerturbConfig:
-    """The `perturb:` section of params.yaml (see METHOD.md §1)."""
-
-    k: int = 4
-    sigma_box: float = 0.1
-    kind_probs: tuple[tuple[str, float], ...] = (("box", 0.4), ("points", 0.3), ("box+points", 0.3))
-    positives: tuple[int, int] = (1, 3)
-    negatives: tuple[int, int] = (0, 2)
-    # Width of the band outside the mask that negatives come from, as a fraction of the
-    # tight box's longer side (at least 2 px): close enough to the object to be informative.
-    negative_band: float = 0.2
-    # Fixed number of point slots per prompt when batched (ONNX-style padding with -1).
-    prompt_slots: int = 8
-
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any]) -> "PerturbConfig":
-        """Build from the `perturb:` mapping, raising ConfigError naming the bad key."""
-        known = {"k", "sigma_box", "kinds", "positives", "negatives", "negative_band", "prompt_slots", "seed"}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"params perturb: unknown keys {unknown}; known keys are {sorted(known)}")
-        default = cls()
-        kinds = section.get("kinds", dict(default.kind_probs))
-        if not isinstance(kinds, Mapping) or not kinds:
-            raise ConfigError(f"params perturb.kinds: expected a mapping kind -> probability, got {kinds!r}")
-        bad = sorted(set(kinds) - set(PROMPT_KINDS))
-        if bad:
-            raise ConfigError(f"params perturb.kinds: unknown kinds {bad}; allowed {list(PROMPT_KINDS)}")
-        probs = [float(kinds.get(kind, 0.0)) for kind in PROMPT_KINDS]
-        if any(p < 0 for p in probs) or sum(probs) <= 0:
-            raise ConfigError(f"params perturb.kinds: probabilities must be >= 0 with a positive sum, got {kinds!r}")
-        cfg = cls(
-            k=int(section.get("k", default.k)),
-            sigma_box=float(section.get("sigma_box", default.sigma_box)),
-            kind_probs=tuple((kind, p / sum(probs)) for kind, p in zip(PROMPT_KINDS, probs)),
-            positives=_int_range(section, "positives", default.positives, low=1),
-            negatives=_int_range(section, "negatives", default.negatives, low=0),
-            negative_band=float(section.get("negative_band", default.negative_band)),
-            prompt_slots=int(section.get("prompt_slots", default.prompt_slots)),
-        )
-        if cfg.k < 1:
-            raise ConfigError(f"params perturb.k: must be >= 1, got {cfg.k}")
-        if not 0.0 <= cfg.sigma_box < 0.5:
-            raise ConfigError(f"params perturb.sigma_box: must be in [0, 0.5), got {cfg.sigma_box}")
-        if cfg.negative_band <= 0:
-            raise ConfigError(f"params perturb.negative_band: must be > 0, got {cfg.negative_band}")
-        if cfg.prompt_slots < cfg.max_points:
-            raise ConfigError(
-                f"params perturb.prompt_slots: {cfg.prompt_slots} slots cannot hold a box and "
-                f"{cfg.positives[1]} + {cfg.negatives[1]} points ({cfg.max_points} needed)"
-            )
-        return cfg
-
-    @property
-    def max_points(self) -> int:
-        """The most points one prompt can hold: 2 box corners + positives + negatives."""
-        return 2 + self.positives[1] + self.negatives[1]
-
-
-def _int_range(section: Mapping[str, Any], key: str, default: tuple[int, int], low: int) -> tuple[int, int]:
-    value = section.get(key, list(default))
-    try:
-        lo, hi = (int(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"params perturb.{key}: expected [min, max] integers, got {value!r}") from exc
-    if not low <= lo <= hi:
-        raise ConfigError(f"params perturb.{key}: expected {low} <= min <= max, got {value!r}")
-    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------

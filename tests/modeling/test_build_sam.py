@@ -36,7 +36,7 @@ def test_sizes_override_applies_to_small_types_only():
     assert len(sam.image_encoder.blocks) == 2
     with pytest.raises(ConfigError, match="vit_b"):
         build_sam({"type": "vit_b", "sizes": {"vit_b": {"encoder_depth": 2}}})
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown key"):
         build_sam({"type": "small", "sizes": {"small": {"depth": 2}}})
     with pytest.raises(ConfigError, match="model.type"):
         build_sam({"type": "vit_x"})

@@ -98,7 +98,7 @@ def test_other_modes_have_no_calibration(small_sam):
     assert capl_parameters(CPCSAM(copy.deepcopy(small_sam), {"mode": "fixed"})) == []
     with pytest.raises(ConfigError, match="mode"):
         CPCSAM(copy.deepcopy(small_sam), {"mode": "oracle"})
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown key"):
         CPCSAM(copy.deepcopy(small_sam), {"rank": 3})
 
 

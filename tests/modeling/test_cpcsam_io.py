@@ -45,7 +45,7 @@ def test_round_trip_restores_architecture_lora_and_capl(tmp_path):
     save_cpcsam(path, model, CFG)
     loaded = load_cpcsam(path)
     assert has_lora(loaded) and loaded.mode == "causal" and len(loaded.sam.image_encoder.blocks) == 2
-    assert loaded.capl_cfg["entity_rank"] == 4
+    assert loaded.capl_cfg.entity_rank == 4
     for a, b in zip(_outputs(loaded), _outputs(model)):
         assert torch.equal(a, b)
 

@@ -110,7 +110,7 @@ def test_bad_lora_config_is_a_config_error(small_sam):
         apply_lora(CPCSAM(copy.deepcopy(small_sam)), {"targets": ["prompt_encoder"]})
     with pytest.raises(ConfigError, match="rank"):
         apply_lora(CPCSAM(copy.deepcopy(small_sam)), {"rank": 0})
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown key"):
         apply_lora(CPCSAM(copy.deepcopy(small_sam)), {"r": 4})
     model = apply_lora(CPCSAM(copy.deepcopy(small_sam)))
     with pytest.raises(ConfigError, match="already"):

@@ -92,7 +92,7 @@ stages:
 STEP = """\
 import pathlib, sys
 import yaml
-from components.tracking import stage_run
+from operations.tracking import stage_run
 
 stage = sys.argv[1]
 flag = pathlib.Path(f"fail_once_{stage}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from components import tracking
+from operations import tracking
 from orchestration_helpers import make_toy_project
 
 pytestmark = pytest.mark.slow

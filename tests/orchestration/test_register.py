@@ -1,4 +1,4 @@
-"""components.register: the champion alias moves only when the gate passes (real sqlite registry)."""
+"""operations.registry: the champion alias moves only when the gate passes (real sqlite registry)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components import register, tracking
+from operations import registry as register
+from operations import tracking
 from cpcsam.errors import DataError
 
 
@@ -69,7 +70,7 @@ def test_champion_moves_only_on_a_passed_gate(setup) -> None:
 
     better, _ = _candidate(params, tmp_path, export, passed=True, target_dice=0.8)
     assert (better.version, better.champion_version) == ("3", "3")
-    assert register.champion_headline(params) == {"target_dice": 0.8, "base_dice": 0.7}
+    assert register.champion_headline(params) == {"target_dice": 0.8, "base_dice": 0.7, "version": "3"}
     assert client.get_model_version("cpcsam-oceancoco", "1").tags["cpcsam.verdict"] == "passed"
 
 

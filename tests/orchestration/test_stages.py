@@ -36,21 +36,25 @@ def test_a_failed_stage_raises_with_its_output_and_a_retry_succeeds(toy: Path) -
     assert stages.repro_stage(toy, "make_a")["ran"] is True
 
 
-def test_overrides_apply_for_the_run_and_the_file_comes_back(toy: Path) -> None:
+def test_a_run_works_in_its_own_worktree_and_never_writes_the_checkout(toy: Path) -> None:
+    from flows.workspace import isolated_workspace
+
     original = (toy / "params.yaml").read_text()
-    with stages.params_overrides(toy, ["toy.value=7", "data.profile=tiny", "new.section.key=[1, 2]"]):
-        text = (toy / "params.yaml").read_text()
+    with isolated_workspace(toy, ["toy.value=7", "data.profile=tiny", "new.section.key=[1, 2]"], "t") as ws:
+        assert ws != toy and ws.parent == toy / ".workspaces"
+        text = (ws / "params.yaml").read_text()
         params = yaml.safe_load(text)
         assert params["toy"]["value"] == 7 and params["data"]["profile"] == "tiny"
         assert params["new"]["section"]["key"] == [1, 2]
         assert "# toy params: the comments must survive overrides" in text and "# read by make_a" in text
-        stages.repro_stage(toy, "make_a")
-        assert (toy / "out" / "a.txt").read_text() == "7"
-    assert (toy / "params.yaml").read_text() == original
-    with pytest.raises(RuntimeError), stages.params_overrides(toy, ["toy.value=9"]):
+        stages.repro_stage(ws, "make_a")
+        assert (ws / "out" / "a.txt").read_text() == "7"
+        assert (toy / "params.yaml").read_text() == original and not (toy / "out").exists()
+    assert not ws.exists() and (toy / "params.yaml").read_text() == original
+    with pytest.raises(RuntimeError), isolated_workspace(toy, ["toy.value=9"], "t") as ws:
         raise RuntimeError("stage failed")
-    assert (toy / "params.yaml").read_text() == original
-    with pytest.raises(ConfigError, match="expected key.sub=value"), stages.params_overrides(toy, ["toy.value"]):
+    assert not ws.exists() and (toy / "params.yaml").read_text() == original
+    with pytest.raises(ConfigError, match="expected key.sub=value"), isolated_workspace(toy, ["toy.value"], "t"):
         pass
 
 

@@ -1,4 +1,4 @@
-"""components.tracking against a real MLflow sqlite store in tmp_path."""
+"""operations.tracking against a real MLflow sqlite store in tmp_path."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from components import tracking
-from components.tracking import PreflightError, pipeline_run, preflight, stage_run
+from operations import tracking
+from operations.tracking import PreflightError, pipeline_run, preflight, stage_run
 
 
 @pytest.fixture

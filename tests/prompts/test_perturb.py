@@ -166,7 +166,7 @@ def test_config_errors_name_the_key() -> None:
         PerturbConfig.from_params({"kinds": {"lasso": 1}})
     with pytest.raises(ConfigError, match="perturb.prompt_slots"):
         PerturbConfig.from_params({"prompt_slots": 4})
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown key"):
         PerturbConfig.from_params({"sigma": 0.1})
     with pytest.raises(DataError, match="empty"):
         perturb_entity(0, "i", "e", 0, np.zeros((4, 4), bool), PerturbConfig())

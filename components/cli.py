@@ -49,6 +49,7 @@ def stage_main(
     add_arguments: Callable[[argparse.ArgumentParser], None],
     work: Callable[[Any, argparse.Namespace, Any], str],
     argv: list[str] | None = None,
+    run_name: Callable[[argparse.Namespace], str] | None = None,
 ) -> int:
     """Run one pipeline step: parse, validate params, open its tracked run, do `work`, exit code."""
     parser = stage_parser(stage, doc)
@@ -60,7 +61,7 @@ def stage_main(
         from operations.tracking import stage_run
 
         params = load_config(args.params, args.overrides)
-        with stage_run(stage, params) as run:
+        with stage_run(stage, params, run_name=run_name(args) if run_name else None) as run:
             message = work(params, args, run)
     except CheckFailed as exc:
         print(f"{stage}: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Pipeline step `perturb`: K perturbed prompts per training entity (METHOD.md §1).
+"""Pipeline step `perturb`: K perturbed prompts per training entity (docs/METHOD.md §1).
 
     python -m components.perturb [--params params.yaml] [--manifest data/ingest/manifest.parquet] [--out data/prompts]
 

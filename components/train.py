@@ -61,7 +61,8 @@ def work(params, args, run) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("train", __doc__, add_arguments, work, argv)
+    # one MLflow run per variant, named as its DVC stage
+    return stage_main("train", __doc__, add_arguments, work, argv, run_name=lambda args: f"train@{args.variant}")
 
 
 if __name__ == "__main__":

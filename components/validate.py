@@ -8,7 +8,6 @@ line naming the broken rules when the manifest breaks any.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -18,7 +18,7 @@ from cpcsam.errors import CpcSamError
 RESULTS = {
     "manifest": "data/ingest/manifest.parquet",
     "quarantine report": "data/ingest/quarantine.json",
-    "trained model": "artifacts/train/model.pt",
+    "trained model": "artifacts/train/cpcsam/model.pt",
     "evaluation": "artifacts/eval/table.md",
     "gate": "artifacts/eval/gate.json",
     "ONNX models": "artifacts/export/",
@@ -81,7 +81,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--support-per-class", type=int, default=5, help="support instances pooled per class")
     p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
     p.add_argument("--onnx-dir", default="artifacts/export", help="folder with image_encoder.onnx + decoder_capl.onnx")
-    p.add_argument("--model", default="artifacts/train/model.pt", help="trained model for --backend torch")
+    p.add_argument("--model", default="artifacts/train/cpcsam/model.pt", help="trained model for --backend torch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threshold", type=float, default=0.0, help="mask logit threshold")
     p.add_argument("--no-overlays", action="store_true")

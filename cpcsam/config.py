@@ -331,7 +331,7 @@ class PretrainConfig(Section):
 
 
 class PerturbConfig(Section):
-    """K prompts per training entity (METHOD.md §1, `cpcsam.prompts.perturb`)."""
+    """K prompts per training entity (docs/METHOD.md §1, `cpcsam.prompts.perturb`)."""
 
     SECTION: ClassVar[str] = "perturb"
 
@@ -388,7 +388,7 @@ VariantName = Literal["cpcsam", "task", "learnable", "fixed", "lora_only", "full
 
 
 class TrainConfig(Section):
-    """The bi-level trainer and its baselines (METHOD.md §4, `cpcsam.training.bilevel`)."""
+    """The bi-level trainer and its baselines (docs/METHOD.md §4, `cpcsam.training.bilevel`)."""
 
     SECTION: ClassVar[str] = "train"
 
@@ -456,7 +456,6 @@ class EvaluateConfig(Section):
     seed: int = Field(0, ge=0)  # prompt noise, support subset and image sample draw from it
     splits: list[SplitName] = ["test"]
     max_images: int = Field(0, ge=0)  # 0 = every image of the splits; N = a seeded sample
-    models: dict[str, str] = {"cpcsam": "artifacts/train/model.pt"}  # name -> CPC-SAM file
     references: bool = True  # prompt-only rows: the filled box and GrabCut (cpcsam.evaluation.references)
     kinds: list[PromptKind] = ["box", "points"]
     sigmas: list[float] = [0.0, 0.1, 0.2, 0.3, 0.5]
@@ -471,6 +470,19 @@ class EvaluateConfig(Section):
     overlays: int = Field(4, ge=0)
     overlay_protocol: str = "box@0"
     headline: HeadlineConfig = HeadlineConfig()
+
+    @model_validator(mode="after")
+    def _named_protocols_exist(self) -> "EvaluateConfig":
+        """The headline, overlay and TTA protocols must be protocols of the run (checked before any work)."""
+        plain = {f"{kind}@{float(s):g}" for kind in self.kinds for s in self.sigmas}
+        runs = plain | ({f"{p}+tta{self.tta.k}" for p in self.tta.protocols} if self.tta.k > 1 else set())
+        runs |= {"auto"} if self.auto.enabled else set()
+        checks = [("headline.protocol", self.headline.protocol, runs), ("overlay_protocol", self.overlay_protocol, runs)]
+        checks += [("tta.protocols", p, plain) for p in (self.tta.protocols if self.tta.k > 1 else [])]
+        for key, name, allowed in checks:
+            if name not in allowed:
+                raise ValueError(f"{key}: {name!r} is not a protocol of this run ({sorted(allowed)}; see kinds, sigmas)")
+        return self
 
 
 class ChampionHeadline(Section):
@@ -658,7 +670,7 @@ def _describe(err: dict[str, Any], top: Any = None, prefix: str = "") -> str:
         return f"unknown key {key!r}{hint}"
     message = err["msg"].removeprefix("Value error, ")
     field, sep, rest = message.partition(": ")
-    if sep and field.isidentifier():  # a model-level rule about one field: name it in the key
+    if sep and field.replace(".", "_").isidentifier():  # a model-level rule about one field: name it in the key
         key, message = f"{key}.{field}", rest
     if err["type"] == "missing":
         return f"{key}: required key is missing"

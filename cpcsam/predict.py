@@ -15,7 +15,7 @@ asks for an automatic prompt (needs `support`).
 
 Support set (automatic mode): a COCO instances JSON whose image `file_name`s are relative to the
 JSON's folder (or its `images/` subfolder); each class's prototype is pooled from at most
-`support_per_class` of its instances (METHOD.md §5). `classes` = the classes to find in every
+`support_per_class` of its instances (docs/METHOD.md §5). `classes` = the classes to find in every
 image (default: none; per-image classes come from the prompts JSON).
 
 Outputs under `out_dir`: `masks/<image>/<k>_<class>.png` (0/255), `predictions.json` (COCO:
@@ -328,7 +328,7 @@ def predict(
     classes: Sequence[str] | None = None,
     backend: str = "onnx",
     onnx_dir: str | os.PathLike = "artifacts/export",
-    model_path: str | os.PathLike = "artifacts/train/model.pt",
+    model_path: str | os.PathLike = "artifacts/train/cpcsam/model.pt",
     device: str = "auto",
     threshold: float = 0.0,
     overlays: bool = True,

@@ -36,7 +36,7 @@ from cpcsam.files import write_json_atomic
 from flows import s3_watch, stages
 from flows.train import project_root
 from operations import registry as register
-from operations import tracking
+from operations import preflight
 
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
@@ -143,7 +143,7 @@ def profile_override(
 
 @task(name="preflight", cache_policy=NO_CACHE, persist_result=False)
 def preflight_task(params: Params, s3: list[tuple[str | None, str | None]]) -> list[str]:
-    done = tracking.preflight(params, s3_endpoints=s3)
+    done = preflight.preflight(params, s3_endpoints=s3)
     get_run_logger().info("preflight ok: %s", "; ".join(done))
     return done
 

@@ -36,7 +36,8 @@ from cpcsam.config import Params, load_config
 from cpcsam.errors import ConfigError
 from flows import stages
 from flows.workspace import isolated_workspace
-from operations import tracking
+from operations import preflight, tracking
+from operations.lineage import lineage_tags
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def flow_run_id() -> str | None:
 
 @task(name="preflight", cache_policy=NO_CACHE, persist_result=False)
 def preflight_task(params: Params, s3: list[tuple[str | None, str | None]]) -> list[str]:
-    done = tracking.preflight(params, s3_endpoints=s3)
+    done = preflight.preflight(params, s3_endpoints=s3)
     get_run_logger().info("preflight ok: %s", "; ".join(done) or "tracking off")
     return done
 
@@ -220,7 +221,7 @@ def train(
             )
             summary["stages"].append(task_(str(ws), stage, env, flow_cfg.stage_timeout_s, pull))
 
-        run.set_tags(tracking.lineage_tags(ws, list(params.tracking.data_stages)))
+        run.set_tags(lineage_tags(ws, list(params.tracking.data_stages)))
         manifest = ws / "data/ingest/manifest.parquet"
         if manifest.is_file():  # dataset lineage (mlflow.log_input): schema, digest, source
             import pandas as pd
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO)
     try:
         summary = train(profile=args.profile, overrides=args.overrides, push=args.push, pull=args.pull)
-    except (ConfigError, tracking.PreflightError) as exc:
+    except (ConfigError, preflight.PreflightError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, default=str))

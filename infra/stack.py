@@ -3,7 +3,16 @@
     python infra/stack.py up        # start what is not running, wait until healthy, register deployments
     python infra/stack.py status    # one line per service: pid, alive, health
     python infra/stack.py env       # `export ...` lines pointing a shell at the stack
+    python infra/stack.py deploy    # (re)register the deployments on the running stack
     python infra/stack.py down      # stop everything it started (by PID file)
+
+`up` and `down` are idempotent: `up` on a stack whose services all run and answer is a no-op
+that says so (`deploy` re-registers), `up` after `down` starts it again (the work pool and the
+deployments already in Prefect's database are kept/updated), `down` on a stopped stack says
+"nothing was running". If `up` fails half-way it stops every service that this `up` started
+(and only those: what already ran stays), removes their PID files and exits with status 1.
+Before starting a service, `up` checks that its port is free: a port held by another program
+is an error, never mistaken for our service.
 
 (`make stack-up` / `make stack-status` / `make stack-down` call these.) Everything is bound
 to 127.0.0.1, telemetry is off, PID files live in `<state>/pids/`, logs in `<state>/logs/`
@@ -28,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,6 +80,24 @@ def _get(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, process group) from /proc, or None (no such process, or no /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+    return fields[0], int(fields[2])
+
+
+def _proc_argv(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode(errors="replace").split("\0")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -76,12 +105,56 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # a zombie child of ours counts as dead
+    # a zombie child of ours counts as dead (and is reaped)
     with contextlib.suppress(ChildProcessError, OSError):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
+    stat = _proc_stat(pid)  # a zombie of another parent, too
+    return not (stat is not None and stat[0] == "Z")
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in a process group: a service's children
+    (MLflow's uvicorn, ...) can outlive its leader for a moment and still hold the port."""
+    if pid_alive(pgid):
+        return True
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if entry.name.isdigit():
+                stat = _proc_stat(int(entry.name))
+                if stat is not None and stat[1] == pgid and stat[0] != "Z":
+                    return True
+        return False
+    try:  # no /proc: ask the kernel (zombies count as members here)
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Whether something listens on (or has bound) host:port. SO_REUSEADDR: TIME_WAIT of a
+    just-stopped server does not count, a listening socket does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno in (errno.EADDRINUSE, errno.EACCES)
+    return False
+
+
+class StackError(RuntimeError):
+    """`up` failed; what it had started is stopped again (`stopped`)."""
+
+    def __init__(self, message: str, stopped: list[str] | None = None, left: list[str] | None = None):
+        super().__init__(message)
+        self.stopped = stopped or []
+        self.left = left or []  # started by this `up` but would not stop (PID files kept)
 
 
 @dataclass
@@ -92,6 +165,24 @@ class Service:
     env: dict[str, str] = field(default_factory=dict)
     healthy: Callable[[int | None], bool] = lambda status: status == 200
     start_timeout: float = 120.0
+    port: int | None = None  # what it listens on: must be free before it starts
+
+    def owns(self, pid: int) -> bool:
+        """Whether the process `pid` (from a PID file) is this service and not a stranger that got
+        the PID after a reboot: our services lead their own process group and run `cmd`."""
+        try:
+            if os.getpgid(pid) != pid:
+                return False
+        except OSError:
+            return False
+        argv = _proc_argv(pid)
+        if not argv:  # no /proc (or a zombie): trust the PID file
+            return True
+        exe = Path(self.cmd[0]).name
+        return any(Path(arg).name == exe for arg in argv[:2]) and all(a in argv for a in self.cmd[1:2])
+
+
+SERVICE_ORDER = ("s3", "mlflow", "prefect-server", "prefect-worker")  # start order; `down` stops in reverse
 
 
 @dataclass
@@ -116,6 +207,7 @@ class Stack:
         self.prefect_home = Path(self.prefect_home or os.environ.get("PREFECT_HOME") or self.project / ".prefect")
         for sub in ("pids", "logs"):
             (self.state / sub).mkdir(parents=True, exist_ok=True)
+        self.started: list[str] = []  # what the last `up` started (empty: it found the stack up)
 
     # -- addresses
     @property
@@ -158,18 +250,20 @@ class Stack:
         out: list[Service] = []
         if not self.external_s3:
             out.append(Service("s3", [_exe("moto_server"), "-H", HOST, "-p", str(self.s3_port)],
-                               f"{self.s3_url}/moto-api/", start_timeout=60))
+                               f"{self.s3_url}/moto-api/", start_timeout=60, port=self.s3_port))
         out.append(Service(
             "mlflow",
             [_exe("mlflow"), "server", "--host", HOST, "--port", str(self.mlflow_port), "--workers", "1",
              "--backend-store-uri", backend, "--artifacts-destination", artifacts],
             f"{self.mlflow_url}/health",
             env=self.client_env(),  # S3 credentials when artifacts go to S3
+            port=self.mlflow_port,
         ))
         out.append(Service(
             "prefect-server",
             [_exe("prefect"), "server", "start", "--host", HOST, "--port", str(self.prefect_port)],
             f"{self.prefect_api}/health",
+            port=self.prefect_port,
         ))
         out.append(Service(
             "prefect-worker",
@@ -177,6 +271,7 @@ class Stack:
             f"http://{HOST}:{self.worker_health_port}/health",
             env={**self.client_env(), "PREFECT_WORKER_WEBSERVER_HOST": HOST,
                  "PREFECT_WORKER_WEBSERVER_PORT": str(self.worker_health_port)},
+            port=self.worker_health_port,
         ))
         return out
 
@@ -188,12 +283,16 @@ class Stack:
         return self.state / "logs" / f"{name}.log"
 
     def pid(self, name: str) -> int | None:
+        """The live process of a service's PID file, else None (no file, dead, or a stranger)."""
         path = self.pid_file(name)
         try:
             pid = int(path.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if pid_alive(pid) else None
+        if not pid_alive(pid):
+            return None
+        svc = next((s for s in self.services() if s.name == name), None)
+        return pid if svc is None or svc.owns(pid) else None
 
     def _base_env(self) -> dict[str, str]:
         env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(self.prefect_home)}
@@ -203,34 +302,53 @@ class Stack:
         return env
 
     # -- lifecycle
-    def start(self, svc: Service) -> int:
-        """Start one service unless it runs; wait until its health endpoint answers."""
-        pid = self.pid(svc.name)
-        if pid is None:
-            log = open(self.log_file(svc.name), "ab")
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(svc.cmd)}\n".encode())
-            log.flush()
+    def _launch(self, svc: Service) -> int:
+        """Spawn one service (own process group) and write its PID file; no waiting."""
+        if svc.port and port_in_use(svc.port):
+            raise StackError(f"{svc.name}: port {HOST}:{svc.port} is already in use by another process "
+                             f"(not one this stack started: {self.pid_file(svc.name)} names no live process); "
+                             "stop it or choose another port with the CPCSAM_*_PORT variables")
+        log = open(self.log_file(svc.name), "ab")
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(svc.cmd)}\n".encode())
+        log.flush()
+        try:
             proc = subprocess.Popen(
                 svc.cmd, cwd=self.project, env={**self._base_env(), **svc.env}, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,  # own process group: stopped as a whole
             )
+        finally:
             log.close()
-            pid = proc.pid
-            self.pid_file(svc.name).write_text(f"{pid}\n")
+        self.pid_file(svc.name).write_text(f"{proc.pid}\n")
+        return proc.pid
+
+    def _wait_healthy(self, svc: Service, pid: int) -> None:
         deadline = time.monotonic() + svc.start_timeout
         while not svc.healthy(_get(svc.health_url)):
             if not pid_alive(pid):
-                raise RuntimeError(f"{svc.name} exited during start-up; see {self.log_file(svc.name)}:\n"
-                                   + self.log_file(svc.name).read_text()[-2000:])
+                raise StackError(f"{svc.name} exited during start-up; see {self.log_file(svc.name)}:\n"
+                                 + self.log_file(svc.name).read_text()[-2000:])
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{svc.name} not healthy at {svc.health_url} after {svc.start_timeout:.0f} s; "
-                                   f"see {self.log_file(svc.name)}")
+                raise StackError(f"{svc.name} not healthy at {svc.health_url} after {svc.start_timeout:.0f} s; "
+                                 f"see {self.log_file(svc.name)}")
             time.sleep(0.3)
         time.sleep(0.3)
-        if not pid_alive(pid):  # healthy, but not ours: something else holds the port
-            self.pid_file(svc.name).unlink(missing_ok=True)
-            raise RuntimeError(f"{svc.name}: another process answers at {svc.health_url} and ours exited "
-                               f"(port in use? set the CPCSAM_*_PORT variables); see {self.log_file(svc.name)}")
+        if not pid_alive(pid):  # healthy, but not ours: something else answers there
+            raise StackError(f"{svc.name}: another process answers at {svc.health_url} and ours exited "
+                             f"(port in use? set the CPCSAM_*_PORT variables); see {self.log_file(svc.name)}")
+
+    def start(self, svc: Service) -> int:
+        """Start one service unless it runs; wait until its health endpoint answers. If it was
+        started here and does not come up, it is stopped again (no PID file is left)."""
+        pid = self.pid(svc.name)
+        if pid is not None:
+            self._wait_healthy(svc, pid)
+            return pid
+        pid = self._launch(svc)
+        try:
+            self._wait_healthy(svc, pid)
+        except BaseException:
+            self.stop(svc.name)
+            raise
         return pid
 
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -241,7 +359,7 @@ class Stack:
                                   text=True, stdin=subprocess.DEVNULL)
             log.write(proc.stdout)
         if check and proc.returncode != 0:
-            raise RuntimeError(f"`{' '.join(args)}` failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+            raise StackError(f"`{' '.join(args)}` failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
         return proc
 
     def create_buckets(self) -> None:
@@ -254,36 +372,121 @@ class Stack:
             if bucket not in existing:
                 client.create_bucket(Bucket=bucket)
 
-    def deploy(self, pause_schedules: bool = False) -> None:
-        """Create the work pool and register infra/prefect.yaml's deployments (from the project root)."""
+    def ensure_work_pool(self) -> None:
+        """The process work pool, created unless it exists (it survives `down` in Prefect's
+        database). Asked by name: `work-pool ls` prints a table whose names are cut to the width."""
         prefect = _exe("prefect")
-        pools = self._run([prefect, "work-pool", "ls"], check=False).stdout
-        if self.work_pool not in pools:
-            self._run([prefect, "work-pool", "create", self.work_pool, "--type", "process"])
+        found = self._run([prefect, "work-pool", "inspect", self.work_pool, "--output", "json"], check=False)
+        if found.returncode == 0:
+            with contextlib.suppress(ValueError):
+                kind = json.loads(found.stdout).get("type")
+                if kind and kind != "process":
+                    raise StackError(f"work pool {self.work_pool!r} exists with type {kind!r}, not 'process'; "
+                                     "delete it (`prefect work-pool delete`) or set CPCSAM_WORK_POOL")
+            return
+        if "not found" not in found.stdout:  # the server did not answer, ...
+            raise StackError(f"`prefect work-pool inspect {self.work_pool}` failed ({found.returncode}):\n"
+                             f"{found.stdout[-3000:]}")
+        created = self._run([prefect, "work-pool", "create", self.work_pool, "--type", "process"], check=False)
+        if created.returncode != 0 and "already exists" not in created.stdout:  # else: created meanwhile
+            raise StackError(f"`prefect work-pool create {self.work_pool}` failed ({created.returncode}):\n"
+                             f"{created.stdout[-3000:]}")
+
+    def deploy(self, pause_schedules: bool = False) -> None:
+        """Create the work pool unless it exists and register (create or update) infra/prefect.yaml's
+        deployments, from the project root. Idempotent."""
+        prefect = _exe("prefect")
+        self.ensure_work_pool()
         yaml_file = self.project / "infra" / "prefect.yaml"
         self._run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(yaml_file)])
         if pause_schedules:  # tests: no cron tick may start a run mid-test
             self._run([prefect, "--no-prompt", "deployment", "schedule", "pause", "--all"])
 
+    def running(self) -> dict[str, bool]:
+        """Each service of this stack: True if its PID file names a live process that answers its
+        health endpoint."""
+        out = {}
+        for svc in self.services():
+            out[svc.name] = self.pid(svc.name) is not None and svc.healthy(_get(svc.health_url, timeout=2.0))
+        return out
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """One `up`/`down` at a time per state dir (a second `make stack-up` waits, then finds
+        the stack up)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            yield
+            return
+        with open(self.state / "stack.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def up(self, deploy: bool = True, pause_schedules: bool = False) -> dict[str, int]:
-        pids: dict[str, int] = {}
-        services = {s.name: s for s in self.services()}
-        for name in ("s3", "mlflow", "prefect-server"):
-            if name in services:
-                pids[name] = self.start(services[name])
-        if "s3" in services:
-            self.create_buckets()
-        if deploy:
-            self.deploy(pause_schedules=pause_schedules)
-        pids["prefect-worker"] = self.start(services["prefect-worker"])
-        return pids
+        """Start what is not running, wait until healthy, register the deployments, start the worker.
+
+        Idempotent: if every service already runs and answers, nothing is started or registered
+        (`self.started == []`). On any failure (or Ctrl-C) every service this call started is
+        stopped again, in reverse order, and a StackError says what failed and what was stopped;
+        services that ran before the call are left alone."""
+        with self._locked():
+            services = {s.name: s for s in self.services()}
+            self.started = []
+            if all(self.running().values()):
+                return {name: self.pid(name) for name in services}
+            pids: dict[str, int] = {}
+            try:
+                for name in ("s3", "mlflow", "prefect-server"):
+                    if name in services:
+                        pids[name] = self._ensure(services[name])
+                if "s3" in services:
+                    self.create_buckets()
+                if deploy:
+                    self.deploy(pause_schedules=pause_schedules)
+                pids["prefect-worker"] = self._ensure(services["prefect-worker"])
+            except BaseException as exc:
+                stopped, left = self._rollback()
+                if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they were
+                    raise
+                what = (f"stopped what this start had started: {', '.join(stopped)}" if stopped
+                        else "it had started nothing")
+                if left:
+                    what += f"; would NOT stop: {', '.join(left)} (PID files kept; run `down`)"
+                raise StackError(f"{exc}\n{what}", stopped=stopped, left=left) from exc
+            return pids
+
+    def _ensure(self, svc: Service) -> int:
+        """A service's PID: the running one, or a new one (recorded in self.started before waiting)."""
+        pid = self.pid(svc.name)
+        if pid is None:
+            pid = self._launch(svc)
+            self.started.append(svc.name)
+        self._wait_healthy(svc, pid)
+        return pid
+
+    def _rollback(self) -> tuple[list[str], list[str]]:
+        """Stop what this `up` started, last first. (stopped, would not stop); one that had already
+        exited is in neither (its PID file is removed)."""
+        stopped, left = [], []
+        for name in reversed(self.started):
+            if self.stop(name):
+                stopped.append(name)
+            elif self.pid(name) is not None:
+                left.append(name)
+        return stopped, left
 
     def stop(self, name: str, timeout: float = 20.0) -> bool:
         """Stop a service's process group: SIGINT (Ctrl-C, what Prefect and uvicorn shut down cleanly on),
-        a second SIGINT (a worker sometimes wants two), SIGTERM, then SIGKILL."""
+        a second SIGINT (a worker sometimes wants two), SIGTERM, then SIGKILL. Waits until the whole
+        group is gone (so its port is free). True if it was running and is stopped; the PID file
+        is removed unless the group would not die."""
         pid = self.pid(name)
-        self.pid_file(name).unlink(missing_ok=True)
         if pid is None:
+            self.pid_file(name).unlink(missing_ok=True)  # stale or absent
             return False
         steps = ((signal.SIGINT, timeout / 3), (signal.SIGINT, timeout / 3), (signal.SIGTERM, timeout / 3),
                  (signal.SIGKILL, 5.0))
@@ -292,17 +495,28 @@ class Stack:
                 os.killpg(pid, sig)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if not pid_alive(pid):
+                if not group_alive(pid):
+                    self.pid_file(name).unlink(missing_ok=True)
                     return True
                 time.sleep(0.2)
-        return not pid_alive(pid)
+        if not group_alive(pid):
+            self.pid_file(name).unlink(missing_ok=True)
+            return True
+        return False
 
     def down(self) -> list[str]:
-        stopped = []
-        for svc in reversed(self.services()):  # worker first, S3 last
-            if self.stop(svc.name):
-                stopped.append(svc.name)
-        return stopped
+        """Stop every service with a PID file, worker first, S3 last. Idempotent: on a stopped
+        stack it stops nothing and removes stale PID files. Raises StackError if one would not die."""
+        with self._locked():
+            stopped, failed = [], []
+            for name in reversed(SERVICE_ORDER):  # all of them, whatever CPCSAM_S3_EXTERNAL says now
+                if self.stop(name):
+                    stopped.append(name)
+                elif self.pid(name) is not None:
+                    failed.append(name)
+            if failed:
+                raise StackError(f"would not stop: {', '.join(failed)} (PID files kept)", stopped=stopped)
+            return stopped
 
     def status(self) -> list[dict[str, object]]:
         rows = []
@@ -316,7 +530,7 @@ class Stack:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infra/stack.py", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "deploy"])
     parser.add_argument("--state-dir", type=Path, default=None, help="PID files + logs (default: <project>/.infra)")
     parser.add_argument("--no-deploy", action="store_true", help="up: do not (re)register the deployments")
     args = parser.parse_args(argv)
@@ -324,18 +538,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         try:
             pids = stack.up(deploy=not args.no_deploy)
-        except RuntimeError as exc:
-            print(f"stack up: {exc}", file=sys.stderr)
+        except StackError as exc:
+            print(f"stack up FAILED: {exc}", file=sys.stderr)
             return 1
-        for name, pid in pids.items():
-            print(f"{name:15s} pid {pid}")
+        except KeyboardInterrupt:
+            print("stack up interrupted; stopped what it had started", file=sys.stderr)
+            return 130
+        if not stack.started:
+            print("stack already up: " + ", ".join(pids) + " running and healthy; nothing started "
+                  "(`python infra/stack.py deploy` re-registers the deployments)")
+        else:
+            for name, pid in pids.items():
+                print(f"{name:15s} pid {pid:<8} {'started' if name in stack.started else 'already running'}")
         print(f"Prefect UI  http://{HOST}:{stack.prefect_port}\nMLflow UI   {stack.mlflow_url}\n"
               f"S3          {stack.s3_url}\nlogs        {stack.state / 'logs'}\n"
               f"use it:     eval \"$(python infra/stack.py env)\"")
         return 0
     if args.command == "down":
-        stopped = stack.down()
+        try:
+            stopped = stack.down()
+        except StackError as exc:
+            print(f"stack down: {exc}; stopped: {', '.join(exc.stopped) or '-'}", file=sys.stderr)
+            return 1
         print("stopped: " + (", ".join(stopped) or "nothing was running"))
+        return 0
+    if args.command == "deploy":
+        try:
+            stack.deploy()
+        except StackError as exc:
+            print(f"stack deploy: {exc}", file=sys.stderr)
+            return 1
+        print(f"work pool {stack.work_pool} and the deployments of infra/prefect.yaml registered")
         return 0
     if args.command == "status":
         rows = stack.status()

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from cpcsam.config import Params, load_config
 from cpcsam.errors import ConfigError, CpcSamError, DataError
 
-from operations import tracking
+from operations import preflight, tracking
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_config(args.params)
         if not tracking.tracking_config(params).enabled:
             raise ConfigError(f"{args.params}: tracking.enabled is false; nothing to register into")
-        tracking.preflight(params)
+        preflight.preflight(params)
         if args.run_id:
             result = register_candidate(args.run_id, params, args.gate, args.export_dir)
         else:

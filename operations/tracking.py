@@ -4,7 +4,7 @@
 
     with stage_run("train", params) as run:      # params: the typed tree (cpcsam.config.Params)
         run.log_metrics({"loss": 0.3}, step=10)
-        run.log_artifact("artifacts/train/curve.csv")
+        run.log_artifact("artifacts/train/cpcsam/curve.csv")
 
 Design
 - One MLflow run per pipeline run. The Prefect flow opens a *pipeline run* and exports its id
@@ -21,22 +21,18 @@ Design
 - Logging never breaks a stage: each call is retried, then downgraded to a warning (the
   stage's real outputs are DVC outs on disk, so nothing trained is lost). After repeated
   failures the logger stops trying for the rest of the stage.
-- `preflight` is the fail-fast check a flow calls *before* any training: a configured
-  tracking server or S3 endpoint that does not answer raises `PreflightError` with a clear
-  message.
+- Lineage tags come from `operations.lineage`; the fail-fast check a flow calls before any
+  training is `operations.preflight`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
 import re
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -46,16 +42,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from cpcsam.config import Params, TrackingConfig, load_config
-from cpcsam.errors import CpcSamError
+from operations.lineage import FLOW_RUN_ENV, PREFECT_FLOW_RUN_ENV, lineage_tags  # noqa: F401 (the flows read the env names here)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 PARENT_RUN_ENV = "CPCSAM_MLFLOW_PARENT_RUN_ID"
-FLOW_RUN_ENV = "CPCSAM_PREFECT_FLOW_RUN_ID"
-# Set by Prefect in the process of a flow run; stages started by the flow inherit it.
-PREFECT_FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
 TRACKING_SWITCH_ENV = "CPCSAM_TRACKING"
 
 
@@ -66,10 +59,6 @@ _MLFLOW_HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
-
-
-class PreflightError(CpcSamError):
-    """A service the run needs (tracking server, S3 endpoint) does not answer."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -151,65 +140,6 @@ def get_or_create_experiment(client, name: str, artifact_location: str | None, u
         if exp is None:
             raise
         return exp.experiment_id
-
-
-# --------------------------------------------------------------------------- lineage
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def dvc_lock_hashes(root: Path, data_stages: list[str]) -> dict[str, str]:
-    """md5 of `dvc.lock` and a combined hash of the data stages' outs recorded in it."""
-    import yaml
-
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    text = lock.read_bytes()
-    tags = {"cpcsam.dvc.lock_md5": hashlib.md5(text).hexdigest()}
-    try:
-        stages = (yaml.safe_load(text) or {}).get("stages", {})
-    except yaml.YAMLError:
-        return tags
-    parts = []
-    for stage in data_stages:
-        for out in (stages.get(stage) or {}).get("outs", []) or []:
-            parts.append(f"{out.get('path')}:{out.get('md5') or out.get('etag') or out.get('hash')}")
-    if parts:
-        tags["cpcsam.dvc.data_md5"] = hashlib.md5("\n".join(sorted(parts)).encode()).hexdigest()
-        tags["cpcsam.dvc.data_outs"] = ";".join(sorted(parts))[:5000]
-    return tags
-
-
-_NOT_CODE = (":(exclude)dvc.lock", ":(exclude)params.yaml")
-
-
-def lineage_tags(root: str | Path = ".", data_stages: list[str] | None = None) -> dict[str, str]:
-    """Tags that trace a run back to code (git), data (dvc.lock) and orchestration (Prefect)."""
-    root = Path(root)
-    tags: dict[str, str] = {}
-    commit = _git(root, "rev-parse", "HEAD")
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["cpcsam.git.commit"] = commit
-        # Dirty = tracked *code/config* changed since the commit. params.yaml and dvc.lock are
-        # left out: a run rewrites dvc.lock, and its params are logged and hashed separately.
-        status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *_NOT_CODE)
-        changed = [line[3:] for line in (status or "").splitlines() if line.strip()]
-        tags["cpcsam.git.dirty"] = "true" if changed else "false"
-        if changed:
-            tags["cpcsam.git.dirty_files"] = " ".join(changed)[:2000]
-    tags.update(dvc_lock_hashes(root, data_stages if data_stages is not None else TrackingConfig().data_stages))
-    flow_run = os.environ.get(FLOW_RUN_ENV) or os.environ.get(PREFECT_FLOW_RUN_ENV)
-    if flow_run:
-        tags["cpcsam.prefect.flow_run_id"] = flow_run
-    return tags
 
 
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
@@ -376,7 +306,7 @@ def _is_nan(value: Any) -> bool:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params | Mapping[str, Any] | None = None) -> Iterator[StageRun | NullRun]:
+def stage_run(stage: str, params: Params | Mapping[str, Any] | None = None, run_name: str | None = None) -> Iterator[StageRun | NullRun]:
     """Open the MLflow run of one pipeline stage; close it FINISHED or FAILED.
 
     `params` is the typed params tree (read from the working directory when None):
@@ -392,7 +322,7 @@ def stage_run(stage: str, params: Params | Mapping[str, Any] | None = None) -> I
 
     uri = resolve_tracking_uri(params)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    run = _open_stage_run(stage, params, cfg, uri, parent)
+    run = _open_stage_run(stage, params, cfg, uri, parent, run_name or stage)
     if run is None:
         yield NullRun()
         return
@@ -406,7 +336,8 @@ def stage_run(stage: str, params: Params | Mapping[str, Any] | None = None) -> I
 
 
 def _open_stage_run(
-    stage: str, params: Params | Mapping[str, Any] | None, cfg: TrackingConfig, uri: str, parent: str | None
+    stage: str, params: Params | Mapping[str, Any] | None, cfg: TrackingConfig, uri: str, parent: str | None,
+    run_name: str,
 ) -> StageRun | None:
     retries = int(cfg.retries)
     wait = float(cfg.retry_wait_s)
@@ -426,7 +357,7 @@ def _open_stage_run(
             tags["cpcsam.profile"] = str(profile)
         if parent:
             tags["mlflow.parentRunId"] = parent
-        created = client.create_run(experiment_id, tags=tags, run_name=stage)
+        created = client.create_run(experiment_id, tags=tags, run_name=run_name)
         return client, created.info.run_id
 
     last: Exception | None = None
@@ -508,108 +439,3 @@ def pipeline_run(
             os.environ[PARENT_RUN_ENV] = saved
         run._gave_up = False
         run._call("set_terminated", client.set_terminated, run.run_id, status)
-
-
-# --------------------------------------------------------------------------- preflight
-
-
-def _http_reachable(url: str, timeout: float) -> tuple[bool, str]:
-    """(True, status) when something answers HTTP at `url` (any status code counts)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return True, str(resp.status)
-    except urllib.error.HTTPError as exc:  # an answer, even if 4xx/5xx
-        return True, str(exc.code)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return False, str(reason)
-
-
-def check_tracking(params: Params | None, timeout: float | None = None) -> str:
-    """Raise `PreflightError` unless the configured tracking store can be used. Returns the URI."""
-    cfg = tracking_config(params)
-    uri = resolve_tracking_uri(params)
-    timeout = float(timeout if timeout is not None else cfg.preflight_timeout_s)
-    parsed = urllib.parse.urlparse(uri)
-    if is_remote_uri(uri):
-        health = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(health, timeout=timeout) as resp:
-                if resp.status == 200:
-                    return uri
-                problem = f"/health answered HTTP {resp.status}"
-        except urllib.error.HTTPError as exc:
-            problem = f"/health answered HTTP {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            problem = f"no answer ({getattr(exc, 'reason', exc)})"
-        raise PreflightError(
-            f"MLflow tracking server {uri} is unreachable: {problem}. Start the local stack with "
-            "`make stack-up`, or point MLFLOW_TRACKING_URI / params tracking.uri at a running server "
-            "(sqlite:///mlflow.db needs no server). Nothing was trained."
-        )
-    if parsed.scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-        if db is not None and str(db):
-            folder = db.parent if db.parent != Path("") else Path(".")
-            if not folder.is_dir() or not os.access(folder, os.W_OK):
-                raise PreflightError(f"MLflow store {uri}: folder {folder.resolve()} is missing or not writable")
-        return uri
-    if parsed.scheme in {"", "file"}:
-        folder = Path(parsed.path if parsed.scheme == "file" else uri)
-        probe = folder if folder.exists() else folder.parent
-        if not os.access(probe if str(probe) else ".", os.W_OK):
-            raise PreflightError(f"MLflow store {uri}: {probe} is not writable")
-        return uri
-    raise PreflightError(f"MLflow tracking URI {uri!r}: unsupported scheme {parsed.scheme!r} (use sqlite:///, http(s)://)")
-
-
-def check_s3_endpoint(endpoint_url: str | None, bucket: str | None = None, timeout: float = 5.0) -> None:
-    """Raise `PreflightError` unless an S3 endpoint answers (and `bucket` exists when given).
-
-    With no endpoint URL (real AWS), only the bucket check applies, and only when a bucket is named.
-    """
-    what = endpoint_url or "AWS S3"
-    if endpoint_url:
-        ok, detail = _http_reachable(endpoint_url, timeout)
-        if not ok:
-            raise PreflightError(
-                f"S3 endpoint {endpoint_url} is unreachable ({detail}). Start it with `make stack-up` "
-                "(moto_server) or fix the endpoint URL. Nothing was trained."
-            )
-    if bucket:
-        import boto3
-        from botocore.config import Config
-
-        config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
-        try:
-            boto3.client("s3", endpoint_url=endpoint_url, config=config).head_bucket(Bucket=bucket)
-        except Exception as exc:
-            raise PreflightError(f"S3 bucket s3://{bucket} on {what} cannot be used: {exc}") from exc
-
-
-def preflight(
-    params: Params | None = None,
-    s3_endpoints: list[tuple[str | None, str | None]] | None = None,
-    timeout: float | None = None,
-) -> list[str]:
-    """Fail fast before any training. Checks the tracking store, MLflow's direct S3 artifact
-    endpoint (`MLFLOW_S3_ENDPOINT_URL`, when set) and the given `(endpoint_url, bucket)` pairs.
-
-    Returns one line per check that passed; raises `PreflightError` at the first that fails.
-    """
-    cfg = tracking_config(params)
-    timeout = float(timeout if timeout is not None else cfg.preflight_timeout_s)
-    done: list[str] = []
-    if cfg.enabled:
-        uri = check_tracking(params, timeout)
-        done.append(f"tracking store {uri}")
-        mlflow_s3 = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-        if mlflow_s3 and not is_remote_uri(uri):
-            check_s3_endpoint(mlflow_s3, None, timeout)
-            done.append(f"MLflow S3 endpoint {mlflow_s3}")
-    for endpoint, bucket in s3_endpoints or []:
-        check_s3_endpoint(endpoint, bucket, timeout)
-        done.append(f"S3 {endpoint or 'aws'} bucket={bucket or '-'}")
-    return done
-
-

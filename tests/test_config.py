@@ -28,8 +28,8 @@ def test_project_params_file_validates(project_root: Path) -> None:
 
 
 def test_overrides_are_typed_and_validated(project_root: Path) -> None:
-    params = load_config(project_root / "params.yaml", ["train.steps=3", "data.profile=tiny", "evaluate.sigmas=[0, 0.5]"])
-    assert params.train.steps == 3 and params.data.profile == "tiny" and params.evaluate.sigmas == [0.0, 0.5]
+    params = load_config(project_root / "params.yaml", ["train.steps=3", "data.profile=tiny", "evaluate.sigmas=[0, 0.2]"])
+    assert params.train.steps == 3 and params.data.profile == "tiny" and params.evaluate.sigmas == [0.0, 0.2]
     with pytest.raises(ConfigError, match="train.steps"):
         load_config(project_root / "params.yaml", ["train.steps=-1"])
 
@@ -45,6 +45,7 @@ def test_overrides_are_typed_and_validated(project_root: Path) -> None:
         ("train.mode=lora-only", "set per variant"),
         ("variants=[lora_only]", "must include 'cpcsam'"),
         ("model.type=vit_q", "model.type"),
+        ("evaluate.sigmas=[0, 0.1]", "evaluate.headline.protocol: 'box@0.2' is not a protocol of this run"),
     ],
 )
 def test_a_typo_anywhere_fails_naming_the_key(project_root: Path, override: str, message: str) -> None:

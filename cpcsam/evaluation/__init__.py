@@ -1,1 +1,1 @@
-"""Evaluation: metrics (METHOD.md §6), prompt protocols, the promotion gate, and the report."""
+"""Evaluation: metrics (docs/METHOD.md §6), prompt protocols, the promotion gate, and the report."""

@@ -1,4 +1,4 @@
-"""Segmentation metrics (METHOD.md §6): Dice and IoU per class, and a multi-entity label-map mIoU.
+"""Segmentation metrics (docs/METHOD.md §6): Dice and IoU per class, and a multi-entity label-map mIoU.
 
 Conventions (ours, tested in `tests/evaluation/test_metrics.py`):
 - `dice` / `iou` of two empty masks is 1.0 (nothing to find, nothing found: perfect agreement);
@@ -108,7 +108,7 @@ class ClassScores:
             pred = np.logical_or.reduce([_as_bool(pred_masks[j]) for j in idx])
             gt = np.logical_or.reduce([_as_bool(gt_masks[j]) for j in idx])
             if not gt.any():
-                # The class is not present in this image's ground truth: not averaged (METHOD.md §6).
+                # The class is not present in this image's ground truth: not averaged (docs/METHOD.md §6).
                 continue
             self.dice[name].append(dice(pred, gt))
             self.iou[name].append(iou(pred, gt))

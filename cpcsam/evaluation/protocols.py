@@ -1,4 +1,4 @@
-"""The evaluation protocols of one run (METHOD.md §5–6) and the loop that scores every model.
+"""The evaluation protocols of one run (docs/METHOD.md §5–6) and the loop that scores every model.
 
 Protocols, named as they appear in the table and in `metrics.json`:
 - `box@σ`, `points@σ` (σ ∈ `evaluate.sigmas`): one prompt per ground-truth entity, derived from

@@ -1,6 +1,6 @@
 """The Causal Prompt Learner (CaPL): task causal module, entity causal module, soft prompt.
 
-CaPL is the small network φ of CPC-SAM (METHOD.md §2). Every part of it starts as the identity
+CaPL is the small network φ of CPC-SAM (docs/METHOD.md §2). Every part of it starts as the identity
 (its last layers are zero-initialised), so a fresh CPC-SAM reproduces the SAM it calibrates bit
 for bit.
 

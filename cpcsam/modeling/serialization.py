@@ -13,7 +13,6 @@ re-injects LoRA when the file has it, and loads the state dict with strict key a
 
 from __future__ import annotations
 
-import copy
 import io
 from pathlib import Path
 from typing import Any, Mapping

@@ -1,4 +1,4 @@
-"""Automatic prompts for classes without user geometry (METHOD.md §5, "automatic").
+"""Automatic prompts for classes without user geometry (docs/METHOD.md §5, "automatic").
 
 A few annotated support images give each class a prototype: the mask-average-pooled image
 embedding. On a query image the cosine-similarity map between the embedding and the prototype

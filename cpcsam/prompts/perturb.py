@@ -1,4 +1,4 @@
-"""Prompt geometry: perturbed training prompts (METHOD.md §1) and ground-truth prompts with noise.
+"""Prompt geometry: perturbed training prompts (docs/METHOD.md §1) and ground-truth prompts with noise.
 
 This module is the one home of prompt geometry in the project. A prompt is a small set of
 points in *original image pixels* with ONNX-style labels (SAM's `utils/onnx.py` convention):
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -255,7 +255,7 @@ def prompt_from_mask(
 def perturb_entity(
     seed: int, image_id: str, entity_id: str, k: int, mask: np.ndarray, cfg: PerturbConfig
 ) -> Prompt:
-    """The k-th perturbed training prompt of an entity (METHOD.md §1), a pure function of its inputs.
+    """The k-th perturbed training prompt of an entity (docs/METHOD.md §1), a pure function of its inputs.
 
     Kind drawn from `cfg.kind_probs`; box = tight box with side jitter `sigma_box`; points =
     U{positives} positives uniform inside the mask and U{negatives} negatives from the band

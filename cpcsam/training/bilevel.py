@@ -1,4 +1,4 @@
-"""The bi-level trainer of CPC-SAM (METHOD.md §4) and its fair baselines.
+"""The bi-level trainer of CPC-SAM (docs/METHOD.md §4) and its fair baselines.
 
 Modes (`train.mode`):
 

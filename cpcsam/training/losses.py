@@ -1,4 +1,4 @@
-"""The losses of CPC-SAM (METHOD.md Eq. 1–3) and of the stand-in pretraining.
+"""The losses of CPC-SAM (docs/METHOD.md Eq. 1–3) and of the stand-in pretraining.
 
 Per-instance helpers return one value per mask (`[N]`) so that the callers can group them
 (over the K prompt groups for Eq. 1, over entities for Eq. 2–3). Targets are float masks in
@@ -78,7 +78,7 @@ def task_loss(per_prompt: torch.Tensor, beta: float) -> tuple[torch.Tensor, torc
 def entity_loss(
     attn_map: torch.Tensor, target: torch.Tensor, calibration_l1: torch.Tensor, lambda_l1: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2: `mean_j L_seg(A_j, y_j) + lambda_l1 * ||C||_1`.
+    """Eq. 2: `mean_j L_seg(A_j, y_j) + lambda_l1 * ||C - 1||_1`.
 
     `attn_map` `[N, h, w]` in [0, 1] is upsampled (bilinear) to the target's frame `[N, H, W]`
     ("averaged over heads, upsampled, scaled to [0, 1]"). Returns `(L_entity, attention term)`.

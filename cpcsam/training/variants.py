@@ -1,7 +1,7 @@
 """The models the pipeline trains side by side: CPC-SAM, its baselines and its CaPL ablations.
 
 Every variant runs through the same trainer with the same budget (`train.steps`, images per step,
-data, prompts); they differ only in what is trained:
+data, prompts; see `variant_sections`); they differ only in what is trained:
 
 | variant        | trainer mode   | CaPL mode | trains                                      |
 | cpcsam         | bilevel        | causal    | CaPL (task + entity) ↔ LoRA, bi-level       |
@@ -36,7 +36,15 @@ assert tuple(VARIANTS) == VARIANT_NAMES
 
 
 def variant_sections(name: str, train: TrainConfig, model: ModelConfig) -> tuple[TrainConfig, ModelConfig]:
-    """The `train` and `model` sections of one variant (its trainer mode and CaPL mode set)."""
+    """The `train` and `model` sections of one variant (its trainer mode and CaPL mode set).
+
+    Same images per step for all: a bi-level step reads `batch_images` images for CaPL and as
+    many (from the other half of the data) for LoRA; a variant without CaPL has one level only,
+    which reads both shares, `2 × batch_images`, from all the training images.
+    """
     variant = VARIANTS[name]
     capl = model.capl.model_copy(update={"mode": variant.capl})
-    return train.model_copy(update={"mode": variant.mode}), model.model_copy(update={"capl": capl})
+    update: dict = {"mode": variant.mode}
+    if variant.capl == "fixed":
+        update["batch_images"] = 2 * train.batch_images
+    return train.model_copy(update=update), model.model_copy(update={"capl": capl})

@@ -63,12 +63,14 @@ def dvc(cwd: Path, *args: str) -> str:
 # ---- a two-stage toy DVC project: the flows' mechanics in isolation (fast, no model)
 
 PARAMS = """\
-# toy params: the comments must survive overrides
+# toy params (a valid params tree): the comments must survive overrides
 seed: 0
 data:
   profile: toy   # the flow writes data.profile here
-toy:
-  value: 1       # read by make_a
+  profiles:
+    toy: {source: synthetic}
+train:
+  steps: 1       # read by make_a
 tracking:
   experiment: toy
   retry_wait_s: 0.01
@@ -85,17 +87,18 @@ stages:
   make_a:
     cmd: python step.py make_a
     deps: [step.py]
-    params: [toy.value]
+    params: [train.steps]
     outs: [out/a.txt]
 """
 
 STEP = """\
-import pathlib, sys
+import os, pathlib, sys
 import yaml
 from operations.tracking import stage_run
 
 stage = sys.argv[1]
-flag = pathlib.Path(f"fail_once_{stage}")
+# flags live in the checkout (TOY_FLAGS), not in the worktree a flow run works in
+flag = pathlib.Path(os.environ.get("TOY_FLAGS", ".")) / f"fail_once_{stage}"
 if flag.exists():  # a transient failure: the first attempt dies, the retry succeeds
     flag.unlink()
     sys.exit(f"{stage}: flaky failure")
@@ -104,8 +107,8 @@ out = pathlib.Path("out")
 out.mkdir(exist_ok=True)
 with stage_run(stage, params) as run:
     if stage == "make_a":
-        (out / "a.txt").write_text(str(params["toy"]["value"]))
-        run.log_metrics({"value": float(params["toy"]["value"])})
+        (out / "a.txt").write_text(str(params["train"]["steps"]))
+        run.log_metrics({"value": float(params["train"]["steps"])})
     else:
         text = "report of " + (out / "a.txt").read_text()
         (out / "report.txt").write_text(text)

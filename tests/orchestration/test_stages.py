@@ -40,21 +40,21 @@ def test_a_run_works_in_its_own_worktree_and_never_writes_the_checkout(toy: Path
     from flows.workspace import isolated_workspace
 
     original = (toy / "params.yaml").read_text()
-    with isolated_workspace(toy, ["toy.value=7", "data.profile=tiny", "new.section.key=[1, 2]"], "t") as ws:
+    with isolated_workspace(toy, ["train.steps=7", "data.profile=tiny", "new.section.key=[1, 2]"], "t") as ws:
         assert ws != toy and ws.parent == toy / ".workspaces"
         text = (ws / "params.yaml").read_text()
         params = yaml.safe_load(text)
-        assert params["toy"]["value"] == 7 and params["data"]["profile"] == "tiny"
+        assert params["train"]["steps"] == 7 and params["data"]["profile"] == "tiny"
         assert params["new"]["section"]["key"] == [1, 2]
-        assert "# toy params: the comments must survive overrides" in text and "# read by make_a" in text
+        assert "the comments must survive overrides" in text and "# read by make_a" in text
         stages.repro_stage(ws, "make_a")
         assert (ws / "out" / "a.txt").read_text() == "7"
         assert (toy / "params.yaml").read_text() == original and not (toy / "out").exists()
     assert not ws.exists() and (toy / "params.yaml").read_text() == original
-    with pytest.raises(RuntimeError), isolated_workspace(toy, ["toy.value=9"], "t") as ws:
+    with pytest.raises(RuntimeError), isolated_workspace(toy, ["train.steps=9"], "t") as ws:
         raise RuntimeError("stage failed")
     assert not ws.exists() and (toy / "params.yaml").read_text() == original
-    with pytest.raises(ConfigError, match="expected key.sub=value"), isolated_workspace(toy, ["toy.value"], "t"):
+    with pytest.raises(ConfigError, match="expected key.sub=value"), isolated_workspace(toy, ["train.steps"], "t"):
         pass
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from operations import tracking
-from operations.tracking import PreflightError, pipeline_run, preflight, stage_run
+from operations.preflight import PreflightError, preflight
+from operations.tracking import pipeline_run, stage_run
 
 
 @pytest.fixture

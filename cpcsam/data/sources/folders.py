@@ -35,14 +35,12 @@ symlinked on purpose, which reads links wherever they point.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import PurePosixPath
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from cpcsam.config import BinaryMasksProfile, SemanticMasksProfile

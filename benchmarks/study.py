@@ -1,0 +1,201 @@
+"""The study: CPC-SAM against its same-budget baselines, several training seeds, paired intervals.
+
+    python benchmarks/study.py [--profiles oceancoco,trashcan] [--seeds 0,1,2]
+        [--variants cpcsam,lora_only,full_finetune] [--split test] [--out reports/study]
+        [-S train.steps=200 ...]
+
+For each data profile: ingest once, perturb once, then for every seed × variant train from the
+starting SAM of params.yaml (`model.checkpoint`) with the same budget (`train:` section, the
+variant setting only the trainer and CaPL modes), and score every evaluation image under the
+box and points protocols of `evaluate.sigmas`, next to the starting SAM and the filled box.
+Statistics are over images, paired: for (CPC-SAM − baseline) the per-image target Dice
+difference, averaged over seeds, with a 95% bootstrap interval (10 000 resamples of images).
+Writes `<out>/study.json` (every per-image score) and `<out>/report.md` (tables, intervals,
+budget, timings), and prints the report. Hyper-parameters are never chosen on the test split:
+`--split val` is the one to tune on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOTSTRAP = 10_000
+
+
+def per_image_scores(engine: Any, images: list, protocols: list, target: set[str], seed: int) -> dict[str, list]:
+    """Per protocol, the target-class Dice of each image (mean over its target classes; None: none).
+
+    One encoder pass per image serves every protocol.
+    """
+    from cpcsam.evaluation.metrics import dice
+    from cpcsam.evaluation.protocols import entity_prompts
+
+    out: dict[str, list[float | None]] = {p.name: [] for p in protocols}
+    for im, pixels in images:
+        names = [e.class_name for e in im.entities]
+        present = sorted(set(names) & target)
+        encoded = engine.encode(pixels) if present else None
+        for protocol in protocols:
+            if not present:
+                out[protocol.name].append(None)
+                continue
+            logits = engine.predict(encoded, entity_prompts(protocol, im, seed))
+            scores = []
+            for name in present:
+                idx = [j for j, n in enumerate(names) if n == name]
+                pred = np.logical_or.reduce([logits[j] > 0 for j in idx])
+                gt = np.logical_or.reduce([im.entities[j].mask for j in idx])
+                scores.append(dice(pred, gt))
+            out[protocol.name].append(float(np.mean(scores)))
+    return out
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """Mean of a − b over images and its 95% percentile bootstrap interval."""
+    diff = a - b
+    means = diff[rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))].mean(axis=1)
+    return {"mean": float(diff.mean()), "low": float(np.percentile(means, 2.5)), "high": float(np.percentile(means, 97.5))}
+
+
+def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str], split: str, out: Path) -> dict:
+    from cpcsam.data import load_classes, load_manifest, read_image
+    from cpcsam.data.ingest import run_ingest
+    from cpcsam.evaluation.engine import TorchEngine
+    from cpcsam.evaluation.protocols import Protocol, image_records
+    from cpcsam.evaluation.references import FilledBox
+    from cpcsam.modeling import CPCSAM, build_sam
+    from cpcsam.prompts.perturb import perturb_manifest
+    from cpcsam.training.run import prepare_training
+    from cpcsam.training.variants import variant_sections
+
+    data_dir = out / "data" / profile
+    run_ingest(params.data.model_copy(update={"profile": profile, "progress": False}), data_dir)
+    manifest, classes = load_manifest(data_dir / "manifest.parquet"), load_classes(data_dir / "classes.json")
+    perturb = params.seeded("perturb")
+    prompts = perturb_manifest(manifest, perturb, perturb.seed, progress=False)
+    images = [(im, np.array(read_image(im.uri))) for im in image_records(manifest, [split])]
+    target = set(classes["target"])
+    protocols = [Protocol.parse(f"{kind}@{s:g}") for kind in ("box", "points") for s in params.evaluate.sigmas]
+    eval_seed = params.stage_seed("evaluate")
+    sam_path = str(params.model.checkpoint)
+
+    def score(engine) -> dict[str, list]:
+        return per_image_scores(engine, images, protocols, target, eval_seed)
+
+    result: dict[str, Any] = {"profile": profile, "split": split, "images": len(images), "target": sorted(target),
+                              "base": classes["base"], "protocols": [p.name for p in protocols], "models": {},
+                              "budget": {}, "seconds": {}}
+    result["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), images, [p for p in protocols if p.kind == "box"],
+                                                            target, eval_seed)}
+    start = CPCSAM(build_sam(params.model.model_copy(update={"checkpoint": sam_path})), {"mode": "fixed"})
+    result["models"]["sam"] = {"-": score(TorchEngine(start))}
+    for variant in variants:
+        result["models"][variant] = {}
+        for seed in seeds:
+            seeded = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
+            train, model = variant_sections(variant, seeded.seeded("train"), params.model)
+            started = time.perf_counter()
+            trainer = prepare_training(train, model, params.perturb, manifest, prompts, sam_path, None)
+            summary = trainer.run(resume=False, progress=False)
+            seconds = time.perf_counter() - started
+            result["models"][variant][str(seed)] = score(TorchEngine(trainer.model.eval()))
+            result["budget"][variant] = summary["budget"]
+            result["seconds"].setdefault(variant, []).append(seconds)
+            print(f"{profile} {variant} seed {seed}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def _array(runs: dict[str, dict[str, list]], protocol: str) -> np.ndarray:
+    """[seeds, images] target Dice (NaN where an image has no target class)."""
+    return np.array([[np.nan if v is None else v for v in scores[protocol]] for scores in runs.values()], float)
+
+
+def summarise(result: dict, rng: np.random.Generator) -> dict:
+    rows, intervals = [], []
+    for protocol in result["protocols"]:
+        per_model = {m: _array(runs, protocol) for m, runs in result["models"].items() if protocol in next(iter(runs.values()))}
+        for model, arr in per_model.items():
+            seed_means = np.nanmean(arr, axis=1)
+            rows.append({"protocol": protocol, "model": model, "dice": float(seed_means.mean()),
+                         "seed_sd": float(seed_means.std(ddof=1)) if len(seed_means) > 1 else 0.0, "seeds": len(seed_means)})
+        if "cpcsam" in per_model:
+            ours = np.nanmean(per_model["cpcsam"], axis=0)  # per image, averaged over seeds
+            keep = ~np.isnan(ours)
+            for other in [m for m in per_model if m != "cpcsam"]:
+                theirs = np.nanmean(per_model[other], axis=0)
+                intervals.append({"protocol": protocol, "versus": other,
+                                  **paired_interval(ours[keep], theirs[keep], rng)})
+    return {"rows": rows, "intervals": intervals}
+
+
+def report(results: list[dict], summaries: list[dict]) -> str:
+    lines = ["# Study: CPC-SAM vs same-budget baselines", ""]
+    for result, summary in zip(results, summaries):
+        lines += [f"## {result['profile']} ({result['split']} split, {result['images']} images, "
+                  f"target classes {', '.join(result['target'])})", "",
+                  "Target-class Dice (mean over seeds; ± the seeds' standard deviation):", "",
+                  "| protocol | " + " | ".join(result["models"]) + " |",
+                  "| --- |" + " ---: |" * len(result["models"])]
+        for protocol in result["protocols"]:
+            cells = []
+            for model in result["models"]:
+                row = next((r for r in summary["rows"] if r["protocol"] == protocol and r["model"] == model), None)
+                cells.append("–" if row is None else f"{100 * row['dice']:.1f}" +
+                             (f" ± {100 * row['seed_sd']:.1f}" if row["seeds"] > 1 else ""))
+            lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
+        lines += ["", "Paired difference of target Dice, CPC-SAM − other (per image, seeds averaged; 95% bootstrap):", "",
+                  "| protocol | versus | mean | 95% interval |", "| --- | --- | ---: | --- |"]
+        for iv in summary["intervals"]:
+            lines.append(f"| {iv['protocol']} | {iv['versus']} | {100 * iv['mean']:+.1f} | "
+                         f"[{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}] |")
+        lines += ["", "Budget per variant: " + "; ".join(
+            f"{v}: {b['steps']} steps, {b['images_per_step']:.1f} images/step, {b['trainable_parameters']:,} trainable, "
+            f"{np.mean(result['seconds'][v]):.0f} s" for v, b in result["budget"].items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--profiles", default="oceancoco,trashcan")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default="cpcsam,lora_only,full_finetune")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "reports" / "study"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from cpcsam.config import load_config
+
+    params = load_config(args.params, args.overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results, summaries = [], []
+    rng = np.random.default_rng(0)
+    for profile in args.profiles.split(","):
+        root = getattr(params.data.profiles.get(profile), "root", None)
+        if root is not None and not str(root).startswith("s3://") and not Path(root).is_dir():
+            print(f"study: skipping {profile}: {root} is absent", file=sys.stderr)
+            continue
+        results.append(run_profile(params, profile, seeds, args.variants.split(","), args.split, out))
+        summaries.append(summarise(results[-1], rng))
+        (out / "study.json").write_text(json.dumps({"results": results, "summaries": summaries}))
+    text = report(results, summaries)
+    (out / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

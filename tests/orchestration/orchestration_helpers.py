@@ -54,8 +54,12 @@ def copy_repo(dest: Path) -> Path:
 
 
 def dvc(cwd: Path, *args: str) -> str:
+    import os
+
     exe = str(Path(sys.executable).with_name("dvc"))
-    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
+    # stage commands say `python -m components.<step>`: this interpreter's environment first on PATH
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 

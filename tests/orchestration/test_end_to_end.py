@@ -95,7 +95,9 @@ def test_train_deployment_tracks_registers_and_gates(pipeline: dict, stack) -> N
     tags = parent.data.tags
     assert tags["cpcsam.profile"] == "tiny"
     assert tags["cpcsam.git.commit"] == git(repo, "rev-parse", "HEAD").strip()
-    assert tags["cpcsam.dvc.lock_md5"] == hashlib.md5((repo / "dvc.lock").read_bytes()).hexdigest()
+    with tempfile.TemporaryDirectory() as tmp:  # the run's own dvc.lock (its worktree's), logged on the run
+        lock = Path(client.download_artifacts(parent.info.run_id, "config/dvc.lock", tmp)).read_bytes()
+    assert tags["cpcsam.dvc.lock_md5"] == hashlib.md5(lock).hexdigest()
     assert "cpcsam.dvc.data_md5" in tags
     assert parent.data.params["data.profile"] == "tiny"
     # per-stage metrics mirrored on the pipeline run

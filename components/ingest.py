@@ -31,7 +31,7 @@ def _log_summary(run, summary: dict, out: Path) -> None:
         "quarantine_fraction": summary["quarantine"]["fraction"],
         "quarantined_items": summary["quarantine"]["n_items"],
         "withheld_target_in_train": summary["withheld_target_in_train"]["count"],
-        "seconds": summary["seconds"],
+        **({"seconds": summary["seconds"]} if "seconds" in summary else {}),
     }
     for split, counts in summary["splits"].items():
         metrics[f"{split}_images"] = counts["images"]

@@ -152,13 +152,13 @@ def _ingest(data_cfg: DataConfig, out: Path, images_dir: Path, run: _Run) -> dic
         "quarantine": _quarantine_summary(quarantine, max_fraction),
         **withheld,
         "problems": problems,
-        "seconds": round(time.perf_counter() - run.start, 3),
     }
+    # No wall time in the file: data/ingest is a DVC out and must be byte-reproducible.
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     run.reported = True
     if problems:
         raise DataError(f"ingest of profile {name!r} failed: " + "; ".join(problems) + f" (reports in {out})")
-    return summary
+    return {**summary, "seconds": round(time.perf_counter() - run.start, 3)}
 
 
 def _quarantine_summary(quarantine: Quarantine, max_fraction: float | None) -> dict[str, Any]:
@@ -196,6 +196,5 @@ def _write_failure_reports(out: Path, run: _Run, problem: str) -> None:
         "classes_without_entities": [],
         "entities_per_class_split": {},
         "problems": [problem],
-        "seconds": round(time.perf_counter() - run.start, 3),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

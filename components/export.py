@@ -99,6 +99,7 @@ def add_arguments(parser) -> None:
 def work(params, args, run) -> str:
     from cpcsam.data import load_manifest
     from cpcsam.evaluation.protocols import image_records
+    from cpcsam.export.checkpoints import write_sam_checkpoints
     from cpcsam.export.onnx import describe_graph, export_decoder, export_image_encoder, prepare_for_export
     from cpcsam.export.parity import check_parity
     from cpcsam.export.runtime import OnnxDecoder, OnnxImageEncoder
@@ -109,6 +110,7 @@ def work(params, args, run) -> str:
     tol = tolerances(cfg)  # bad values fail before the export
     out = Path(args.out)
     model = prepare_for_export(load_cpcsam(args.model))
+    write_sam_checkpoints(model, out)  # for segment-anything's own loaders and SamPredictor
     export_image_encoder(model, out / ENCODER, cfg.opset)
     export_decoder(model, out / DECODER, cfg.opset)
     encoder, decoder = OnnxImageEncoder(out / ENCODER, cfg.device), OnnxDecoder(out / DECODER, cfg.device)

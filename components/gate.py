@@ -12,26 +12,10 @@ rejection is a result, not an error), and the exit code is 0 either way.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from components.cli import stage_main
-from cpcsam.errors import DataError
-
-
-def read_json(path: str | Path, what: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: {what} is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: {what} must be a JSON object")
-    return obj
 
 
 def add_arguments(parser) -> None:
@@ -42,6 +26,7 @@ def add_arguments(parser) -> None:
 
 def work(params, args, run) -> str:
     from cpcsam.evaluation.gates import check_gate, headline
+    from cpcsam.files import read_json_object as read_json
     from cpcsam.files import write_json_atomic
 
     cfg = params.gate

@@ -46,5 +46,17 @@ train-flow: venv  ## one `train` flow run on the stack: make train-flow PROFILE=
 retrain-flow: venv  ## one tick of the S3 watcher now (it also runs every 6 h on the stack)
 	eval "$$($(PY) infra/stack.py env)" && $(VENV)/bin/prefect deployment run retrain/deepsea-watch --watch
 
+# ---- serving (issue 10): a registered version behind MLflow's scoring server, on 127.0.0.1 only
+# make serve PROFILE=tiny [ALIAS=champion] [SERVE_PORT=5001] [SERVE_WORKERS=1] [TRACKING_URI=sqlite:///mlflow.db]
+# Registry: TRACKING_URI, else $$MLFLOW_TRACKING_URI, else the local stack's (`make stack-up`).
+# Request/answer format: operations/pyfunc.py; CPCSAM_SERVE_DEVICE=cpu|cuda, CPCSAM_SERVE_THREADS=N.
+.PHONY: serve
+SERVE_PORT ?= 5001
+SERVE_WORKERS ?= 1
+serve: venv  ## POST /invocations with {"dataframe_split": {"columns": ["image", "prompts"], ...}}
+	$(if $(or $(TRACKING_URI),$(MLFLOW_TRACKING_URI)),export MLFLOW_TRACKING_URI="$(or $(TRACKING_URI),$(MLFLOW_TRACKING_URI))",eval "$$($(PY) infra/stack.py env)") && \
+	$(VENV)/bin/mlflow models serve -m "models:/cpcsam-$(or $(PROFILE),oceancoco)@$(or $(ALIAS),champion)" \
+	  --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) -w $(SERVE_WORKERS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -170,12 +170,13 @@ def _prompt_key(uri: str, prompts: Mapping[str, Any]) -> str | None:
 class OnnxBackend:
     """The exported graphs in onnxruntime."""
 
-    def __init__(self, onnx_dir: str | os.PathLike, device: str = "auto") -> None:
+    def __init__(self, onnx_dir: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
+        """`threads`: onnxruntime intra-op threads per session (None: its default, all cores)."""
         from cpcsam.export.runtime import OnnxDecoder, OnnxImageEncoder
 
         onnx_dir = Path(onnx_dir)
-        self.encoder = OnnxImageEncoder(onnx_dir / "image_encoder.onnx", device)
-        self.decoder = OnnxDecoder(onnx_dir / "decoder_capl.onnx", device)
+        self.encoder = OnnxImageEncoder(onnx_dir / "image_encoder.onnx", device, threads)
+        self.decoder = OnnxDecoder(onnx_dir / "decoder_capl.onnx", device, threads)
         self.image_size = self.encoder.image_size
         self.providers = {"image_encoder": self.encoder.info.providers, "decoder": self.decoder.info.providers}
 
@@ -230,6 +231,62 @@ def _preprocess(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[i
     h, w = image.shape[:2]
     x = preprocess_image(np.array(image), image_size)[None].numpy()  # a writable copy for torch
     return x, resized_shape(h, w, image_size)
+
+
+def segment_image(
+    engine,
+    pixels: np.ndarray,
+    entities: Sequence[EntityPrompt],
+    prototypes: Mapping[str, torch.Tensor] | None = None,
+    auto=None,
+    threshold: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image's entities through a backend: boolean masks [N, H, W] and predicted IoUs [N].
+
+    `pixels`: the RGB image [H, W, 3] uint8; `entities`: its prompts in original pixels (see
+    `parse_entity`). A user entity's geometry is mapped to the model frame; an automatic one
+    (no geometry) gets its prompt from `prototypes[class]` (`cpcsam.prompts.auto.auto_prompt`,
+    settings `auto`: an `AutoConfig`, the defaults when None). Entities with different numbers
+    of prompt points are padded with `LABEL_PAD`. Masks are the full-size logits > `threshold`.
+    """
+    from cpcsam.config import AutoConfig
+    from cpcsam.modeling.transforms import coords_to_model
+    from cpcsam.prompts.auto import auto_prompt
+    from cpcsam.prompts.perturb import LABEL_PAD
+
+    auto = auto if auto is not None else AutoConfig.from_params(None, "auto prompts")
+    h, w = pixels.shape[:2]
+    x, input_size = _preprocess(pixels, engine.image_size)
+    embedding = engine.encode(x)
+    rows_c, rows_l = [], []
+    for ent in entities:
+        if ent.automatic:
+            ap = auto_prompt(torch.from_numpy(embedding[0]), (prototypes or {})[ent.class_name], engine.image_size,
+                             input_size, auto)
+            rows_c.append(ap.coords)
+            rows_l.append(ap.labels)
+        else:
+            rows_c.append(coords_to_model(ent.coords, (h, w), engine.image_size).numpy())
+            rows_l.append(ent.labels)
+    p = max(len(lab) for lab in rows_l)
+    coords = np.zeros((len(entities), p, 2), np.float32)
+    labels = np.full((len(entities), p), LABEL_PAD, np.float32)
+    for i, (c, lab) in enumerate(zip(rows_c, rows_l)):
+        coords[i, : len(lab)] = c
+        labels[i, : len(lab)] = lab
+    logits, scores = engine.decode(embedding, coords, labels, (h, w))
+    return logits > threshold, scores
+
+
+def rle_annotation(mask: np.ndarray) -> dict[str, Any]:
+    """A boolean mask [H, W] as the COCO fields `predict` writes: `segmentation` (compressed RLE,
+    `{"size": [H, W], "counts": str}`), `area` (pixels) and `bbox` ([x, y, w, h])."""
+    from pycocotools import mask as mask_utils
+
+    h, w = mask.shape
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+            "area": int(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
 
 
 # ---- support set (automatic mode) ---------------------------------------------------------------
@@ -336,14 +393,9 @@ def predict(
     auto_cfg: Mapping[str, Any] | None = None,
 ) -> PredictSummary:
     """Segment every image; see the module docstring for the inputs and the files written."""
-    from pycocotools import mask as mask_utils
-
     from cpcsam.data import read_image
     from cpcsam.evaluation.report import overlay_masks, save_png
-    from cpcsam.modeling.transforms import coords_to_model
     from cpcsam.config import AutoConfig
-    from cpcsam.prompts.auto import auto_prompt
-    from cpcsam.prompts.perturb import LABEL_PAD
 
     if prompts is None and support is None:
         raise ConfigError("predict: give prompts (a JSON of boxes/points per image) or a support set (automatic mode)")
@@ -382,26 +434,7 @@ def predict(
                 if ent.automatic and ent.class_name not in prototypes:
                     raise DataError(f"{uri}: class {ent.class_name!r} has no geometry and no support prototype "
                                     f"(automatic mode needs it in the support set; have {sorted(prototypes) or 'none'})")
-            x, input_size = _preprocess(pixels, engine.image_size)
-            embedding = engine.encode(x)
-            rows_c, rows_l = [], []
-            for ent in entities:
-                if ent.automatic:
-                    ap = auto_prompt(torch.from_numpy(embedding[0]), prototypes[ent.class_name], engine.image_size,
-                                     input_size, auto)
-                    rows_c.append(ap.coords)
-                    rows_l.append(ap.labels)
-                else:
-                    rows_c.append(coords_to_model(ent.coords, (h, w), engine.image_size).numpy())
-                    rows_l.append(ent.labels)
-            p = max(len(lab) for lab in rows_l)
-            coords = np.zeros((len(entities), p, 2), np.float32)
-            labels = np.full((len(entities), p), LABEL_PAD, np.float32)
-            for i, (c, lab) in enumerate(zip(rows_c, rows_l)):
-                coords[i, : len(lab)] = c
-                labels[i, : len(lab)] = lab
-            logits, scores = engine.decode(embedding, coords, labels, (h, w))
-            masks = logits > threshold
+            masks, scores = segment_image(engine, pixels, entities, prototypes, auto, threshold)
         except CpcSamError as exc:
             logger.warning("predict: %s", exc)
             summary.failures.append({"image": uri, "error": str(exc)})
@@ -415,12 +448,9 @@ def predict(
         for k, (ent, mask, score) in enumerate(zip(entities, masks, scores)):
             cid = category_ids.setdefault(ent.class_name, len(category_ids) + 1)
             save_png((mask.astype(np.uint8) * 255), out / "masks" / name / f"{k}_{_safe_name(ent.class_name)}.png")
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             coco["annotations"].append({
                 "id": len(coco["annotations"]) + 1, "image_id": image_index + 1, "category_id": cid,
-                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                "area": int(mask.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "score": float(score), "prompt": "auto" if ent.automatic else "user",
+                **rle_annotation(mask), "score": float(score), "prompt": "auto" if ent.automatic else "user",
             })
         if overlays:
             save_png(overlay_masks(pixels, list(masks), [e.class_name for e in entities]),

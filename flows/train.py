@@ -109,8 +109,10 @@ def repro_task(root: str, stage: str, env: dict[str, str], timeout_s: float, pul
 @task(name="register", cache_policy=NO_CACHE, persist_result=False)
 def register_task(root: str, run_id: str, params: Params, profile: str) -> dict[str, Any]:
     base = Path(root)
+    classes = base / "data/ingest/classes.json"  # the class table the served model checks names against
     result = register.register_candidate(
-        run_id, params, base / register.GATE_PATH, base / register.EXPORT_DIR, profile=profile
+        run_id, params, base / register.GATE_PATH, base / register.EXPORT_DIR, profile=profile,
+        classes=classes if classes.is_file() else None,
     ).as_dict()
     logger = get_run_logger()
     if result["promoted"]:

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 from cpcsam.config import Params, load_config
 from cpcsam.errors import ConfigError, CpcSamError, DataError
+from cpcsam.files import read_json_object
 
 from operations import preflight, tracking
 
@@ -71,14 +72,8 @@ def model_name_for(params: Params | Mapping[str, Any], profile: str | None = Non
 
 def read_gate(path: str | Path = GATE_PATH) -> dict[str, Any]:
     """The gate decision; `reasons` normalised to one sentence per check (failed ones first)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: gate result not found (run the evaluate/gate stages first)")
-    try:
-        gate = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):
+    gate = read_json_object(path, "gate result")  # written by the gate stage (dvc repro gate)
+    if not isinstance(gate.get("passed"), bool):
         raise DataError(f"{path}: expected an object with a boolean 'passed'")
     return gate
 
@@ -122,8 +117,16 @@ def register_candidate(
     export_dir: str | Path = EXPORT_DIR,
     profile: str | None = None,
     client=None,
+    classes: str | Path | None = None,
 ) -> Registration:
-    """Log model + gate on `run_id`, register a version, move `champion` only if the gate passed."""
+    """Log model + gate on `run_id`, register a version, move `champion` only if the gate passed.
+
+    The model is an MLflow pyfunc model (`operations.pyfunc`: the export folder's ONNX graphs, and
+    `classes` — the ingest stage's `classes.json` — as its class table when given; without it the
+    model accepts any class name), logged as a logged model of the run (tag `cpcsam.model_id` on the
+    version); the version's source is that model's artifacts, so
+    `mlflow.pyfunc.load_model("models:/<name>@champion")` and `mlflow models serve` work on it.
+    """
     gate = read_gate(gate_path)
     export_dir = Path(export_dir)
     model_files = sorted(export_dir.glob("*.onnx")) if export_dir.is_dir() else []
@@ -139,8 +142,10 @@ def register_candidate(
 
     version = _existing_version(client, name, run_id)
     if version is None:
-        # The model: the whole export folder (ONNX graphs, external weights, parity report).
-        client.log_artifacts(run_id, str(export_dir), MODEL_ARTIFACT_PATH)
+        from operations import pyfunc
+
+        if classes is not None and not Path(classes).is_file():
+            raise DataError(f"{classes}: class table not found (the ingest stage writes data/ingest/classes.json)")
         client.log_dict(run_id, gate, "gate/gate.json")
         client.log_metric(run_id, "gate/passed", 1.0 if passed else 0.0)
         client.set_tag(run_id, "cpcsam.gate.passed", str(passed).lower())
@@ -157,13 +162,20 @@ def register_candidate(
         for key in ("cpcsam.git.commit", "cpcsam.git.dirty", "cpcsam.dvc.lock_md5", "cpcsam.dvc.data_md5"):
             if key in run.data.tags:
                 tags[key] = run.data.tags[key]
+        # The model: a pyfunc around the whole export folder (ONNX graphs, external weights, parity report).
+        model = pyfunc.log_model(client, run_id, export_dir, classes, name=MODEL_ARTIFACT_PATH,
+                                 tags={k: v for k, v in tags.items() if k != "cpcsam.headline"})
+        tags["cpcsam.model_id"] = model.model_id
         verdict = "passed the gate" if passed else "REJECTED by the gate"
+        # The source is the logged model's artifact location: a `models:/<model_id>` source would be
+        # resolved by a sqlite registry through the process's *global* tracking URI, not `client`'s.
         version = client.create_model_version(
             name,
-            source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT_PATH}",
+            source=model.artifact_location,
             run_id=run_id,
             tags=tags,
             description=f"{verdict}:\n" + "\n".join(reasons),
+            model_id=model.model_id,
         )
         logger.info("registered %s version %s (%s)", name, version.version, verdict)
     else:

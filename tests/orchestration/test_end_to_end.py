@@ -129,8 +129,8 @@ def test_train_deployment_tracks_registers_and_gates(pipeline: dict, stack) -> N
     versions = client.search_model_versions("name='cpcsam-tiny'")
     assert [v.run_id for v in versions] == [parent.info.run_id]
     assert str(client.get_model_version_by_alias("cpcsam-tiny", "champion").version) == str(versions[0].version)
-    model_files = {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
-    assert {"model/decoder_capl.onnx", "model/image_encoder.onnx"} <= model_files
+    model_files = {a.path for a in client.list_logged_model_artifacts(versions[0].tags["cpcsam.model_id"], "artifacts/export")}
+    assert {"artifacts/export/decoder_capl.onnx", "artifacts/export/image_encoder.onnx"} <= model_files
     assert client.get_run(parent.info.run_id).data.metrics["gate/passed"] == 1.0
 
     # gate set to fail -> a rejected version with its reasons; the champion stays

@@ -91,6 +91,7 @@ def registered(tmp_path_factory):
     with tracking.pipeline_run(params, run_name="pipeline") as run:
         result = register.register_candidate(run.run_id, params, gate, export, classes=classes)
     assert (result.version, result.champion_version) == ("1", "1")
+    mp.setenv("MLFLOW_TRACKING_URI", db)  # for `models:/` URIs in this process (load_model, download)
     image, entities = _real_image(root)
     yield {"root": root, "db": db, "params": params, "export": export, "image": image, "entities": entities,
            "run_id": run.run_id}
@@ -122,26 +123,24 @@ def _assert_same_as_predict(rows: list[dict], expected: list[dict]) -> None:
 
 
 def test_registered_version_is_an_mlflow_model_with_signature_and_example(registered):
+    from mlflow.entities import LoggedModelStatus
     from mlflow.models import Model
 
     client = tracking.make_client(registered["params"])
     version = client.get_model_version_by_alias(MODEL, "champion")
-    assert version.model_id and version.source == f"models:/{version.model_id}"
-    logged = client.get_logged_model(version.model_id)
-    assert logged.source_run_id == registered["run_id"] and str(logged.status) == "READY"
+    model_id = version.tags["cpcsam.model_id"]
+    logged = client.get_logged_model(model_id)
+    assert version.source == logged.artifact_location and version.run_id == registered["run_id"]
+    assert logged.source_run_id == registered["run_id"] and logged.status == LoggedModelStatus.READY
     run = client.get_run(registered["run_id"])
-    assert [o.model_id for o in run.outputs.model_outputs] == [version.model_id]
-    files = {a.path for a in client.list_logged_model_artifacts(version.model_id, "artifacts/export")}
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
+    files = {a.path for a in client.list_logged_model_artifacts(model_id, "artifacts/export")}
     assert {"artifacts/export/image_encoder.onnx", "artifacts/export/decoder_capl.onnx",
             "artifacts/export/parity.json"} <= files
 
     import mlflow
 
-    mlflow.set_tracking_uri(registered["db"])
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(URI, dst_path=str(registered["root"] / "dl")))
-    finally:
-        mlflow.set_tracking_uri(None)
+    local = Path(mlflow.artifacts.download_artifacts(URI, dst_path=str(registered["root"] / "dl")))
     meta = Model.load(str(local / "MLmodel"))
     assert meta.signature.inputs.input_names() == ["image", "prompts"]
     assert meta.signature.outputs.input_names() == list(pyfunc.OUTPUT_COLUMNS)
@@ -153,11 +152,12 @@ def test_registered_version_is_an_mlflow_model_with_signature_and_example(regist
 
 def test_load_by_alias_in_a_fresh_process_predicts_like_cpcsam_predict(registered, expected, tmp_path):
     request = pyfunc.request_frame([registered["image"].read_bytes()], [registered["entities"]])
-    request.to_json(tmp_path / "request.json", orient="split")
+    (tmp_path / "request.json").write_text(json.dumps(pyfunc.serving_json(request)))
     script = f"""
 import json, mlflow, pandas as pd
 model = mlflow.pyfunc.load_model({URI!r})
-request = pd.read_json({str(tmp_path / 'request.json')!r}, orient="split", dtype=False)
+split = json.load(open({str(tmp_path / 'request.json')!r}))["dataframe_split"]
+request = pd.DataFrame(split["data"], columns=split["columns"])
 out = model.predict(request)
 example = model.predict(model.input_example)
 json.dump({{"rows": out.to_dict(orient="records"), "example": len(example)}}, open({str(tmp_path / 'out.json')!r}, "w"))
@@ -175,11 +175,7 @@ json.dump({{"rows": out.to_dict(orient="records"), "example": len(example)}}, op
 def loaded(registered):
     import mlflow
 
-    mlflow.set_tracking_uri(registered["db"])
-    try:
-        return mlflow.pyfunc.load_model(URI, model_config={"device": "cpu", "threads": 1})
-    finally:
-        mlflow.set_tracking_uri(None)
+    return mlflow.pyfunc.load_model(URI, model_config={"device": "cpu", "threads": 1})
 
 
 def _bad_requests(image: bytes, width: int, height: int) -> dict[str, tuple[dict, str]]:
@@ -237,6 +233,24 @@ def test_a_batch_of_images_gives_rows_per_entity(registered, loaded, expected):
     assert (last["image"], last["entity"], last["class"]) == (1, 0, entities[1]["class"])
 
 
+def test_without_a_class_table_any_class_is_accepted_and_a_missing_table_is_refused(registered):
+    import mlflow
+
+    from cpcsam.errors import DataError
+
+    client = tracking.make_client(registered["params"])
+    logged = pyfunc.log_model(client, registered["run_id"], registered["export"], classes=None, name="no-classes")
+    model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}", model_config={"device": "cpu", "threads": 1})
+    out = model.predict(pyfunc.request_frame([registered["image"].read_bytes()],
+                                             [[{"class": "anything at all", "box": [2, 2, 40, 40]}]]))
+    assert out["class"].tolist() == ["anything at all"] and model.metadata.metadata["class_table"].startswith("none")
+
+    gate = registered["root"] / "gate.json"
+    with pytest.raises(DataError, match="nope.json: class table not found"):
+        register.register_candidate(registered["run_id"] + "x", registered["params"], gate, registered["export"],
+                                    classes=registered["root"] / "nope.json")
+
+
 def _post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -251,7 +265,9 @@ def server(registered):
     """`mlflow models serve -m models:/cpcsam-oceancoco@champion --env-manager local` on a free port."""
     port = free_port()
     log = registered["root"] / "serve.log"
-    env = {**os.environ, **QUIET, "MLFLOW_TRACKING_URI": registered["db"]}
+    bin_dir = str(Path(sys.executable).parent)  # the server execs `uvicorn` from PATH: the venv's
+    env = {**os.environ, **QUIET, "MLFLOW_TRACKING_URI": registered["db"],
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", URI, "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     with open(log, "wb") as out:

@@ -64,8 +64,8 @@ def test_champion_moves_only_on_a_passed_gate(setup) -> None:
     # the model and the gate are on the run
     run = client.get_run(run2)
     assert run.data.metrics["gate/passed"] == 0.0
-    artifacts = {a.path for a in client.list_artifacts(run2, "model")}
-    assert artifacts == {"model/decoder_capl.onnx", "model/parity.json"}
+    artifacts = {a.path for a in client.list_logged_model_artifacts(version2.tags["cpcsam.model_id"], "artifacts/export")}
+    assert artifacts == {"artifacts/export/decoder_capl.onnx", "artifacts/export/parity.json"}
     assert json.loads(Path(client.download_artifacts(run2, "gate/gate.json", str(tmp_path))).read_text())["passed"] is False
 
     better, _ = _candidate(params, tmp_path, export, passed=True, target_dice=0.8)

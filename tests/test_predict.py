@@ -1,4 +1,8 @@
-"""`cpcsam predict` end to end on real TrashCan images: prompts JSON, automatic mode, S3, bad inputs."""
+"""`cpcsam predict` end to end: prompts JSON, automatic mode, S3, bad inputs.
+
+On the real TrashCan images when ../shared/data is there, else on a generated COCO set (the
+synthetic source's images as JPEG, its masks as RLE): the tests run wherever CI runs.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +42,39 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real_images(trashcan_dir, tmp_path_factory):
-    """A few real images (copied: the shared folder is read-only) and a prompts JSON of their GT boxes."""
-    coco = json.loads((trashcan_dir / "annotations.json").read_text())
+def coco_dir(tmp_path_factory) -> Path:
+    """A COCO folder (annotations.json + images/): TrashCan when present, else generated."""
+    from conftest import TRASHCAN
+
+    if TRASHCAN.is_dir():
+        return TRASHCAN
+    from cpcsam.data.records import Quarantine
+    from cpcsam.data.sources.synthetic import SyntheticSource
+
+    root = tmp_path_factory.mktemp("generated_coco")
+    source = SyntheticSource({"num_images": 12, "width": 320, "height": 240, "min_entities": 2, "max_entities": 4,
+                              "seed": 3}, root / "png")
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(source.classes())]
+    cat_id = {c["name"]: c["id"] for c in categories}
+    images, annotations = [], []
+    (root / "images").mkdir()
+    for i, rec in enumerate(source.records(Quarantine()), start=1):
+        name = Path(rec.image_uri).with_suffix(".jpg").name
+        Image.open(rec.image_uri).convert("RGB").save(root / "images" / name, quality=95)
+        images.append({"id": i, "file_name": name, "width": rec.width, "height": rec.height})
+        for ent in rec.entities:
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": cat_id[ent.class_name],
+                                "segmentation": {"size": [rec.height, rec.width], "counts": ent.rle_counts},
+                                "area": ent.area, "bbox": list(ent.bbox), "iscrowd": 0})
+    (root / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                       "categories": categories}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_images(coco_dir, tmp_path_factory):
+    """A few images (copied: the shared folder is read-only) and a prompts JSON of their GT boxes."""
+    coco = json.loads((coco_dir / "annotations.json").read_text())
     by_image: dict[int, list] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -50,7 +84,7 @@ def real_images(trashcan_dir, tmp_path_factory):
     folder.mkdir()
     prompts = {}
     for im in chosen:
-        shutil.copy(trashcan_dir / "images" / im["file_name"], folder / im["file_name"])
+        shutil.copy(coco_dir / "images" / im["file_name"], folder / im["file_name"])
         entities = []
         for k, ann in enumerate(by_image[im["id"]]):
             x, y, w, h = ann["bbox"]
@@ -97,23 +131,30 @@ def test_predict_end_to_end_onnx_and_torch(models, real_images, tmp_path):
         assert iou(ma, mb) >= 0.999 and abs(a["score"] - b["score"]) < 1e-4
 
 
-def test_automatic_mode_with_support_set(models, real_images, trashcan_dir, tmp_path):
+def _two_classes(coco_dir: Path) -> list[str]:
+    """Two classes of the data set (TrashCan's rov and trash_clothing when it is the data)."""
+    names = sorted(c["name"] for c in json.loads((coco_dir / "annotations.json").read_text())["categories"])
+    return ["trash_clothing", "rov"] if "rov" in names else names[:2]
+
+
+def test_automatic_mode_with_support_set(models, real_images, coco_dir, tmp_path):
     folder, _, _ = real_images
-    summary = predict(str(folder / "*.jpg"), tmp_path / "auto", support=trashcan_dir / "annotations.json",
-                      classes=["trash_clothing", "rov"], onnx_dir=models / "onnx", support_per_class=1)
+    classes = _two_classes(coco_dir)
+    summary = predict(str(folder / "*.jpg"), tmp_path / "auto", support=coco_dir / "annotations.json",
+                      classes=classes, onnx_dir=models / "onnx", support_per_class=1)
     assert not summary.failures and summary.num_masks == 2 * NUM_IMAGES
     coco = json.loads((tmp_path / "auto" / "predictions.json").read_text())
-    assert {c["name"] for c in coco["categories"]} == {"trash_clothing", "rov"}
+    assert {c["name"] for c in coco["categories"]} == set(classes)
     assert all(a["prompt"] == "auto" for a in coco["annotations"])
     # Per image, a class-only entity asks for an automatic prompt; an unknown one fails only its image.
     first, second = sorted(p.name for p in folder.glob("*.jpg"))[:2]
     mixed = predict([str(folder / first), str(folder / second)], tmp_path / "mixed",
-                    prompts={first: [{"class": "rov"}], second: [{"class": "sea_dragon"}]},
-                    support=trashcan_dir / "annotations.json", onnx_dir=models / "onnx", support_per_class=1)
+                    prompts={first: [{"class": classes[1]}], second: [{"class": "sea_dragon"}]},
+                    support=coco_dir / "annotations.json", onnx_dir=models / "onnx", support_per_class=1)
     assert mixed.processed == [str(folder / first)]
     assert "class 'sea_dragon' has no geometry and no support prototype" in mixed.failures[0]["error"]
     with pytest.raises(DataError, match="unknown class.*'dragon'"):
-        predict(str(folder), tmp_path / "x", support=trashcan_dir / "annotations.json", classes=["dragon"],
+        predict(str(folder), tmp_path / "x", support=coco_dir / "annotations.json", classes=["dragon"],
                 onnx_dir=models / "onnx", support_per_class=1)
 
 
@@ -135,7 +176,8 @@ def test_bad_inputs_fail_their_image_and_the_rest_go_on(models, real_images, tmp
     assert code == 2
     out = capsys.readouterr().out
     assert "1 image(s) done" in out and "3 image(s) FAILED" in out
-    assert f"{names[1]}: entity 0 (trash_bag): prompt [5000.0, 10.0] lies outside the 480x" in out
+    width = Image.open(work / names[1]).width
+    assert f"{names[1]}: entity 0 (trash_bag): prompt [5000.0, 10.0] lies outside the {width}x" in out
     assert f"{names[2]}: entity 0: box must be [x0, y0, x1, y1]" in out
     assert "broken.jpg: unreadable image" in out
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())

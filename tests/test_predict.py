@@ -44,10 +44,12 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def coco_dir(tmp_path_factory) -> Path:
     """A COCO folder (annotations.json + images/): TrashCan when present, else generated."""
-    from conftest import TRASHCAN
+    import os
 
-    if TRASHCAN.is_dir():
-        return TRASHCAN
+    # the root conftest's rule (not importable by name: tests/training has a conftest too)
+    shared = Path(os.environ.get("CPCSAM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+    if (shared / "data" / "trashcan").is_dir():
+        return shared / "data" / "trashcan"
     from cpcsam.data.records import Quarantine
     from cpcsam.data.sources.synthetic import SyntheticSource
 

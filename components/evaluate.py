@@ -31,23 +31,18 @@ PRETRAINED_SAM = "artifacts/pretrain/sam.pth"
 TRAINED = "artifacts/train"
 
 
-def starting_sam_checkpoint(params) -> str:
-    """The pretrain stage's weights (it adopts `model.checkpoint` when that is set)."""
-    return PRETRAINED_SAM
-
-
 def trained_model_path(variant: str, trained: str | Path = TRAINED) -> Path:
     return Path(trained) / variant / "model.pt"
 
 
-def load_models(params, trained: str | Path = TRAINED, sam_path: str | None = None) -> dict[str, Any]:
+def load_models(params, trained: str | Path = TRAINED, sam_path: str = PRETRAINED_SAM) -> dict[str, Any]:
     """{name: model} to evaluate: the starting SAM, every trained variant, the prompt-only references."""
     from cpcsam.evaluation.engine import TorchEngine
     from cpcsam.evaluation.references import reference_engines
     from cpcsam.modeling import CPCSAM, build_sam, load_cpcsam
 
     cfg = params.evaluate
-    sam = build_sam(params.model.model_copy(update={"checkpoint": sam_path or starting_sam_checkpoint(params)}))
+    sam = build_sam(params.model.model_copy(update={"checkpoint": sam_path}))
     engines: dict[str, Any] = {"sam": TorchEngine(CPCSAM(sam, {"mode": "fixed"}).eval(), cfg.batch_entities)}
     for variant in params.variants:
         path = trained_model_path(variant, trained)
@@ -104,7 +99,7 @@ def write_outputs(out: Path, metrics: dict[str, Any], overlays: dict[str, dict[s
 def add_arguments(parser) -> None:
     parser.add_argument("--manifest", default=MANIFEST)
     parser.add_argument("--classes", default=CLASSES)
-    parser.add_argument("--sam", default=PRETRAINED_SAM, help="the starting SAM")
+    parser.add_argument("--sam", default=PRETRAINED_SAM, help="the starting SAM (the pretrain stage adopts model.checkpoint)")
     parser.add_argument("--trained", default=TRAINED, help="folder of <variant>/model.pt")
     parser.add_argument("--out", default="artifacts/eval")
 

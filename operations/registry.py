@@ -60,7 +60,7 @@ def registry_config(params: Params | Mapping[str, Any] | None) -> dict[str, str]
 
 
 def profile_of(params: Params | Mapping[str, Any]) -> str:
-    profile = tracking._get(params, "data", "profile")
+    profile = tracking.param_value(params, "data", "profile")
     if not profile:
         raise ConfigError("params data.profile: not set (the registered model is named after the dataset profile)")
     return str(profile)

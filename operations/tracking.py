@@ -82,7 +82,7 @@ def tracking_config(params: Params | Mapping[str, Any] | None) -> TrackingConfig
     return cfg
 
 
-def _get(params: Params | Mapping[str, Any] | None, *path: str) -> Any:
+def param_value(params: Params | Mapping[str, Any] | None, *path: str) -> Any:
     """A value of the typed tree or of a plain mapping (None when absent)."""
     node: Any = params
     for key in path:
@@ -104,6 +104,12 @@ def is_remote_uri(uri: str) -> bool:
 def _load_params_file(path: str | Path = "params.yaml") -> Params | None:
     """params.yaml of the working directory, or None (tracking works with defaults)."""
     return load_config(path) if Path(path).is_file() else None
+
+
+def _resolved(params: Params | Mapping[str, Any] | None) -> tuple[Any, TrackingConfig]:
+    """The params (read from the working directory when None) and their tracking section."""
+    params = params if params is not None else _load_params_file()
+    return params, tracking_config(params)
 
 
 def _configure_mlflow_env() -> None:
@@ -314,8 +320,7 @@ def stage_run(stage: str, params: Params | Mapping[str, Any] | None = None, run_
     logged as the run's params. If MLflow cannot be reached, the stage runs untracked (a
     warning says so); the fail-fast check belongs to `preflight`, called by the flows.
     """
-    params = params if params is not None else _load_params_file()
-    cfg = tracking_config(params)
+    params, cfg = _resolved(params)
     if not cfg.enabled:
         yield NullRun()
         return
@@ -352,7 +357,7 @@ def _open_stage_run(
             "cpcsam.stage": stage,
             **lineage_tags(".", list(cfg.data_stages)),
         }
-        profile = _get(params, "data", "profile")
+        profile = param_value(params, "data", "profile")
         if profile:
             tags["cpcsam.profile"] = str(profile)
         if parent:
@@ -384,8 +389,8 @@ def _open_stage_run(
     )
     logged: dict[str, Any] = {}
     if params is not None:
-        logged["seed"] = _get(params, "seed")
-        section = _get(params, stage)
+        logged["seed"] = param_value(params, "seed")
+        section = param_value(params, stage)
         if section is not None:
             logged[stage] = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
     if logged:
@@ -406,8 +411,7 @@ def pipeline_run(
     stages it starts (`dvc repro` children) nest under it. Unlike `stage_run`, failing to
     create it raises: the flow must have called `preflight` first.
     """
-    params = params if params is not None else _load_params_file()
-    cfg = tracking_config(params)
+    params, cfg = _resolved(params)
     if not cfg.enabled:
         yield NullRun()
         return

@@ -26,7 +26,7 @@ it computes exactly what `Attention` computes, plus an optional additive logit b
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Mapping, NamedTuple
 
 import torch
 from segment_anything.modeling.transformer import Attention, TwoWayTransformer

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from cpcsam.config import CaplConfig, coerce
 from cpcsam.modeling.capl import (
-    CAPL_MODES,
     FINAL_SITE,
     CaPL,
     CalibratedAttention,

@@ -309,6 +309,11 @@ class PretrainConfig(Section):
     kinds: dict[PromptKind, float] = {"box": 0.5, "points": 0.25, "box+points": 0.25}
     corrective_clicks: int = Field(1, ge=0)  # SAM's iterative sampling: extra passes with a click in the error
     iou_loss_weight: float = Field(1.0, ge=0)  # SAM's IoU-head MSE
+    # balanced: class-balanced BCE + Dice (escapes the all-background plateau from scratch, but
+    # over-segments: masks ~2x the object's area); bce_dice: the fine-tuning's L_seg, calibrated
+    # at logit 0, for a second phase that starts from `init`.
+    mask_loss: Literal["balanced", "bce_dice"] = "balanced"
+    init: str | None = None  # a segment-anything state dict to start from (fresh optimiser); null = random
     prompt_slots: int = 8  # box 2 + up to 3 positives + 2 negatives + the clicks
     device: Device = "auto"
     amp: bool = False

@@ -40,13 +40,14 @@ from cpcsam.training.checkpoint import latest_checkpoint, load_checkpoint, save_
 from cpcsam.training.corpus import CorpusConfig, render_scene
 from cpcsam.training.device import resolve_device
 from cpcsam.training.errors import NonFiniteLossError
-from cpcsam.training.losses import balanced_seg_loss_logits, iou_prediction_loss, mask_iou
+from cpcsam.training.losses import balanced_seg_loss_logits, iou_prediction_loss, mask_iou, seg_loss_logits
 from cpcsam.training.metric_logger import MetricLogger, NullLogger
 
 logger = logging.getLogger(__name__)
 
 LABEL_POSITIVE, LABEL_NEGATIVE, LABEL_PAD = 1, 0, -1
 VALIDATION_SEED_OFFSET = 1_000_003  # validation scenes come from another seed: never trained on
+MASK_LOSSES = {"balanced": balanced_seg_loss_logits, "bce_dice": seg_loss_logits}
 
 
 @dataclass
@@ -154,7 +155,7 @@ def pretrain_sam(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train SAM (random init, `model_section` sizes) on the corpus for `cfg.steps`; returns (sam, metrics).
+    """Train SAM (`model_section` sizes, random or `cfg.init` weights) on the corpus for `cfg.steps`; returns (sam, metrics).
 
     With `checkpoint_dir`, resumes from its latest checkpoint and writes one every
     `cfg.checkpoint_every` steps. Writes `sam.state_dict()` to `out_path` atomically when given.
@@ -166,7 +167,9 @@ def pretrain_sam(
     metric_logger = metric_logger or NullLogger()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    sam = build_sam(coerce(ModelConfig, model_section, "model").model_copy(update={"checkpoint": None}))
+    # `cfg.init` (a second phase) loads through build_sam's strict checkpoint path.
+    sam = build_sam(coerce(ModelConfig, model_section, "model").model_copy(update={"checkpoint": cfg.init}))
+    seg_loss = MASK_LOSSES[cfg.mask_loss]
     # CPCSAM in `fixed` mode is SAM itself (no CaPL parameters) with the same training entry
     # points as the trainer: the weights learn exactly the path that is fine-tuned later.
     model = CPCSAM(sam, {"mode": "fixed"}).to(device)
@@ -201,14 +204,14 @@ def pretrain_sam(
         with autocast:
             embeddings = model.encode_images(inputs)
             logits, iou_pred = _decode(model, embeddings, batch, batch.coords.to(device), batch.labels.to(device))
-            mask_loss = balanced_seg_loss_logits(logits, targets).mean()
+            mask_loss = seg_loss(logits, targets).mean()
             iou_loss = iou_prediction_loss(iou_pred, logits, targets)
             first_iou = mask_iou(logits.detach(), targets).mean()
             loss = mask_loss + cfg.iou_loss_weight * iou_loss
             for _ in range(cfg.corrective_clicks):
                 coords, labels = corrective_clicks(logits, targets, batch.coords, batch.labels, scale, clicks)
                 logits, iou_pred = _decode(model, embeddings, batch, coords.to(device), labels.to(device))
-                loss = loss + balanced_seg_loss_logits(logits, targets).mean()
+                loss = loss + seg_loss(logits, targets).mean()
                 loss = loss + cfg.iou_loss_weight * iou_prediction_loss(iou_pred, logits, targets)
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLossError(f"pretrain step {step}: non-finite loss ({float(loss)}); nothing was written")
@@ -249,6 +252,8 @@ def pretrain_sam(
     metrics = {
         "source": "pretrained-here",
         "corpus": "procedural (cpcsam.training.corpus)",
+        "init": cfg.init,
+        "mask_loss": cfg.mask_loss,
         "steps": cfg.steps,
         "scenes_seen": cfg.steps * cfg.batch_images,
         "first": {k: v for k, v in curve[0].items() if k != "step"},

@@ -117,12 +117,26 @@ def register_task(root: str, run_id: str, params: Params, profile: str) -> dict[
     logger = get_run_logger()
     if result["promoted"]:
         logger.info("gate PASSED: %s version %s is now champion", result["model_name"], result["version"])
+        emit_promotion(result["model_name"], str(result["version"]), profile)
     else:
         logger.warning(
             "gate REJECTED %s version %s (champion stays %s): %s",
             result["model_name"], result["version"], result["champion_version"], "; ".join(result["reasons"]),
         )
     return result
+
+
+PROMOTED_EVENT = "cpcsam.champion.promoted"
+
+
+def emit_promotion(model_name: str, version: str, profile: str) -> None:
+    """A Prefect event for a new champion: `predict/deepsea`'s trigger (infra/prefect.yaml) matches
+    it, so batch inference follows a successful retrain without this flow knowing who listens."""
+    from prefect.events import emit_event
+
+    emit_event(event=PROMOTED_EVENT,
+               resource={"prefect.resource.id": f"cpcsam.model.{model_name}", "cpcsam.model.version": version},
+               payload={"profile": profile, "version": version})
 
 
 @task(name="dvc-push", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)

@@ -132,3 +132,41 @@ def make_toy_project(path: Path) -> Path:
     git(path, "add", "-A")
     git(path, "commit", "-qm", "toy")
     return path
+
+
+SMALL_CLASSES = {"classes": [{"name": "crab", "id": 1, "role": "target"}, {"name": "rov", "id": 2, "role": "base"},
+                             {"name": "trash_bag", "id": 3, "role": "base"}],
+                 "base": ["rov", "trash_bag"], "target": ["crab"]}
+
+
+def register_small_champion(root: Path, profile: str = "oceancoco") -> dict:
+    """A small calibrated CPC-SAM exported to ONNX and registered as `cpcsam-<profile>` (gate passed,
+    so champion) with a class table, in a sqlite registry under `root`.
+
+    Returns {'db', 'params', 'export', 'run_id', 'version'}. The tracking env is left to the caller.
+    """
+    import json
+
+    sys.path.insert(0, str(ROOT / "tests" / "export"))
+    from export_helpers import calibrated_small_model
+
+    from cpcsam.export.onnx import export_decoder, export_image_encoder, prepare_for_export
+    from operations import registry as register
+    from operations import tracking
+
+    export = root / "export"
+    merged = prepare_for_export(calibrated_small_model())
+    export_image_encoder(merged, export / "image_encoder.onnx")
+    export_decoder(merged, export / "decoder_capl.onnx")
+    (export / "parity.json").write_text('{"passed": true}')
+    classes = root / "classes.json"
+    classes.write_text(json.dumps(SMALL_CLASSES))
+    gate = root / "gate.json"
+    gate.write_text(json.dumps({"passed": True, "reasons": [], "candidate": {"target_dice": 0.5}}))
+    db = f"sqlite:///{root / 'mlflow.db'}"
+    params = {"data": {"profile": profile},
+              "tracking": {"uri": db, "experiment": "pyfunc", "artifact_location": str(root / "mlruns")}}
+    with tracking.pipeline_run(params, run_name="pipeline") as run:
+        result = register.register_candidate(run.run_id, params, gate, export, classes=classes)
+    assert result.version == result.champion_version, "the registered small model should be champion"
+    return {"db": db, "params": params, "export": export, "run_id": run.run_id, "version": str(result.version)}

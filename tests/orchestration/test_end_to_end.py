@@ -52,12 +52,12 @@ def pipeline(repo_copy: Path, stack) -> dict:
     return {"repo": repo_copy, "stages": stages, "has_gate": "gate" in stages}
 
 
-def run_deployment_cli(stack, parameters: dict, timeout: int = 1200) -> str:
-    """`prefect deployment run train/oceancoco --params ... --watch`; returns the flow-run id."""
+def run_deployment_cli(stack, parameters: dict, timeout: int = 1200, deployment: str = "train/oceancoco") -> str:
+    """`prefect deployment run <deployment> --params ... --watch`; returns the flow-run id."""
     prefect = str(Path(sys.executable).with_name("prefect"))
     env = {**os.environ, **stack.client_env(), "PREFECT_HOME": str(stack.prefect_home)}
     proc = subprocess.run(
-        [prefect, "deployment", "run", "train/oceancoco", "--params", json.dumps(parameters), "--watch",
+        [prefect, "deployment", "run", deployment, "--params", json.dumps(parameters), "--watch",
          "--watch-timeout", str(timeout)],
         cwd=stack.project, env=env, capture_output=True, text=True, timeout=timeout + 60,
     )
@@ -231,6 +231,64 @@ def test_retrain_picks_up_new_s3_data_once(pipeline: dict, stack_env, tmp_path: 
     second = retrain(**kwargs)
     assert second["new_objects"] == 0 and second["batches"] == [] and not second["triggered"]
     assert state.read_text() == before
+
+
+def _predict_runs() -> list:
+    """Flow runs of the predict/deepsea deployment, oldest first (the stack's API: `stack_env`)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["predict"])),
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["deepsea"])))
+
+    return sorted(asyncio.run(read()), key=lambda r: r.created)
+
+
+def test_a_promotion_triggers_batch_inference_which_skips_done_images(pipeline: dict, stack, stack_env,
+                                                                      tmp_path: Path) -> None:
+    """After the retrain test promoted cpcsam-oceancoco, the `cpcsam.champion.promoted` event started
+    predict/deepsea (its deployment trigger); a dive uploaded then is predicted once."""
+    import time
+
+    import boto3
+
+    if not pipeline["has_gate"]:
+        pytest.skip("no gate stage in dvc.yaml: nothing is promoted")
+    deadline = time.monotonic() + 180
+    while not (runs := [r for r in _predict_runs() if r.state and r.state.is_final()]):
+        assert time.monotonic() < deadline, "no predict/deepsea run followed the promotion event"
+        time.sleep(3)
+    assert runs[0].state.is_completed(), f"the triggered predict run ended {runs[0].state}"
+    assert runs[0].created_by is None or runs[0].created_by.type == "AUTOMATION"
+
+    s3 = boto3.client("s3")
+    bucket = "cpcsam-incoming"
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    prompts = {}
+    for name in ("a.jpg", "b.jpg"):
+        pixels = rng.integers(0, 255, (120, 160, 3), dtype="uint8")
+        Image.fromarray(pixels).save(tmp_path / name, quality=90)
+        s3.upload_file(str(tmp_path / name), bucket, f"dives/dive-e2e/images/{name}")
+        prompts[name] = [{"class": "object", "box": [20, 20, 100, 90]}]
+    s3.put_object(Bucket=bucket, Key="dives/dive-e2e/prompts.json", Body=json.dumps(prompts).encode())
+
+    run_deployment_cli(stack, {}, timeout=600, deployment="predict/deepsea")
+    version = MlflowClient(stack.mlflow_url).get_model_version_by_alias("cpcsam-oceancoco", "champion").version
+    out = f"predictions/cpcsam-oceancoco/v{version}/dive-e2e/"
+    coco = json.loads(s3.get_object(Bucket=bucket, Key=out + "predictions.json")["Body"].read())
+    assert sorted(im["file_name"] for im in coco["images"]) == ["a.jpg", "b.jpg"] and len(coco["annotations"]) == 2
+    state_etag = s3.head_object(Bucket=bucket, Key=out + "processed.json")["ETag"]
+
+    run_deployment_cli(stack, {}, timeout=600, deployment="predict/deepsea")  # nothing new: nothing rewritten
+    assert s3.head_object(Bucket=bucket, Key=out + "processed.json")["ETag"] == state_etag
 
 
 def test_dvc_push_then_pull_restores_the_outputs(pipeline: dict, s3_endpoint: str) -> None:

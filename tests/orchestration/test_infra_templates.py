@@ -134,7 +134,7 @@ def test_prefect_deployments_match_the_flows(prefect_yaml: str) -> None:
 
     doc = yaml.safe_load((ROOT / prefect_yaml).read_text())
     deployments = {d["name"]: d for d in doc["deployments"]}
-    assert set(deployments) == {"oceancoco", "deepsea-watch"}
+    assert set(deployments) == {"oceancoco", "deepsea-watch", "deepsea"}
     flows = {}
     for dep in deployments.values():
         name, params = _flow_signature(dep["entrypoint"])
@@ -142,9 +142,19 @@ def test_prefect_deployments_match_the_flows(prefect_yaml: str) -> None:
         assert set(dep["parameters"]) <= params, f"{dep['name']}: unknown parameters {set(dep['parameters']) - params}"
         assert dep["enforce_parameter_schema"] is True
         assert dep["work_pool"]["name"]
-    assert flows == {"oceancoco": "train", "deepsea-watch": "retrain"}  # train/oceancoco, retrain/deepsea-watch
-    (schedule,) = deployments["deepsea-watch"]["schedules"]
-    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron
+    # train/oceancoco, retrain/deepsea-watch, predict/deepsea
+    assert flows == {"oceancoco": "train", "deepsea-watch": "retrain", "deepsea": "predict"}
+    for name in ("deepsea-watch", "deepsea"):
+        (schedule,) = deployments[name]["schedules"]
+        CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron
+    # Batch inference follows a promotion: its trigger expects the event the train flow emits.
+    from flows.train import PROMOTED_EVENT
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    (trigger,) = deployments["deepsea"]["triggers"]
+    trigger = DeploymentEventTrigger(**trigger)
+    assert trigger.expect == {PROMOTED_EVENT}
+    assert trigger.match.model_dump()["prefect.resource.id"] == "cpcsam.model.cpcsam-oceancoco"
     assert deployments["oceancoco"]["parameters"]["profile"] == "oceancoco"
 
 

@@ -18,7 +18,7 @@ import torch
 
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 from cpcsam.modeling.transforms import coords_to_model, postprocess_masks, preprocess_image, resized_shape
-from cpcsam.prompts.perturb import LABEL_PAD, Prompt
+from cpcsam.prompts.perturb import Prompt, pad_points
 
 
 @dataclass
@@ -34,15 +34,12 @@ def pad_prompts(prompts: Sequence[Sequence[Prompt]], orig_size: tuple[int, int],
     P is the largest prompt's size; shorter prompts are padded with label −1 (not-a-point).
     """
     n, k = len(prompts), max(len(v) for v in prompts)
-    p = max(q.num_points for v in prompts for q in v)
-    coords = np.zeros((n, k, p, 2), np.float32)
-    labels = np.full((n, k, p), LABEL_PAD, np.int64)
     for i, variants in enumerate(prompts):
         if len(variants) != k:
             raise ValueError(f"entity {i}: {len(variants)} prompt variants, expected {k}")
-        for j, q in enumerate(variants):
-            coords[i, j, : q.num_points] = q.coords
-            labels[i, j, : q.num_points] = q.labels
+    flat = [q for variants in prompts for q in variants]
+    coords, labels = pad_points([q.coords for q in flat], [q.labels for q in flat])
+    coords, labels = coords.reshape(n, k, -1, 2), labels.reshape(n, k, -1)
     model_coords = coords_to_model(coords, orig_size, image_size)
     return model_coords, torch.from_numpy(labels)
 

@@ -277,16 +277,34 @@ def perturb_entity(
     return _assemble(kind, box, positives, negatives)
 
 
+def pad_points(
+    coords: Sequence[np.ndarray], labels: Sequence[np.ndarray], slots: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one home of prompt padding: N point lists → coords `[N, P, 2]` float32, labels `[N, P]` int64.
+
+    `P` = `slots`, or the longest list when None; shorter lists are padded with label −1
+    (`LABEL_PAD`, not-a-point: SAM's prompt encoder gives it the not-a-point embedding).
+    """
+    if len(coords) != len(labels):
+        raise ValueError(f"{len(coords)} coordinate lists for {len(labels)} label lists")
+    longest = max((len(lab) for lab in labels), default=0)
+    p = longest if slots is None else slots
+    if longest > p:
+        raise ConfigError(f"a prompt with {longest} points does not fit in {p} prompt slots")
+    out_c = np.zeros((len(coords), p, 2), dtype=np.float32)
+    out_l = np.full((len(coords), p), LABEL_PAD, dtype=np.int64)
+    for i, (c, lab) in enumerate(zip(coords, labels)):
+        out_c[i, : len(lab)] = np.asarray(c, dtype=np.float32).reshape(-1, 2)
+        out_l[i, : len(lab)] = lab
+    return out_c, out_l
+
+
 def pad_prompt(prompt: Prompt, slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates `[slots, 2]` (float32) and labels `[slots]` (int64), padded with label -1."""
-    n = prompt.num_points
-    if n > slots:
-        raise ConfigError(f"a {prompt.kind!r} prompt with {n} points does not fit in {slots} prompt slots")
-    coords = np.zeros((slots, 2), dtype=np.float32)
-    labels = np.full((slots,), LABEL_PAD, dtype=np.int64)
-    coords[:n] = prompt.coords
-    labels[:n] = prompt.labels
-    return coords, labels
+    """One prompt as coordinates `[slots, 2]` (float32) and labels `[slots]` (int64), see `pad_points`."""
+    if prompt.num_points > slots:
+        raise ConfigError(f"a {prompt.kind!r} prompt with {prompt.num_points} points does not fit in {slots} prompt slots")
+    coords, labels = pad_points([prompt.coords], [prompt.labels], slots)
+    return coords[0], labels[0]
 
 
 # ---------------------------------------------------------------------------------------------

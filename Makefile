@@ -29,6 +29,20 @@ run: venv
 test: venv
 	$(PY) -m pytest
 
+# ---- the shipped starting SAM (checkpoints/README.md): two phases on one CPU thread, ~2.5 h, resumable.
+# Phase 1 from random weights with the class-balanced loss; phase 2 from phase 1 with the calibrated
+# BCE + Dice loss on new scenes (seed 1). Same command, same bytes.
+.PHONY: generalist
+GENERALIST_WORK ?= .pretrain-work
+PRETRAIN_CPU := -S model.checkpoint=null -S pretrain.threads=1 -S pretrain.device=cpu \
+	-S pretrain.val_every=250 -S pretrain.checkpoint_every=250
+generalist: venv
+	$(PY) -m cpcsam.training.pretrain --params params.yaml --out $(GENERALIST_WORK)/phase1.pth \
+	  --work $(GENERALIST_WORK)/phase1 $(PRETRAIN_CPU) -S pretrain.steps=8000
+	$(PY) -m cpcsam.training.pretrain --params params.yaml --out checkpoints/sam_small_generalist.pth \
+	  --work $(GENERALIST_WORK)/phase2 $(PRETRAIN_CPU) -S pretrain.steps=4000 -S pretrain.seed=1 \
+	  -S pretrain.init=$(GENERALIST_WORK)/phase1.pth -S pretrain.mask_loss=bce_dice -S pretrain.optim.lr=1e-3
+
 # ---- local stack (issue 5): S3 (moto_server), MLflow server, Prefect server + worker on 127.0.0.1
 .PHONY: stack-up stack-down stack-status train-flow retrain-flow
 stack-up: venv  ## start the stack, register infra/prefect.yaml deployments; logs in .infra/logs

@@ -310,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     import hashlib
 
     md5 = hashlib.md5(Path(args.out).read_bytes()).hexdigest()
+    init = {"init_md5": hashlib.md5(Path(cfg.init).read_bytes()).hexdigest()} if cfg.init else {}
     write_json_atomic(Path(args.out).with_suffix(".json"),
-                      {**metrics, "md5": md5, "sha256": sha256_file(args.out), "recipe": recipe})
+                      {**metrics, **init, "md5": md5, "sha256": sha256_file(args.out), "recipe": recipe})
     logger.info("pretrain: wrote %s (md5 %s), val box@0 IoU %s", args.out, md5, metrics["val_box_iou"])
     return 0
 

@@ -150,3 +150,27 @@ def test_merge_replaces_an_images_entries_and_joins_categories_by_name() -> None
     assert sorted((uri[a["image_id"]], names[a["category_id"]]) for a in merged["annotations"]) == [
         ("s3://b/x.jpg", "rov"), ("s3://b/y.jpg", "rov"), ("s3://b/z.jpg", "rov")]
     assert [a["id"] for a in merged["annotations"]] == [1, 2, 3]
+
+
+def test_an_outage_fails_the_dive_and_marks_nothing_done(champion, s3_bucket, monkeypatch) -> None:
+    """A storage outage while images are read is not a bad image: the run fails, no state is written,
+    so the next run does the images (here the outage is injected into the storage layer's reads)."""
+    from cpcsam.data import storage
+
+    client = s3_watch.s3_client()
+    _upload_dive(client, s3_bucket)
+    real = storage.read_bytes
+
+    def flaky(uri, *args, **kwargs):
+        if str(uri).endswith("b.jpg"):
+            raise storage.StorageUnavailable(f"{uri}: S3 endpoint unreachable (injected)")
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", flaky)
+    with pytest.raises(storage.StorageUnavailable):
+        _run(client, s3_bucket, champion)
+    out = bi.version_prefix(OUT, champion["name"], champion["version"]) + "dive-1/"
+    assert _get(client, s3_bucket, out + "processed.json") is None
+    monkeypatch.setattr(storage, "read_bytes", real)
+    report = _run(client, s3_bucket, champion)
+    assert (report.new, report.processed) == (3, 2)

@@ -6,6 +6,8 @@
 The cache applies when training never changes the encoder (`model.lora.targets` without
 `image_encoder_qkv`, mode not `full-finetune`, `train.embedding_cache` not `off`). Otherwise the
 stage writes only an `index.json` saying why, and training runs the encoder itself.
+With `train.distributed.nproc_per_node` > 1 the images are encoded by that many processes
+(torchrun, as the train stage), each writing its share; the files are the same.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ def add_arguments(parser) -> None:
 
 def work(params, args, run) -> str:
     from cpcsam.data import load_manifest
-    from cpcsam.training.device import apply_threads
+    from cpcsam.training.device import apply_threads, resolve_device
+    from cpcsam.training.distributed import process_group
     from cpcsam.training.run import build_embedding_cache
 
     train = params.seeded("train")
     apply_threads(train.threads)
-    summary = build_embedding_cache(train, params.model, params.embed, load_manifest(args.manifest), args.sam, args.out)
+    with process_group(train.distributed.backend, resolve_device(params.embed.device)):
+        summary = build_embedding_cache(train, params.model, params.embed, load_manifest(args.manifest), args.sam,
+                                        args.out)
     run.log_metrics({"cached_images": summary["images"], "enabled": float(summary["enabled"])})
     if summary["enabled"]:
         return f"embed: {summary['images']} image embeddings -> {args.out}"
@@ -37,7 +42,9 @@ def work(params, args, run) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("embed", __doc__, add_arguments, work, argv)
+    return stage_main("embed", __doc__, add_arguments, work, argv,
+                      processes=lambda params: params.train.distributed.nproc_per_node,
+                      failure_hint=lambda args: "Running the stage again encodes the images again")
 
 
 if __name__ == "__main__":

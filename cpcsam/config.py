@@ -387,6 +387,22 @@ class EmbedConfig(Section):
     device: Device = "auto"
 
 
+class DistributedConfig(Section):
+    """Data-parallel training over several processes (`cpcsam.training.distributed`).
+
+    `nproc_per_node` > 1: `python -m components.train` re-launches itself under torchrun with
+    that many processes on this machine (one per GPU on CUDA); 1 is a plain process with no
+    process group. `backend`: auto = nccl on CUDA, gloo on the CPU. Neither changes what is
+    learned (the global batch is the single-process one), so neither is in the run fingerprint:
+    a run resumes with another number of processes.
+    """
+
+    SECTION: ClassVar[str] = "train.distributed"
+
+    nproc_per_node: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
 TrainMode = Literal["bilevel", "lora-only", "full-finetune"]
 VARIANT_NAMES = ("cpcsam", "task", "learnable", "fixed", "lora_only", "full_finetune")
 VariantName = Literal["cpcsam", "task", "learnable", "fixed", "lora_only", "full_finetune"]
@@ -420,9 +436,17 @@ class TrainConfig(Section):
     cache_mb: float = Field(512.0, ge=0)  # in-memory cache of preprocessed images / embeddings
     log_every: int = Field(5, ge=1)
     threads: int = Field(1, ge=0)  # torch intra-op threads (0 = torch default); see `apply_threads`
+    # Recompute the image encoder's blocks in the backward pass instead of keeping their
+    # activations (torch.utils.checkpoint): less memory when the encoder trains, same gradients.
+    grad_checkpointing: bool = False
+    distributed: DistributedConfig = DistributedConfig()
+
+    # How the run executes, not what it computes: left out of `as_dict` (the run fingerprint),
+    # so that a checkpoint resumes with another number of processes or with checkpointing on.
+    EXECUTION_KEYS: ClassVar[tuple[str, ...]] = ("grad_checkpointing", "distributed")
 
     def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude=set(self.EXECUTION_KEYS))
 
 
 # ---------------------------------------------------------------------------------------------

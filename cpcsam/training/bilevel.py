@@ -25,6 +25,17 @@ their gradients (gradient isolation is structural, not just "the other optimiser
 Determinism: every batch and every random choice is a pure function of (seed, step) or of the
 batch streams' positions; RNG states, stream positions, optimisers and schedulers go into the
 checkpoints, so a killed run resumes to the same numbers.
+
+Several processes (`cpcsam.training.distributed`, launched by torchrun): every rank walks the same
+batch streams and takes its contiguous slice of each global batch, so N processes compute the
+single-process step of the same global batch. Each rank's losses are its entities' share of the
+global means (`global_sum`: the value is global, the gradient local) and each level's step sums
+exactly its own parameters' gradients over the ranks before clipping and stepping; every rank
+then holds the same weights, optimiser and stream states. Rank 0 alone writes checkpoints,
+outs and metrics; every rank resumes from the checkpoint rank 0 picks, whatever the number of
+processes that wrote it. One process runs exactly the single-process code (no collective, the
+same bytes as before). With `model.lora.dropout` > 0 the dropout masks differ from a single
+process's (each rank draws its own), which changes the numbers but not their distribution.
 """
 
 from __future__ import annotations
@@ -49,11 +60,30 @@ from cpcsam.errors import CheckpointError, ConfigError
 from cpcsam.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from cpcsam.config import TrainConfig
 from cpcsam.files import write_json_atomic
-from cpcsam.training.device import resolve_device
+from cpcsam.training.device import configure_cuda, resolve_device
+from cpcsam.training.distributed import (
+    all_reduce_gradients,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    current_world,
+    global_sum,
+    rank_device,
+    sum_over_ranks,
+)
 from cpcsam.training.errors import NonFiniteLossError
 from cpcsam.training.data import Batch, BatchStream, PromptProvider, TrainingImages, split_halves, stream_rng
 from cpcsam.training.metric_logger import MetricLogger, NullLogger
-from cpcsam.training.losses import entity_loss, sam_loss, seg_loss_logits, task_loss
+from cpcsam.training.recompute import checkpointed_encoder
+from cpcsam.training.losses import (
+    entity_attention_map,
+    entity_loss,
+    sam_loss,
+    seg_loss_logits,
+    seg_loss_probs,
+    task_loss,
+    task_loss_from_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +154,12 @@ class Trainer:
         self.prompts = prompts
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.metric_logger = metric_logger or NullLogger()
+        self.world = current_world()
+        # Rank 0 alone logs (and writes: see `save`, `write_outputs`).
+        self.metric_logger = (metric_logger or NullLogger()) if self.world.is_main else NullLogger()
         self.fingerprint = fingerprint
-        self.device = resolve_device(cfg.device)
+        self.device = rank_device(resolve_device(cfg.device), self.world)
+        configure_cuda(self.device)
         self.model = model.to(self.device)
         self.model.train()
         # Called with (step, level, batch) before a batch is used; returns the batch to use.
@@ -162,7 +195,10 @@ class Trainer:
         self.sched_upper = self._scheduler(self.opt_upper, cfg.capl_optim) if self.opt_upper else None
         self.sched_lower = self._scheduler(self.opt_lower, cfg.sam_optim)
         self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        # float16 needs loss scaling (bfloat16 has float32's range). One scaler for both levels: a
+        # step whose gradients overflow is skipped and halves the scale for the next backward.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and self.device.type == "cuda")
+        self.grad_checkpointing = bool(cfg.grad_checkpointing)
 
         if self.upper_params:
             half_a, half_b = split_halves(data.image_ids, cfg.seed)
@@ -176,6 +212,16 @@ class Trainer:
             self.lower_stream = BatchStream(
                 data, prompts, data.image_ids, cfg.batch_images, cfg.max_entities, cfg.seed, "lower"
             )
+        for stream in (self.upper_stream, self.lower_stream):
+            if stream is not None and stream.images_per_batch < self.world.size:
+                raise ConfigError(
+                    f"train: {self.world.size} processes share each global batch, but the {stream.name} level's "
+                    f"batches hold {stream.images_per_batch} images (train.batch_images, or the images of its "
+                    "half); use at least one image per process"
+                )
+        # Every rank starts from rank 0's weights (they are built from the same seed and file, so
+        # this is insurance, as in DDP's constructor).
+        broadcast_module(self.model, self.world)
         self.step = 0
         self.curve: list[dict[str, float]] = []
         self.images_seen = 0
@@ -214,11 +260,35 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _image_embeddings(self, batch: Batch, grad: bool) -> Tensor:
+    def _image_embeddings(self, batch: Batch, grad: bool, checkpoint: bool = False) -> Tensor:
+        """The batch's image embeddings (cached, or the encoder's output). `checkpoint`: recompute
+        the encoder blocks in the backward pass (`train.grad_checkpointing`), only where it is safe:
+        not inside `functional_call` (the recomputation would run after the substituted θ' are
+        gone) and only when the encoder builds a graph at all."""
         if batch.is_embedding:
             return batch.inputs
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        grad = grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            if checkpoint and grad and self.grad_checkpointing:
+                return checkpointed_encoder(self.model.sam.image_encoder, batch.inputs)
             return self.model.encode_images(batch.inputs)
+
+    def _entity_mean(self, values: Tensor, batch: Batch, rows_per_entity: int = 1) -> Tensor:
+        """Mean over the global batch's entities (× `rows_per_entity` rows each) of per-row values.
+
+        A whole batch: `values.mean()` (the single-process expression, same bits). A rank's slice:
+        its share `Σ values / (rows of the global batch)`, summed over ranks in value only
+        (`global_sum`), so that the gradients of the ranks add up to the single-process one.
+        """
+        if not batch.sharded:
+            return values.mean()
+        return global_sum(values.sum() / (batch.global_entities * rows_per_entity), self.world)
+
+    def _mean_of_rows(self, mean: Tensor, batch: Batch) -> Tensor:
+        """A mean over this rank's rows (e.g. the calibration L1) made a mean over the global batch's."""
+        if not batch.sharded:
+            return mean
+        return global_sum(mean * (batch.num_entities / batch.global_entities), self.world)
 
     def _sparse(self, batch: Batch) -> Tensor:
         """Prompt-encoder tokens of all K prompts, [N, K, P, C] (the prompt encoder is frozen)."""
@@ -240,37 +310,54 @@ class Trainer:
         per_prompt = seg_loss_logits(out.low_res_logits[:, 0], targets).reshape(n, k)
         mode = self.model.mode
         beta = self.cfg.beta_variance if mode in ("task", "causal") else 0.0
-        l_task, mean, var = task_loss(per_prompt, beta)
+        if not batch.sharded:
+            l_task, mean, var = task_loss(per_prompt, beta)
+        else:
+            # The K group means over the global batch's entities; the variance term is nonlinear in
+            # them, so it is taken on the global values (the gradient through each rank's share
+            # is then exact, see `_entity_mean`).
+            groups = global_sum(per_prompt.sum(0) / batch.global_entities, self.world)
+            l_task, mean, var = task_loss_from_groups(groups, beta)
         parts = {"task_mean": mean.detach(), "task_var": var.detach()}
         loss = l_task
         if mode == "causal":
-            l_entity, attention = entity_loss(out.attn_map, targets, out.calibration_l1, self.cfg.lambda_l1)
+            if not batch.sharded:
+                l1 = out.calibration_l1
+                l_entity, attention = entity_loss(out.attn_map, targets, l1, self.cfg.lambda_l1)
+            else:
+                attention = self._entity_mean(seg_loss_probs(entity_attention_map(out.attn_map, targets), targets),
+                                              batch, rows_per_entity=k)
+                l1 = self._mean_of_rows(out.calibration_l1, batch)
+                l_entity = attention + self.cfg.lambda_l1 * l1
             loss = loss + self.cfg.lambda_entity * l_entity
             parts["entity_attention"] = attention.detach()
-            parts["calibration_l1"] = out.calibration_l1.detach()
+            parts["calibration_l1"] = l1.detach()
         return loss, parts
 
-    def lower_loss(self, batch: Batch, step: int, embeddings: Tensor | None = None) -> Tensor:
+    def lower_loss(self, batch: Batch, step: int, embeddings: Tensor | None = None, checkpoint: bool = False) -> Tensor:
         """SAM's objective (Eq. 3) with CaPL applied as it is: one of the K prompts per entity."""
         if embeddings is None:
-            embeddings = self._image_embeddings(batch, grad=self.encoder_trainable)
+            embeddings = self._image_embeddings(batch, grad=self.encoder_trainable, checkpoint=checkpoint)
         n, k, p = batch.labels.shape
         calibrated = self.model.calibrate_prompts(self._sparse(batch), batch.labels)
-        # Which of the K prompts each entity uses this step: pure function of (seed, step).
-        choice = torch.from_numpy(stream_rng(self.cfg.seed, "lower-k", step).integers(0, k, size=n)).to(
-            calibrated.device
-        )
+        # Which of the K prompts each entity uses this step: pure function of (seed, step), drawn
+        # for the global batch (a rank takes its entities' slice).
+        draw = stream_rng(self.cfg.seed, "lower-k", step).integers(0, k, size=batch.global_entities)
+        choice = torch.from_numpy(draw[batch.entity_offset : batch.entity_offset + n]).to(calibrated.device)
         chosen = calibrated[torch.arange(n, device=calibrated.device), choice]
         out = self.model.decode(embeddings, batch.image_index, chosen)
-        return sam_loss(out.low_res_logits[:, 0], batch.targets)
+        if not batch.sharded:
+            return sam_loss(out.low_res_logits[:, 0], batch.targets)
+        return self._entity_mean(seg_loss_logits(out.low_res_logits[:, 0], batch.targets), batch)
 
     # ---- the two steps --------------------------------------------------------------------------
 
     def _next(self, stream: BatchStream, level: str, step: int) -> Batch:
-        batch = stream.next()
+        """The stream's next global batch (this rank's slice of it with several processes)."""
+        batch = stream.next(shard=(self.world.rank, self.world.size) if self.world.distributed else None)
         if self.batch_hook is not None:
             batch = self.batch_hook(step, level, batch)
-        self.images_seen += len(batch.image_ids)
+        self.images_seen += batch.global_images
         return batch.to(self.device)
 
     def _apply(
@@ -281,6 +368,17 @@ class Trainer:
             raise _NonFinite(f"{what} loss", float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        return self._step(optimizer, params, clip, what)
+
+    def _step(self, optimizer: torch.optim.Optimizer, params: list[tuple[str, nn.Parameter]], clip, what: str) -> float:
+        """Sum the level's (scaled) gradients over ranks, unscale, check, clip, step.
+
+        Only `params` — the level being stepped — enter the all-reduce. It comes before unscaling,
+        so an overflow on any rank is an overflow on every rank (GradScaler skips the step
+        everywhere and the scales stay equal), and before clipping, so the clipped norm is the
+        global batch's. Every decision below is taken on values that are equal on all ranks.
+        """
+        all_reduce_gradients([p for _, p in params], self.world)
         self.scaler.unscale_(optimizer)
         tensors = [p for _, p in params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(tensors, clip if clip is not None else math.inf)
@@ -299,9 +397,9 @@ class Trainer:
         """One first-order CaPL step on `batch` with SAM frozen (image embeddings without graph)."""
         assert self.opt_upper is not None
         self._set_trainable(upper=True, lower=False)
-        with torch.no_grad():
-            embeddings = self._image_embeddings(batch, grad=False)
         with self._autocast():
+            with torch.no_grad():  # SAM is frozen here: the encoder keeps no graph
+                embeddings = self._image_embeddings(batch, grad=False)
             loss, parts = self.upper_loss(batch, embeddings)
         norm = self._apply(loss, self.opt_upper, self.upper_params, self.cfg.capl_optim.grad_clip, "CaPL (upper)")
         return {"loss_upper": float(loss.detach()), "grad_norm_capl": norm, **{k: float(v) for k, v in parts.items()}}
@@ -312,8 +410,11 @@ class Trainer:
         θ' = θ − η ∇θ L_lower(θ, φ) (η: the current LoRA learning rate; plain gradient step as
         the local model of the optimiser), then φ ← φ − ∇φ L_upper(φ, θ'(φ)), the total
         derivative including the path through θ'. No autocast (second-order terms in fp32).
+        With several processes see `_unrolled_hypergradient_sharded`.
         """
         assert self.opt_upper is not None
+        if batch.sharded:
+            return self._upper_step_unrolled_sharded(batch, lower_batch, step)
         from torch.func import functional_call
 
         self._set_trainable(upper=True, lower=True)
@@ -334,11 +435,70 @@ class Trainer:
         self._set_trainable(upper=False, lower=True)
         return {"loss_upper": float(loss.detach()), "grad_norm_capl": norm, **{k: float(v) for k, v in parts.items()}}
 
+    def _upper_step_unrolled_sharded(self, batch: Batch, lower_batch: Batch, step: int) -> dict[str, float]:
+        """The unrolled CaPL step of a rank's slices, exact for the global batch.
+
+        With the lower loss L = Σ_r L_r and the upper loss U = Σ_s U_s split over ranks, the
+        hypergradient is ∂φU − η J(φ)ᵀ v with J = ∂(∇θ L)/∂φ = Σ_r J_r and v = ∂U/∂θ' = Σ_s v_s.
+        Differentiating each rank's own graph (as the one-process code does) and summing would
+        give Σ_r J_rᵀ v_r: the cross terms J_rᵀ v_s (r ≠ s) — how one rank's lower batch moves
+        θ' for the other ranks' upper batches — would be lost, an error that grows with N. So:
+        1. g_r = ∇θ L_r with its graph (create_graph); θ' = θ − η Σ_r g_r, the same on all ranks
+           (the globally averaged inner step);
+        2. U_r at θ' (θ' a detached leaf, `functional_call`): ∂φU_r and v_r; v = Σ_r v_r;
+        3. each rank's hypergradient share ∂φU_r − η J_rᵀ v (a vector-Jacobian product through
+           its g_r graph with the *global* v); `_step` sums the shares over ranks.
+        The sum is exactly ∂φU − η Σ_r J_rᵀ v. Cost: as the one-process step plus one all-reduce
+        of |θ| floats for g and one for v.
+        """
+        from torch.func import functional_call
+
+        self._set_trainable(upper=True, lower=True)
+        lower = self.lower_loss(lower_batch, step)
+        if not _finite(lower.detach()):
+            raise _NonFinite("LoRA (lower, unrolled) loss", float(lower.detach()))
+        theta = [p for _, p in self.lower_params]
+        phi = [p for _, p in self.upper_params]
+        local_g = torch.autograd.grad(lower, theta, create_graph=True, allow_unused=True)
+        global_g = sum_over_ranks([g.detach() if g is not None else None for g in local_g], theta, self.world)
+        eta = self.opt_lower.param_groups[0]["lr"]
+        theta_prime = [
+            (p.detach() - eta * g if g is not None else p.detach().clone()).requires_grad_(True)
+            for p, g in zip(theta, global_g)
+        ]
+        updated = {"model." + name: t for (name, _), t in zip(self.lower_params, theta_prime)}
+        objective = _Objective(self.model, lambda b: self.upper_loss(b))
+        loss, parts = functional_call(objective, updated, (batch,), strict=False)
+        if not _finite(loss.detach()):
+            raise _NonFinite("CaPL (upper) loss", float(loss.detach()))
+        self.opt_upper.zero_grad(set_to_none=True)
+        scaled = self.scaler.scale(loss)  # scaled shares, as `_apply` scales; `_step` unscales
+        grads = torch.autograd.grad(scaled, phi + theta_prime, allow_unused=True)
+        direct, v_local = grads[: len(phi)], grads[len(phi) :]
+        v_global = sum_over_ranks(list(v_local), theta_prime, self.world)
+        pairs = [(g, v) for g, v in zip(local_g, v_global) if g is not None and v is not None]
+        cross = (
+            torch.autograd.grad([g for g, _ in pairs], phi, grad_outputs=[v for _, v in pairs], allow_unused=True)
+            if pairs
+            else [None] * len(phi)
+        )
+        for p, d, c in zip(phi, direct, cross):
+            if d is None and c is None:
+                p.grad = None
+            else:
+                p.grad = (d if d is not None else torch.zeros_like(p)) - eta * (c if c is not None else 0.0)
+        del local_g, lower  # the inner graph
+        norm = self._step(self.opt_upper, self.upper_params, self.cfg.capl_optim.grad_clip, "CaPL (upper)")
+        for p in theta:
+            p.grad = None
+        self._set_trainable(upper=False, lower=True)
+        return {"loss_upper": float(loss.detach()), "grad_norm_capl": norm, **{k: float(v) for k, v in parts.items()}}
+
     def lower_step(self, batch: Batch, step: int) -> dict[str, float]:
         """One SAM step (LoRA, or all weights in full-finetune) on `batch` with CaPL frozen."""
         self._set_trainable(upper=False, lower=True)
         with self._autocast():
-            loss = self.lower_loss(batch, step)
+            loss = self.lower_loss(batch, step, checkpoint=True)
         norm = self._apply(loss, self.opt_lower, self.lower_params, self.cfg.sam_optim.grad_clip, "LoRA/SAM (lower)")
         return {"loss_lower": float(loss.detach()), "grad_norm_sam": norm}
 
@@ -376,8 +536,8 @@ class Trainer:
             "numpy": [np_state[0], [int(v) for v in np_state[1]], int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": random.getstate(),
         }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this process's GPU only: resumable on a machine with other GPUs
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def _set_rng_state(self, state: Mapping[str, Any]) -> None:
@@ -386,8 +546,12 @@ class Trainer:
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
         version, internal, gauss_next = state["python"]
         random.setstate((version, tuple(internal), gauss_next))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state.get("cuda")
+        if cuda is not None and self.device.type == "cuda":
+            if isinstance(cuda, (list, tuple)):  # checkpoints of older versions: every GPU's state
+                cuda = cuda[0] if cuda else None
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
 
     def _light_state(self) -> dict[str, Any]:
         """What changes within an iteration besides weights: streams, RNGs, counters, CaPL level."""
@@ -468,7 +632,8 @@ class Trainer:
         return self.out_dir / "checkpoints" if self.out_dir is not None else None
 
     def save(self, light: Mapping[str, Any] | None = None) -> Path | None:
-        if self.checkpoint_dir is None:
+        """Write a checkpoint (rank 0; the other ranks hold the same state and write nothing)."""
+        if self.checkpoint_dir is None or not self.world.is_main:
             return None
         path = save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(light), keep=self.cfg.keep_checkpoints)
         logger.info("checkpoint: step %d -> %s", self.step, path)
@@ -478,20 +643,26 @@ class Trainer:
         """Load the latest checkpoint of the checkpoint folder, when there is a compatible one.
 
         A checkpoint of another configuration (params, data, model changed) is not resumed: the
-        folder is cleared and training starts over, as a new run of the stage should.
+        folder is cleared and training starts over, as a new run of the stage should. With several
+        processes rank 0 picks (and clears) and every rank loads the file it picked; the state in
+        a checkpoint does not depend on the number of processes that wrote it.
         """
         if self.checkpoint_dir is None:
             return False
-        path = latest_checkpoint(self.checkpoint_dir)
+        path: Path | None = None
+        if self.world.is_main:
+            path = latest_checkpoint(self.checkpoint_dir)
+            if path is not None and load_checkpoint(path).get("fingerprint") != self.fingerprint:
+                logger.warning("checkpoints in %s belong to another configuration: starting over", self.checkpoint_dir)
+                for _, old in list_checkpoints(self.checkpoint_dir):
+                    old.unlink()
+                path = None
+        path = broadcast_object(path, self.world)
         if path is None:
             return False
         state = load_checkpoint(path)
-        if state.get("fingerprint") != self.fingerprint:
-            logger.warning("checkpoints in %s belong to another configuration: starting over", self.checkpoint_dir)
-            for _, old in list_checkpoints(self.checkpoint_dir):
-                old.unlink()
-            return False
         self.load_state_dict(state, source=str(path))
+        barrier(self.world)  # nobody writes the next checkpoint before every rank has read this one
         logger.info("resumed from %s (step %d of %d)", path, self.step, self.cfg.steps)
         return True
 
@@ -508,7 +679,8 @@ class Trainer:
 
         if resume:
             self.resume()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train[{self.cfg.mode}]", disable=not progress)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train[{self.cfg.mode}]",
+                   disable=not (progress and self.world.is_main))
         while self.step < self.cfg.steps:
             light = self._light_state()
             started = time.perf_counter()
@@ -536,8 +708,10 @@ class Trainer:
         # failure came after its update in the same iteration.
         if self._state_finite(light) and self.checkpoint_dir is not None:
             saved = self.save(light)
-        elif self.checkpoint_dir is not None:
+        elif self.checkpoint_dir is not None and self.world.is_main:
             saved = latest_checkpoint(self.checkpoint_dir)
+        # Every rank stops here at the same step (they saw the same global values); rank 0 wrote.
+        saved = broadcast_object(saved, self.world)
         where = f"last good checkpoint: {saved}" if saved else "no checkpoint was written (no out_dir)"
         raise NonFiniteLossError(
             f"step {step}: non-finite {exc.what} ({exc.value}); training stopped, {where}"
@@ -569,7 +743,8 @@ class Trainer:
         }
 
     def write_outputs(self, summary: Mapping[str, Any]) -> None:
-        if self.out_dir is None:
+        """`curve.csv`, `metrics.json` and `timing.json` (rank 0 alone)."""
+        if self.out_dir is None or not self.world.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "curve.csv", "w", newline="") as handle:

@@ -7,12 +7,16 @@
   `GroundTruthPrompts` (a random GT-derived prompt per draw, for the stand-in pretraining).
 - `BatchStream`: an endless seeded stream of batches over a fixed list of images. Each batch is a
   pure function of `(seed, stream name, epoch, position)`, so the stream's whole state is two
-  integers, saved in checkpoints (no `next(iter(loader))` per step, no hidden RNG).
+  integers, saved in checkpoints (no `next(iter(loader))` per step, no hidden RNG). With several
+  processes every rank walks the same global stream and materialises only its contiguous slice
+  of each global batch (`next(shard=(rank, size))`), so N processes see together exactly the
+  batch one process would, and the stream state does not depend on N.
 - `split_halves`: the two disjoint image halves of bi-level training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
@@ -290,6 +294,11 @@ class Batch:
     labels: Tensor  # [N, K, P] long, -1 padding
     targets: Tensor  # [N, L, L] GT masks at the low-resolution logit frame
     entity_ids: list[str]
+    # A rank's slice of a global batch (None: the batch is whole): where its entities start in the
+    # global batch's entity order, and the global batch's entity and image counts.
+    entity_offset: int = 0
+    total_entities: int | None = None
+    total_images: int | None = None
 
     @property
     def num_entities(self) -> int:
@@ -299,16 +308,35 @@ class Batch:
     def k(self) -> int:
         return int(self.labels.shape[1])
 
+    @property
+    def sharded(self) -> bool:
+        return self.total_entities is not None
+
+    @property
+    def global_entities(self) -> int:
+        return self.total_entities if self.total_entities is not None else self.num_entities
+
+    @property
+    def global_images(self) -> int:
+        return self.total_images if self.total_images is not None else len(self.image_ids)
+
     def to(self, device: torch.device) -> "Batch":
-        return Batch(
-            image_ids=self.image_ids,
-            inputs=self.inputs.to(device),
-            is_embedding=self.is_embedding,
-            image_index=self.image_index.to(device),
-            coords=self.coords.to(device),
-            labels=self.labels.to(device),
-            targets=self.targets.to(device),
-            entity_ids=self.entity_ids,
+        """On `device`; to CUDA through pinned memory with asynchronous copies (the batch is a
+        fresh CPU tensor set, so nothing can change it while the copy is in flight)."""
+        cuda = device.type == "cuda"
+
+        def move(t: Tensor) -> Tensor:
+            if cuda and t.device.type == "cpu":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+
+        return dataclasses.replace(
+            self,
+            inputs=move(self.inputs),
+            image_index=move(self.image_index),
+            coords=move(self.coords),
+            labels=move(self.labels),
+            targets=move(self.targets),
         )
 
 
@@ -376,15 +404,30 @@ class BatchStream:
         self.position += 1
         return image_id
 
-    def next(self) -> Batch:
-        rng = stream_rng(self.seed, self.name, "draw", self.epoch, self.position)
-        image_ids = [self._next_image() for _ in range(min(self.batch_images, len(self.image_ids)))]
-        return self.make_batch(image_ids, rng)
+    @property
+    def images_per_batch(self) -> int:
+        """Images in each (global) batch of the stream."""
+        return min(self.batch_images, len(self.image_ids))
 
-    def make_batch(self, image_ids: Sequence[str], rng: np.random.Generator) -> Batch:
+    def next(self, shard: tuple[int, int] | None = None) -> Batch:
+        """The next global batch, or with `shard=(rank, size)` that rank's contiguous slice of it
+        (every rank must call this in step: the stream advances by the global batch)."""
+        rng = stream_rng(self.seed, self.name, "draw", self.epoch, self.position)
+        image_ids = [self._next_image() for _ in range(self.images_per_batch)]
+        return self.make_batch(image_ids, rng, shard)
+
+    def make_batch(
+        self, image_ids: Sequence[str], rng: np.random.Generator, shard: tuple[int, int] | None = None
+    ) -> Batch:
+        """The batch of `image_ids`; with `shard`, only that rank's images are loaded, but the random
+        draws of every image are made in order, so the slice equals the whole batch's slice."""
         from cpcsam.modeling.transforms import coords_to_model
 
+        from cpcsam.training.distributed import shard_range
+
+        start, stop = (0, len(image_ids)) if shard is None else shard_range(len(image_ids), *shard)
         inputs, image_index, coords, labels, targets, entity_ids = [], [], [], [], [], []
+        total = offset = 0
         for b, image_id in enumerate(image_ids):
             row = self.data.images[image_id]
             n = len(row.entities)
@@ -392,14 +435,24 @@ class BatchStream:
             if n > self.max_entities:
                 chosen = sorted(int(i) for i in rng.choice(n, size=self.max_entities, replace=False))
             c, lab = self.prompt_provider.prompts(self.data, image_id, chosen, rng)
+            if b < start:
+                offset += len(chosen)
+            total += len(chosen)
+            if not start <= b < stop:
+                continue
             inputs.append(self.data.model_input(image_id))
             coords.append(coords_to_model(c, (row.height, row.width), self.data.image_size))
             labels.append(torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)))
             targets.append(self.data.targets(image_id)[chosen])
-            image_index += [b] * len(chosen)
+            image_index += [b - start] * len(chosen)
             entity_ids += [row.entities[i].entity_id for i in chosen]
+        if not inputs:
+            raise ConfigError(
+                f"batch stream {self.name!r}: rank {shard[0]} of {shard[1]} gets no image of a {len(image_ids)}-image "
+                "batch; use at least as many images per batch as processes"
+            )
         return Batch(
-            image_ids=list(image_ids),
+            image_ids=list(image_ids[start:stop]),
             inputs=torch.stack(inputs),
             is_embedding=self.data.uses_embeddings,
             image_index=torch.tensor(image_index, dtype=torch.long),
@@ -407,4 +460,7 @@ class BatchStream:
             labels=torch.cat(labels),
             targets=torch.cat(targets),
             entity_ids=entity_ids,
+            entity_offset=offset if shard is not None else 0,
+            total_entities=total if shard is not None else None,
+            total_images=len(image_ids) if shard is not None else None,
         )

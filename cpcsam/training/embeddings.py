@@ -8,6 +8,11 @@ Layout of `data/embeddings/`: one `<sha1(image_id)[:20]>.pt` tensor `[C, h, w]` 
 image and `index.json` with the encoder fingerprint (a hash of the encoder's weights and the
 input size), the tensor shape, and the image → file map. A store whose fingerprint differs from
 the model's is refused: stale embeddings would silently train against another encoder.
+
+With several processes (`world`), the batches are dealt out round-robin — rank r encodes batches
+r, r + N, ... — so every batch holds the same images as in one process (on the CPU the tensors
+are the same bytes), each rank writes its own files, and rank 0 writes the index once all ranks
+are done.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from cpcsam.errors import DataError
+from cpcsam.errors import CheckpointError, DataError
+from cpcsam.files import torch_load_weights
+from cpcsam.training.distributed import SINGLE, World, all_gather_objects, barrier
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +70,13 @@ def write_embeddings(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    world: World = SINGLE,
 ) -> Path:
-    """Encode every image (no grad, batches of `batch_size`) and write the store; returns its folder."""
+    """Encode every image (no grad, batches of `batch_size`) and write the store; returns its folder.
+
+    With `world` (several processes), this rank encodes its share of the batches; every rank
+    must call it, and all return once the index is written.
+    """
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -72,8 +84,9 @@ def write_embeddings(
     files: dict[str, str] = {}
     shape: list[int] | None = None
     ids = sorted(image_ids)
+    starts = list(range(0, len(ids), batch_size))[world.rank :: world.size]
     with torch.no_grad():
-        for start in tqdm(range(0, len(ids), batch_size), desc="embed", disable=not progress):
+        for start in tqdm(starts, desc="embed", disable=not (progress and world.is_main)):
             chunk = ids[start : start + batch_size]
             batch = torch.stack([load_input(i) for i in chunk]).to(device)
             embeddings = encode(batch).float().cpu()
@@ -84,11 +97,17 @@ def write_embeddings(
                 os.replace(tmp, out / name)
                 files[image_id] = name
                 shape = list(embedding.shape)
-    index = {"enabled": True, "fingerprint": fingerprint, "shape": shape, "images": files}
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-    os.replace(tmp, out / INDEX)
-    logger.info("embed: %d image embeddings %s written to %s", len(files), shape, out)
+    if world.distributed:  # every rank's files, once every rank has written them
+        gathered = all_gather_objects((files, shape), world)
+        files = {k: v for part, _ in gathered for k, v in part.items()}
+        shape = next((s for _, s in gathered if s is not None), None)
+    if world.is_main:
+        index = {"enabled": True, "fingerprint": fingerprint, "shape": shape, "images": files}
+        tmp = out / f".{INDEX}.tmp"
+        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+        os.replace(tmp, out / INDEX)
+        logger.info("embed: %d image embeddings %s written to %s", len(files), shape, out)
+    barrier(world)
     return out
 
 
@@ -128,6 +147,6 @@ class EmbeddingStore:
             raise DataError(f"{self.folder}: no cached embedding for image {image_id!r}; re-run the embed stage")
         path = self.folder / name
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DataError(f"{path}: unreadable cached embedding of image {image_id!r}: {exc}") from exc
+            return torch_load_weights(path, path, f"cached embedding of image {image_id!r}")
+        except CheckpointError as exc:  # for the cache, a bad file is bad data: re-run the embed stage
+            raise DataError(f"{exc}; re-run the embed stage") from exc

@@ -69,7 +69,12 @@ def task_loss(per_prompt: torch.Tensor, beta: float) -> tuple[torch.Tensor, torc
     """
     if per_prompt.ndim != 2:
         raise ValueError(f"task_loss expects per-prompt losses [N, K], got shape {tuple(per_prompt.shape)}")
-    groups = per_prompt.mean(0)
+    return task_loss_from_groups(per_prompt.mean(0), beta)
+
+
+def task_loss_from_groups(groups: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 1 from the K group losses `L_seg,k` `[K]` (the entity means; `task_loss` takes them
+    over one batch, the distributed trainer over the global batch of all processes)."""
     mean = groups.mean()
     var = groups.var(unbiased=False) if groups.numel() > 1 else groups.new_zeros(())
     return mean + beta * var, mean, var
@@ -83,10 +88,15 @@ def entity_loss(
     `attn_map` `[N, h, w]` in [0, 1] is upsampled (bilinear) to the target's frame `[N, H, W]`
     ("averaged over heads, upsampled, scaled to [0, 1]"). Returns `(L_entity, attention term)`.
     """
+    attention = seg_loss_probs(entity_attention_map(attn_map, target), target).mean()
+    return attention + lambda_l1 * calibration_l1, attention
+
+
+def entity_attention_map(attn_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`attn_map` `[N, h, w]` on the target's frame `[N, H, W]` (bilinear), as Eq. 2 compares them."""
     if attn_map.shape[-2:] != target.shape[-2:]:
         attn_map = F.interpolate(attn_map[:, None].float(), size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    attention = seg_loss_probs(attn_map, target).mean()
-    return attention + lambda_l1 * calibration_l1, attention
+    return attn_map
 
 
 def sam_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

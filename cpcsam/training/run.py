@@ -140,21 +140,26 @@ def build_embedding_cache(
     The encoder is built exactly as `prepare_training` builds it (same seed: `cfg` carries the
     train stage's effective seed; same checkpoint), so the fingerprint matches. When the cache
     does not apply (the encoder trains), an index saying so is written instead. Returns a summary.
+    In a multi-process job (an initialised process group) each rank encodes its share.
     """
     from cpcsam.training.device import resolve_device
+    from cpcsam.training.distributed import barrier, current_world, rank_device
     from cpcsam.training.embeddings import encoder_fingerprint, write_disabled_index, write_embeddings
 
+    world = current_world()
     if not use_embedding_cache(model_section, cfg):
         reason = (
             f"train.embedding_cache={cfg.embedding_cache}, mode={cfg.mode}, "
             f"encoder LoRA={'yes' if not encoder_is_frozen(model_section, cfg.mode) else 'no'}"
         )
-        write_disabled_index(out_dir, reason)
+        if world.is_main:
+            write_disabled_index(out_dir, reason)
+        barrier(world)
         logger.info("embed: no cache (%s)", reason)
         return {"enabled": False, "reason": reason, "images": 0}
     torch.manual_seed(cfg.seed)
     model = build_training_model(model_section, cfg.mode, sam_checkpoint)
-    target = resolve_device(embed.device)
+    target = rank_device(resolve_device(embed.device), world)
     model.to(target).eval()
     data = TrainingImages(manifest, model.image_size, 4 * model.embedding_size[0], cache_mb=0)
     write_embeddings(
@@ -166,5 +171,6 @@ def build_embedding_cache(
         batch_size=embed.batch_size,
         device=target,
         progress=progress,
+        world=world,
     )
     return {"enabled": True, "images": len(data.image_ids)}

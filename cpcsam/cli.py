@@ -57,8 +57,10 @@ def _predict(args: argparse.Namespace) -> int:
     import logging
 
     from cpcsam.predict import predict
+    from cpcsam.redact import install_log_redaction
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     summary = predict(
         args.images, args.out, prompts=args.prompts, support=args.support,
         classes=[c for c in (args.classes or "").split(",") if c], backend=args.backend,
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CpcSamError as exc:
-        print(f"cpcsam {args.command}: {exc}", file=sys.stderr)
+        from cpcsam.redact import redact
+
+        print(f"cpcsam {args.command}: {redact(exc)}", file=sys.stderr)
         return 2
 
 

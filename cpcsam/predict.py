@@ -28,6 +28,14 @@ Backends: `onnx` (default; `image_encoder.onnx` + `decoder_capl.onnx` from the e
 Bad input fails only its image, with a message that names it: an unreadable image, a prompt
 outside the image, a malformed entity, a class without support (automatic mode). Problems with the
 inputs as a whole (no image matched, prompts file not JSON, unknown `classes`) raise `DataError`.
+
+Hostile input: the prompts JSON and the support set are read within `cpcsam.files`' size and
+nesting limits; a support image's `file_name` must stay under the support set's folder (`../`
+and absolute paths are refused, as in the data sources); every file written is named from the
+image's and the class's names made safe (`_safe_name`: `[A-Za-z0-9._-]`, never `.`/`..`, at
+most `MAX_NAME_BYTES`) and checked to lie under `out_dir` (`_output_path`), so no prompt, class
+or image name can place a file anywhere else. The ONNX graphs must be ours
+(`cpcsam.export.runtime.check_graph`), the `model.pt` a weights-only file.
 """
 
 from __future__ import annotations
@@ -50,6 +58,12 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 BACKENDS = ("onnx", "torch")
+# A support set may be a whole COCO annotation file (COCO 2017 train: 448 MB), which is read to
+# pick a few instances per class; prompts files get the general `cpcsam.files.MAX_JSON_BYTES`.
+MAX_SUPPORT_JSON_BYTES = 1024 * 1024 * 1024
+# Longest file-name part made from an image or class name, in UTF-8 bytes: with the entity index
+# and ".png" it stays far below the 255 bytes a file name may have on common file systems.
+MAX_NAME_BYTES = 120
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -101,13 +115,10 @@ def load_prompts(path_or_obj: str | os.PathLike | Mapping[str, Any]) -> dict[str
     if isinstance(path_or_obj, Mapping):
         obj, where = dict(path_or_obj), "prompts"
     else:
-        from cpcsam.data import storage
+        from cpcsam.files import read_json
 
         where = str(path_or_obj)
-        try:
-            obj = json.loads(storage.read_text(where))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: prompts file is not valid JSON: {exc}") from exc
+        obj = read_json(where, "prompts file")  # size and nesting limits: DataError naming the file
     if not isinstance(obj, dict) or not all(isinstance(v, list) for v in obj.values()):
         raise DataError(f"{where}: expected a JSON object {{image: [entity, ...]}}")
     return obj
@@ -301,16 +312,15 @@ def support_prototypes(backend, support_json: str | os.PathLike, per_class: int 
     """
     from cpcsam.data import decode_mask, read_image, storage
     from cpcsam.data.masks import rle_counts_str, rle_from_annotation
+    from cpcsam.files import read_json
     from cpcsam.prompts.auto import class_prototypes, mask_to_grid, masked_average
 
     where = str(support_json)
+    coco = read_json(where, "support set", max_bytes=MAX_SUPPORT_JSON_BYTES)
     try:
-        coco = json.loads(storage.read_text(where))
         cats = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
         imgs = {int(i["id"]): i for i in coco["images"]}
         anns = sorted(coco["annotations"], key=lambda a: (int(a["image_id"]), int(a.get("id", 0))))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: support set is not valid JSON: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{where}: not a COCO instances file (images, annotations, categories): {exc}") from exc
     unknown = sorted(set(required) - set(cats.values()))
@@ -331,7 +341,11 @@ def support_prototypes(backend, support_json: str | os.PathLike, per_class: int 
     for image_id in tqdm(sorted(by_image), desc="support", leave=False):
         info = imgs[image_id]
         uri = None
-        for cand in (storage.join(base, info["file_name"]), storage.join(base, "images", info["file_name"])):
+        for folder in (base, storage.join(base, "images")):
+            try:  # `../` or an absolute path would read a file outside the support set's folder
+                cand = storage.resolve_under(folder, str(info["file_name"]), follow_symlinks=True)
+            except DataError as exc:
+                raise DataError(f"{where}: support image {exc}") from exc
             if storage.exists(cand):
                 uri = cand
                 break
@@ -374,7 +388,22 @@ class PredictSummary:
 
 
 def _safe_name(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+    """A file-name part from user text (an image or class name): letters, digits and `-_.` only
+    (no separator), never empty, `.` or `..`, at most `MAX_NAME_BYTES` bytes of UTF-8."""
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text)[:MAX_NAME_BYTES])
+    while len(name.encode("utf-8")) > MAX_NAME_BYTES:  # multi-byte letters
+        name = name[:-1]
+    return name if name.strip(".") else "_" * max(1, len(name))
+
+
+def _output_path(out: Path, source: str, *parts: str) -> Path:
+    """`out/<parts>`, or a DataError naming the image `source` when the parts would lead outside
+    `out` (a last check: the parts are `_safe_name`s already)."""
+    path = out.joinpath(*parts)
+    root = os.path.normpath(os.path.abspath(out))
+    if os.path.commonpath([root, os.path.normpath(os.path.abspath(path))]) != root or path.name in ("", ".", ".."):
+        raise DataError(f"{source}: output file {'/'.join(parts)!r} would lie outside {out}: not written")
+    return path
 
 
 def predict(
@@ -435,26 +464,29 @@ def predict(
                     raise DataError(f"{uri}: class {ent.class_name!r} has no geometry and no support prototype "
                                     f"(automatic mode needs it in the support set; have {sorted(prototypes) or 'none'})")
             masks, scores = segment_image(engine, pixels, entities, prototypes, auto, threshold)
+            stem = _safe_name(os.path.splitext(os.path.basename(uri))[0])
+            name = stem if stem not in used_names else f"{stem}_{image_index}"
+            mask_paths = [_output_path(out, uri, "masks", name, f"{k}_{_safe_name(ent.class_name)}.png")
+                          for k, ent in enumerate(entities)]
+            overlay_path = _output_path(out, uri, "overlays", f"{name}.png")
         except CpcSamError as exc:
             logger.warning("predict: %s", exc)
             summary.failures.append({"image": uri, "error": str(exc)})
             continue
 
-        stem = _safe_name(os.path.splitext(os.path.basename(uri))[0])
-        name = stem if stem not in used_names else f"{stem}_{image_index}"
         used_names.add(name)
         coco["images"].append({"id": image_index + 1, "file_name": os.path.basename(uri), "uri": uri,
                                "height": h, "width": w})
-        for k, (ent, mask, score) in enumerate(zip(entities, masks, scores)):
+        for k, (ent, mask, score, path) in enumerate(zip(entities, masks, scores, mask_paths)):
             cid = category_ids.setdefault(ent.class_name, len(category_ids) + 1)
-            save_png((mask.astype(np.uint8) * 255), out / "masks" / name / f"{k}_{_safe_name(ent.class_name)}.png")
+            save_png((mask.astype(np.uint8) * 255), path)
             coco["annotations"].append({
                 "id": len(coco["annotations"]) + 1, "image_id": image_index + 1, "category_id": cid,
                 **rle_annotation(mask), "score": float(score), "prompt": "auto" if ent.automatic else "user",
             })
         if overlays:
             save_png(overlay_masks(pixels, list(masks), [e.class_name for e in entities]),
-                     out / "overlays" / f"{name}.png")
+                     overlay_path)
         summary.processed.append(uri)
         summary.num_masks += len(entities)
 

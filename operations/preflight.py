@@ -1,7 +1,8 @@
 """Fail-fast checks a flow runs before any training: the tracking server and S3 endpoints answer.
 
 A configured server that does not answer raises `PreflightError` naming the URL, so a flow fails
-in seconds instead of after an hour of training whose logs go nowhere.
+in seconds instead of after an hour of training whose logs go nowhere. URIs and endpoints in
+messages and in the returned lines go through `cpcsam.redact` (a password in a URI is masked).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from cpcsam.config import Params
 from cpcsam.errors import CpcSamError
+from cpcsam.redact import redact
 from operations.tracking import is_remote_uri, resolve_tracking_uri, tracking_config
 
 
@@ -37,6 +39,7 @@ def check_tracking(params: Params | None, timeout: float | None = None) -> str:
     """Raise `PreflightError` unless the configured tracking store can be used. Returns the URI."""
     cfg = tracking_config(params)
     uri = resolve_tracking_uri(params)
+    shown = redact(uri)
     timeout = float(timeout if timeout is not None else cfg.preflight_timeout_s)
     parsed = urllib.parse.urlparse(uri)
     if is_remote_uri(uri):
@@ -49,9 +52,9 @@ def check_tracking(params: Params | None, timeout: float | None = None) -> str:
         except urllib.error.HTTPError as exc:
             problem = f"/health answered HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
-            problem = f"no answer ({getattr(exc, 'reason', exc)})"
+            problem = f"no answer ({redact(getattr(exc, 'reason', exc))})"
         raise PreflightError(
-            f"MLflow tracking server {uri} is unreachable: {problem}. Start the local stack with "
+            f"MLflow tracking server {shown} is unreachable: {problem}. Start the local stack with "
             "`make stack-up`, or point MLFLOW_TRACKING_URI / params tracking.uri at a running server "
             "(sqlite:///mlflow.db needs no server). Nothing was trained."
         )
@@ -60,15 +63,15 @@ def check_tracking(params: Params | None, timeout: float | None = None) -> str:
         if db is not None and str(db):
             folder = db.parent if db.parent != Path("") else Path(".")
             if not folder.is_dir() or not os.access(folder, os.W_OK):
-                raise PreflightError(f"MLflow store {uri}: folder {folder.resolve()} is missing or not writable")
+                raise PreflightError(f"MLflow store {shown}: folder {folder.resolve()} is missing or not writable")
         return uri
     if parsed.scheme in {"", "file"}:
         folder = Path(parsed.path if parsed.scheme == "file" else uri)
         probe = folder if folder.exists() else folder.parent
         if not os.access(probe if str(probe) else ".", os.W_OK):
-            raise PreflightError(f"MLflow store {uri}: {probe} is not writable")
+            raise PreflightError(f"MLflow store {shown}: {probe} is not writable")
         return uri
-    raise PreflightError(f"MLflow tracking URI {uri!r}: unsupported scheme {parsed.scheme!r} (use sqlite:///, http(s)://)")
+    raise PreflightError(f"MLflow tracking URI {shown!r}: unsupported scheme {parsed.scheme!r} (use sqlite:///, http(s)://)")
 
 
 def check_s3_endpoint(endpoint_url: str | None, bucket: str | None = None, timeout: float = 5.0) -> None:
@@ -76,12 +79,12 @@ def check_s3_endpoint(endpoint_url: str | None, bucket: str | None = None, timeo
 
     With no endpoint URL (real AWS), only the bucket check applies, and only when a bucket is named.
     """
-    what = endpoint_url or "AWS S3"
+    what = redact(endpoint_url) if endpoint_url else "AWS S3"
     if endpoint_url:
         ok, detail = _http_reachable(endpoint_url, timeout)
         if not ok:
             raise PreflightError(
-                f"S3 endpoint {endpoint_url} is unreachable ({detail}). Start it with `make stack-up` "
+                f"S3 endpoint {what} is unreachable ({redact(detail)}). Start it with `make stack-up` "
                 "(moto_server) or fix the endpoint URL. Nothing was trained."
             )
     if bucket:
@@ -92,7 +95,7 @@ def check_s3_endpoint(endpoint_url: str | None, bucket: str | None = None, timeo
         try:
             boto3.client("s3", endpoint_url=endpoint_url, config=config).head_bucket(Bucket=bucket)
         except Exception as exc:
-            raise PreflightError(f"S3 bucket s3://{bucket} on {what} cannot be used: {exc}") from exc
+            raise PreflightError(f"S3 bucket s3://{bucket} on {what} cannot be used: {redact(exc)}") from exc
 
 
 def preflight(
@@ -110,12 +113,12 @@ def preflight(
     done: list[str] = []
     if cfg.enabled:
         uri = check_tracking(params, timeout)
-        done.append(f"tracking store {uri}")
+        done.append(f"tracking store {redact(uri)}")
         mlflow_s3 = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
         if mlflow_s3 and not is_remote_uri(uri):
             check_s3_endpoint(mlflow_s3, None, timeout)
-            done.append(f"MLflow S3 endpoint {mlflow_s3}")
+            done.append(f"MLflow S3 endpoint {redact(mlflow_s3)}")
     for endpoint, bucket in s3_endpoints or []:
         check_s3_endpoint(endpoint, bucket, timeout)
-        done.append(f"S3 {endpoint or 'aws'} bucket={bucket or '-'}")
+        done.append(f"S3 {redact(endpoint) if endpoint else 'aws'} bucket={bucket or '-'}")
     return done

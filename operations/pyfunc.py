@@ -35,7 +35,9 @@ Bad input raises `MlflowException` with INVALID_PARAMETER_VALUE, which the scori
 with HTTP 400 and the reason in `message` (it names the row and entity): an empty, non-base64
 or undecodable image, an image over `max_pixels`, prompts that are not a JSON list of entities, an
 entity without geometry, a malformed entity, a prompt outside the image, a class not in the
-model's class table. A request without the `image` or `prompts` column is refused by MLflow's
+model's class table, a `prompts` cell over `MAX_PROMPTS_CHARS` or nested deeper than
+`cpcsam.files.MAX_JSON_DEPTH` (refused before it is parsed: no RecursionError, no memory
+blow-up). A request without the `image` or `prompts` column is refused by MLflow's
 schema check (HTTP 400). The whole request is refused when one row is bad.
 
 Artifacts: `export` — the export stage's folder (`image_encoder.onnx`, `decoder_capl.onnx`,
@@ -80,6 +82,8 @@ OUTPUT_COLUMNS = ("image", "entity", "class", "score", "segmentation", "area", "
 DEFAULT_CONFIG: dict[str, Any] = {"device": "auto", "threads": 0, "threshold": 0.0, "max_pixels": 100_000_000}
 CONFIG_ENV = {"device": "CPCSAM_SERVE_DEVICE", "threads": "CPCSAM_SERVE_THREADS"}
 _REQUIREMENTS = ("mlflow", "numpy", "pandas", "pillow", "pycocotools", "torch")
+# One image's entity list: 1000 entities with a box and 10 points each take ~150 KB of JSON.
+MAX_PROMPTS_CHARS = 1024 * 1024
 
 
 # ---- requests ----------------------------------------------------------------------------------
@@ -124,14 +128,12 @@ def parse_prompts(text: Any, where: str, width: int, height: int, classes: Seque
 
     Geometry is parsed and checked by `cpcsam.predict.parse_entity` (the `cpcsam predict` rules).
     """
+    from cpcsam.files import parse_json
     from cpcsam.predict import parse_entity
 
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: no prompts (expected a JSON list of entities)")
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: prompts are not valid JSON: {exc}") from exc
+    raw = parse_json(text, where, "prompts cell", max_bytes=MAX_PROMPTS_CHARS)
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{where}: prompts must be a non-empty JSON list of entities, got {text[:200]!r}")
     entities = [parse_entity(r, where, i, width, height) for i, r in enumerate(raw)]

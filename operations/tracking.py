@@ -23,6 +23,9 @@ Design
   failures the logger stops trying for the rest of the stage.
 - Lineage tags come from `operations.lineage`; the fail-fast check a flow calls before any
   training is `operations.preflight`.
+- No secret reaches the store or the log: every param, tag and logged dict, and every message
+  that names the tracking URI, goes through `cpcsam.redact` (URI passwords, AWS keys, the
+  values of secret environment variables become `***`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from cpcsam.config import Params, TrackingConfig, load_config
+from cpcsam.redact import redact, redact_obj
 from operations.lineage import FLOW_RUN_ENV, PREFECT_FLOW_RUN_ENV, lineage_tags  # noqa: F401 (the flows read the env names here)
 
 logger = logging.getLogger(__name__)
@@ -156,6 +160,11 @@ def safe_key(name: str) -> str:
     return _INVALID_KEY_CHARS.sub("_", str(name))[:250]
 
 
+def clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    """Tags as MLflow takes them: legal keys, string values of at most 5000 characters, secrets masked."""
+    return {safe_key(k): str(v)[:5000] for k, v in redact_obj(dict(tags)).items()}
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested params as dotted keys with string values (MLflow params are strings)."""
     flat: dict[str, str] = {}
@@ -221,14 +230,14 @@ class StageRun:
                 return result
             except Exception as exc:  # any logging failure: network, store, bad value
                 if attempt < attempts:
-                    logger.info("MLflow %s failed (attempt %d/%d): %s", what, attempt, attempts, exc)
+                    logger.info("MLflow %s failed (attempt %d/%d): %s", what, attempt, attempts, redact(exc))
                     time.sleep(self.retry_wait_s * attempt)
                     continue
                 self.failures += 1
                 self._consecutive += 1
                 logger.warning(
                     "MLflow %s failed after %d attempts, continuing without it (outputs stay on disk): %s",
-                    what, attempts, exc,
+                    what, attempts, redact(exc),
                 )
                 if self._consecutive >= self.max_consecutive_failures:
                     self._gave_up = True
@@ -255,7 +264,7 @@ class StageRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten(params)
+        flat = flatten(redact_obj(dict(params)))
         items = [Param(k, v) for k, v in flat.items()]
         # log_batch takes at most 100 params per call
         for i in range(0, len(items), 100):
@@ -272,13 +281,13 @@ class StageRun:
             logger.warning("MLflow log_artifact: %s does not exist, not logged", path)
 
     def log_dict(self, obj: Any, name: str) -> None:
-        """`obj` as JSON (or YAML for .yaml/.yml names) at artifact path `name`."""
-        self._call("log_dict", self.client.log_dict, self.run_id, obj, name)
+        """`obj` as JSON (or YAML for .yaml/.yml names) at artifact path `name` (secrets masked)."""
+        self._call("log_dict", self.client.log_dict, self.run_id, redact_obj(obj), name)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(safe_key(k), str(v)[:5000]) for k, v in tags.items()]
+        items = [RunTag(k, v) for k, v in clean_tags(tags).items()]
         if items:
             self._call("set_tags", self.client.log_batch, self.run_id, tags=items)
 
@@ -293,7 +302,7 @@ class StageRun:
 
             with warnings.catch_warnings():  # schema-inference hints about int columns
                 warnings.simplefilter("ignore", UserWarning)
-                dataset = mlflow.data.from_pandas(df, source=source, name=name)
+                dataset = mlflow.data.from_pandas(df, source=redact(source) if source else source, name=name)
             entity = dataset._to_mlflow_entity()
             tag = InputTag(key="mlflow.data.context", value=context)
             self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=entity, tags=[tag])])
@@ -362,7 +371,7 @@ def _open_stage_run(
             tags["cpcsam.profile"] = str(profile)
         if parent:
             tags["mlflow.parentRunId"] = parent
-        created = client.create_run(experiment_id, tags=tags, run_name=run_name)
+        created = client.create_run(experiment_id, tags=clean_tags(tags), run_name=run_name)
         return client, created.info.run_id
 
     last: Exception | None = None
@@ -375,7 +384,7 @@ def _open_stage_run(
             if attempt < retries:
                 time.sleep(wait * attempt)
     else:
-        logger.warning("MLflow at %s unavailable, stage %r runs untracked: %s", uri, stage, last)
+        logger.warning("MLflow at %s unavailable, stage %r runs untracked: %s", redact(uri), stage, redact(last))
         return None
 
     run = StageRun(
@@ -419,9 +428,7 @@ def pipeline_run(
     client = make_client(uri=uri)
     experiment_id = get_or_create_experiment(client, str(cfg.experiment), cfg.artifact_location, uri)
     all_tags = {"cpcsam.stage": "pipeline", **lineage_tags(root, list(cfg.data_stages)), **(tags or {})}
-    created = client.create_run(
-        experiment_id, tags={safe_key(k): str(v)[:5000] for k, v in all_tags.items()}, run_name=run_name
-    )
+    created = client.create_run(experiment_id, tags=clean_tags(all_tags), run_name=run_name)
     run = StageRun(
         client=client,
         run_id=created.info.run_id,

@@ -30,6 +30,9 @@ Inputs (float32 unless said): `image_embeddings` [1, C, h, w]; `point_coords` [N
 model-input frame (x, y); `point_labels` [N, P] (−1, 0, 1, 2, 3); `mask_input` [N, 1, 4h, 4w];
 `has_mask_input` [N]; `orig_im_size` [2] (H, W). Outputs: `masks` [N, 1, H, W] full-size logits,
 `iou_predictions` [N, 1], `low_res_masks` [N, 1, 4h, 4w].
+
+Each graph carries the metadata property `cpcsam_graph` (`image_encoder` / `decoder_capl`), which
+`cpcsam.export.runtime` requires together with these names before it runs a file.
 """
 
 from __future__ import annotations
@@ -44,13 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpcsam.export.runtime import DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
-DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
 
 
 def prepare_for_export(model: CPCSAM) -> CPCSAM:
@@ -198,16 +200,37 @@ def _log_sigmoid_symbolic(g, x):
 
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
-            output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
+            output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int,
+            role: str | None = None) -> None:
+    """Trace `module` to `path`; `role`: the `GRAPH_MARKER` value to write (None: no marker)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.register_custom_op_symbolic("aten::log_sigmoid", _log_sigmoid_symbolic, opset)
     try:
         _export_traced(module, args, path, input_names, output_names, dynamic_axes, opset)
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::log_sigmoid", opset)
+    if role is not None:
+        _mark(path, role)
     import onnx
 
     onnx.checker.check_model(str(path))
+
+
+def _mark(path: Path, role: str) -> None:
+    """Write the `GRAPH_MARKER` metadata property (the graph's role) into the exported file.
+
+    External weights (models over 2 GB) stay where the exporter put them: only the graph proto,
+    with its references to them, is rewritten."""
+    import onnx
+
+    from cpcsam.files import atomic_path
+
+    graph = onnx.load(str(path), load_external_data=False)
+    for prop in [p for p in graph.metadata_props if p.key == GRAPH_MARKER]:
+        graph.metadata_props.remove(prop)
+    graph.metadata_props.add(key=GRAPH_MARKER, value=role)
+    with atomic_path(path) as tmp:  # same folder: relative references to external weights still hold
+        onnx.save(graph, str(tmp))
 
 
 def _export_traced(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
@@ -246,7 +269,8 @@ def export_decoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) 
         "low_res_masks": {0: "num_entities"},
     }
     with torch.no_grad():
-        _export(wrapper, decoder_example_inputs(model), path, DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset)
+        _export(wrapper, decoder_example_inputs(model), path, list(DECODER_GRAPH.inputs), list(DECODER_GRAPH.outputs),
+                dynamic, opset, DECODER_GRAPH.role)
     logger.info("exported decoder + CaPL to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 
@@ -256,7 +280,8 @@ def export_image_encoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_O
     path = Path(path)
     example = torch.zeros(1, 3, model.image_size, model.image_size)
     with torch.no_grad():
-        _export(ImageEncoderOnnxModel(model).eval(), (example,), path, ["image"], ["image_embeddings"], {}, opset)
+        _export(ImageEncoderOnnxModel(model).eval(), (example,), path, list(ENCODER_GRAPH.inputs),
+                list(ENCODER_GRAPH.outputs), {}, opset, ENCODER_GRAPH.role)
     logger.info("exported image encoder to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 

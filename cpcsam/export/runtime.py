@@ -5,6 +5,11 @@
 only when CUDA is listed, and what it *really* got is read back from `session.get_providers()`;
 a fallback is logged as a warning that says so. `cpu` never asks for CUDA; `cuda` insists and
 raises when CUDA does not load.
+
+`OnnxImageEncoder` and `OnnxDecoder` run only graphs that `cpcsam.export.onnx` wrote: the input
+and output names must be ours and the model must carry the metadata property `cpcsam_graph`
+(`GRAPH_MARKER`) naming its role; any other ONNX file (another model, the two graphs swapped, an
+export from before the marker) is refused with a `CheckpointError` that lists what was expected.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +28,24 @@ logger = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
+
+GRAPH_MARKER = "cpcsam_graph"  # metadata_props key `cpcsam.export.onnx` writes: the graph's role
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What one of our exported graphs looks like from outside: its role (the `GRAPH_MARKER`
+    value) and its input and output names, in order."""
+
+    role: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
+DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
+ENCODER_GRAPH = GraphSpec("image_encoder", ("image",), ("image_embeddings",))
+DECODER_GRAPH = GraphSpec("decoder_capl", tuple(DECODER_INPUTS), tuple(DECODER_OUTPUTS))
 
 
 @dataclass
@@ -60,6 +84,39 @@ def requested_providers(device: str, available: list[str]) -> list[str]:
     return [CPU]
 
 
+# CUDA provider options. `use_tf32: 0`: onnxruntime's CUDA provider computes float32 convolutions
+# and matmuls in TF32 on Ampere and newer GPUs by default (10-bit mantissa, relative errors ~1e-3),
+# which would fail the export stage's parity check (1e-4 + 1e-3·|logit|) and serve numbers other
+# than the ones it checked. float32 it is, as in PyTorch (whose TF32 matmul default is off).
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def provider_specs(requested: list[str]) -> list:
+    """The `providers` argument of `InferenceSession`: names, with `CUDA_OPTIONS` for CUDA."""
+    return [(name, dict(CUDA_OPTIONS)) if name == CUDA else name for name in requested]
+
+
+def _load_cuda_libraries(ort) -> None:
+    """Make the CUDA and cuDNN libraries findable before a CUDA session is created.
+
+    pip's onnxruntime-gpu does not bundle them; in this project they come with torch's `nvidia-*`
+    wheels, which onnxruntime only finds once they are loaded. `preload_dlls` (onnxruntime-gpu
+    >= 1.21) loads torch's when torch is imported first, else the site-packages ones; without it a
+    CUDA session silently falls back to the CPU ("CUDA is listed but did not load").
+    """
+    try:
+        import torch  # noqa: F401  (loads its CUDA libraries into the process)
+    except ImportError:
+        pass
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # best effort: the fallback check below reports what really loaded
+        logger.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
 def create_session(path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True):
     """An `InferenceSession` for `path` and a `SessionInfo` of the providers it really uses.
 
@@ -79,8 +136,10 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # onnxruntime's own provider warnings: we report the outcome ourselves
+    if CUDA in requested:
+        _load_cuda_libraries(ort)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=provider_specs(requested))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise CheckpointError(f"{path}: onnxruntime cannot load this model: {exc}") from exc
     info = SessionInfo(str(path), requested, list(session.get_providers()))
@@ -94,11 +153,26 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
     return session, info
 
 
+def check_graph(session: Any, path: str | Path, spec: GraphSpec) -> None:
+    """Raise `CheckpointError` unless `session`'s model is our `spec` graph (names and marker)."""
+    inputs = tuple(i.name for i in session.get_inputs())
+    outputs = tuple(o.name for o in session.get_outputs())
+    marker = session.get_modelmeta().custom_metadata_map.get(GRAPH_MARKER)
+    if (inputs, outputs, marker) != (spec.inputs, spec.outputs, spec.role):
+        raise CheckpointError(
+            f"{path}: not a CPC-SAM {spec.role} graph exported by cpcsam.export: expected inputs {list(spec.inputs)}, "
+            f"outputs {list(spec.outputs)} and metadata {GRAPH_MARKER}={spec.role!r}; this file has inputs "
+            f"{list(inputs)}, outputs {list(outputs)}, {GRAPH_MARKER}={marker!r}. Use the export stage's "
+            "image_encoder.onnx / decoder_capl.onnx (re-export with `dvc repro export` if they predate the marker)"
+        )
+
+
 class OnnxImageEncoder:
     """The exported image encoder: preprocessed [1, 3, S, S] float32 → embedding [1, C, h, w]."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> None:
         self.session, self.info = create_session(path, device, threads, spin)
+        check_graph(self.session, path, ENCODER_GRAPH)
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.session.get_inputs()[0].shape[-1])
 
@@ -111,6 +185,7 @@ class OnnxDecoder:
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> None:
         self.session, self.info = create_session(path, device, threads, spin)
+        check_graph(self.session, path, DECODER_GRAPH)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         mask_input = next(i for i in self.session.get_inputs() if i.name == "mask_input")

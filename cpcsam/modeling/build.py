@@ -10,7 +10,6 @@ fail loudly when keys or shapes do not match.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -192,12 +191,10 @@ def read_uri_bytes(uri: str) -> bytes:
 
 
 def read_state_dict(uri: str) -> dict[str, Any]:
-    """Load a checkpoint file with `torch.load(weights_only=True)` onto the CPU."""
-    data = read_uri_bytes(uri)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors name no file
-        raise CheckpointError(f"{uri}: not a loadable torch checkpoint (weights_only=True): {exc}") from exc
+    """Load a checkpoint file with `torch.load(weights_only=True)` onto the CPU (a pickle with code is refused)."""
+    from cpcsam.files import torch_load_weights
+
+    obj = torch_load_weights(read_uri_bytes(uri), uri, "torch checkpoint")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{uri}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
     return obj

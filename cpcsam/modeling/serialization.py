@@ -23,7 +23,7 @@ from cpcsam.errors import CheckpointError
 from cpcsam.modeling.build import build_sam, load_state_dict_strict, read_uri_bytes
 from cpcsam.modeling.cpcsam import CPCSAM
 from cpcsam.config import LoraConfig, ModelConfig, coerce
-from cpcsam.files import torch_save_atomic
+from cpcsam.files import torch_load_weights, torch_save_atomic
 from cpcsam.modeling.lora import apply_lora, has_lora
 
 FORMAT = "cpcsam/1"
@@ -61,12 +61,8 @@ def save_cpcsam(path: str | Path, model: CPCSAM, model_cfg: ModelConfig | Mappin
 def load_cpcsam(uri: str | Path, map_location: str | torch.device = "cpu") -> CPCSAM:
     """Rebuild a CPC-SAM saved by `save_cpcsam` (local path or `s3://`), strict keys. Eval mode."""
     uri = str(uri)
-    try:
-        payload = torch.load(io.BytesIO(read_uri_bytes(uri)), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{uri}: not a loadable CPC-SAM file (weights_only=True): {exc}") from exc
+    data = read_uri_bytes(uri)  # apart: an S3 outage must not read as a bad checkpoint
+    payload = torch_load_weights(data, uri, "CPC-SAM file")  # a pickle with code is refused
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{uri}: not a CPC-SAM file of format {FORMAT!r} (found {found!r})")

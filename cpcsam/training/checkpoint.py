@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from cpcsam.errors import CheckpointError
+from cpcsam.files import torch_load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +89,9 @@ def _fsync_dir(folder: Path) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint` (tensors and plain Python values only)."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: checkpoint not found") from exc
-    except Exception as exc:  # unpickling errors do not name the file
-        raise CheckpointError(f"{path}: unreadable training checkpoint: {exc}") from exc
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    state = torch_load_weights(path, path, "training checkpoint")  # a pickle with code is refused
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: not a training checkpoint (no 'step' entry)")
     return state

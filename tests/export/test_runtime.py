@@ -48,7 +48,7 @@ def test_cuda_fallback_is_reported(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(runtime, "_ort", lambda: _FakeOrt)
     with caplog.at_level(logging.WARNING, logger="cpcsam.export.runtime"):
         session, info = create_session(model, "auto")
-    assert session.asked == [CUDA, CPU]  # CUDA was asked for...
+    assert session.asked == [(CUDA, {"use_tf32": "0"}), CPU]  # CUDA was asked for (float32, no TF32)...
     assert info.providers == [CPU] and info.fell_back and not info.on_cuda  # ...and did not load
     assert "FELL BACK TO CPU" in caplog.text
     with pytest.raises(ConfigError, match="did not load"):

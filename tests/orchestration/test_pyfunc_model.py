@@ -200,8 +200,12 @@ def _bad_requests(image: bytes, width: int, height: int) -> dict[str, tuple[dict
         "class only": (body(frame([image], [[{"class": "crab"}]])), "needs a box or points"),
         "prompts not JSON": ({"dataframe_split": {"columns": ["image", "prompts"],
                                                   "data": [[pyfunc.encode_image(image), "{not json"]]}},
-                             "prompts are not valid JSON"),
+                             "prompts cell is not valid JSON"),
         "no prompts": (body(frame([image], [[]])), "non-empty JSON list"),
+        "prompts nested too deep": ({"dataframe_split": {"columns": ["image", "prompts"], "data": [
+            [pyfunc.encode_image(image), "[" * 100_000 + "]" * 100_000]]}}, "prompts cell nests 100000 levels deep"),
+        "prompts too large": (body(frame([image], [[{"class": "crab", "box": ok_box}] * (pyfunc.MAX_PROMPTS_CHARS // 30)])),
+                              f"over the limit of {pyfunc.MAX_PROMPTS_CHARS}"),
         "bad box": (body(frame([image], [[{"class": "crab", "box": [30, 30, 10, 10]}]])), "box must be"),
     }
 

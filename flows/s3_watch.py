@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+from cpcsam.data import storage
+from cpcsam.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,11 @@ class S3Object:
 
 
 def s3_client(endpoint_url: str | None = None, timeout: float = 10.0):
-    """boto3 S3 client; endpoint from the argument or the standard AWS_ENDPOINT_URL(_S3) env."""
+    """boto3 S3 client; endpoint from the argument or the standard AWS_ENDPOINT_URL(_S3) env.
+
+    botocore's own few retries stay on (other callers use this client directly);
+    `list_objects` adds the data layer's bounded backoff and outage error on top.
+    """
     import boto3
     from botocore.config import Config
 
@@ -35,19 +41,27 @@ def s3_client(endpoint_url: str | None = None, timeout: float = 10.0):
 
 
 def list_objects(client, bucket: str, prefix: str, page_size: int = 1000) -> list[S3Object]:
-    """Every object under `prefix` (all pages of `page_size`), sorted by key."""
-    found: list[S3Object] = []
-    pages = client.get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
-    )
-    for page in pages:
-        for obj in page.get("Contents", []) or []:
-            if obj["Key"].endswith("/"):  # folder markers made by some consoles
-                continue
-            found.append(
-                S3Object(obj["Key"], str(obj["ETag"]).strip('"'), int(obj["Size"]), obj["LastModified"].isoformat())
-            )
-    return sorted(found, key=lambda o: o.key)
+    """Every object under `prefix` (all pages of `page_size`), sorted by key.
+
+    An outage (after bounded retries) raises `storage.StorageUnavailable`; a failure on a later
+    page restarts the whole listing, so a partial listing is never returned.
+    """
+
+    def listing() -> list[S3Object]:
+        found: list[S3Object] = []
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+        )
+        for page in pages:
+            for obj in page.get("Contents", []) or []:
+                if obj["Key"].endswith("/"):  # folder markers made by some consoles
+                    continue
+                found.append(
+                    S3Object(obj["Key"], str(obj["ETag"]).strip('"'), int(obj["Size"]), obj["LastModified"].isoformat())
+                )
+        return found
+
+    return sorted(storage.call_s3("list", f"s3://{bucket}/{prefix}", listing), key=lambda o: o.key)
 
 
 class SeenState:
@@ -66,14 +80,9 @@ class SeenState:
         return cls(data.get("seen", {}), {k: v for k, v in data.items() if k != "seen"})
 
     def save(self, path: str | Path) -> None:
-        """Atomic write: a crash mid-save leaves the previous state, never half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {**self.extra, "seen": dict(sorted(self.seen.items()))}
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(payload, tmp, indent=2, sort_keys=True)
-            tmp.write("\n")
-        os.replace(tmp.name, path)
+        """Atomic and durable (`cpcsam.files.write_json_atomic`: temp file, fsync, rename): a crash
+        mid-save leaves the previous state, never half a file nor a stray temp file."""
+        write_json_atomic(path, {**self.extra, "seen": dict(sorted(self.seen.items()))})
 
     def new(self, objects: Iterable[S3Object]) -> list[S3Object]:
         """Objects whose key is unseen or whose content (ETag) changed since it was seen."""

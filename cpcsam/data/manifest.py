@@ -49,10 +49,9 @@ def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
 
     import io
 
+    data = storage.read_bytes(path)  # outside the try: an S3 outage must not read as a bad file
     try:
-        df = pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
-    except DataError:
-        raise
+        df = pd.read_parquet(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: not a readable Parquet manifest: {storage.name_the_file(str(exc), path)}") from exc
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]

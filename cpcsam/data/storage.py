@@ -4,17 +4,31 @@ Everything in the data layer (and later stages that read images or checkpoints) 
 these functions, so a source folder can live on disk or under an S3 prefix with no other change.
 S3 goes through boto3, which takes its endpoint (`AWS_ENDPOINT_URL`), credentials and region
 from the standard AWS environment / config files.
+
+An S3 error is one of two kinds, and they must never be confused:
+- the object is not there (404 / NoSuchKey): a problem of the data, a `DataError` naming the
+  file, which a source quarantines (`missing_image`) and goes on;
+- the storage did not serve the request (connection refused or reset, a timeout, a 5xx,
+  throttling such as SlowDown; also refused credentials or a missing bucket): an outage, a
+  `StorageUnavailable`. Transient ones are retried here, bounded, with exponential backoff
+  (`CPCSAM_S3_ATTEMPTS` attempts, default 5, first wait `CPCSAM_S3_BACKOFF_S`, default 1 s,
+  doubling, jittered; `CPCSAM_S3_TIMEOUT_S` connect/read timeout, default 20 s), then raised.
+  It is never a quarantine reason: quarantining samples because the endpoint was down loses them
+  (a retrain tick marks what it read as seen).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import posixpath
+import random
 import re
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -22,6 +36,18 @@ from PIL import Image
 from cpcsam.errors import DataError
 
 S3_SCHEME = "s3://"
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StorageUnavailable(RuntimeError):
+    """The storage did not serve a request (after the bounded retries, when retrying can help).
+
+    An outage, not bad data. Deliberately neither a `DataError` (sources quarantine those per
+    sample) nor any `CpcSamError` (a pipeline step exits 2, "not retryable", on those): a step
+    that meets it crashes (exit 1), which the orchestrator retries.
+    """
 
 
 class ImageError(DataError):
@@ -61,11 +87,37 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-@functools.lru_cache(maxsize=1)
-def _s3_client_for(endpoint: str | None, region: str | None):
-    import boto3  # imported lazily: local-only use never pays for it
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment {name}={raw!r}: not a number") from exc
+    if value < 0:
+        raise ValueError(f"environment {name}={raw!r}: must not be negative")
+    return value
 
-    return boto3.client("s3")
+
+def retry_settings() -> tuple[int, float, float]:
+    """(attempts, first backoff in s, connect/read timeout in s) from the CPCSAM_S3_* environment."""
+    return (
+        max(1, int(_env_number("CPCSAM_S3_ATTEMPTS", 5))),
+        _env_number("CPCSAM_S3_BACKOFF_S", 1.0),
+        _env_number("CPCSAM_S3_TIMEOUT_S", 20.0) or 20.0,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client_for(endpoint: str | None, region: str | None, timeout: float):
+    import boto3  # imported lazily: local-only use never pays for it
+    from botocore.config import Config
+
+    # One attempt per call: the retries are ours (`call_s3`), bounded and logged, instead of
+    # botocore's silent ones multiplied by ours.
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1, "mode": "standard"})
+    return boto3.client("s3", config=config)
 
 
 def s3_client():
@@ -73,7 +125,102 @@ def s3_client():
     return _s3_client_for(
         os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         os.environ.get("AWS_DEFAULT_REGION"),
+        retry_settings()[2],
     )
+
+
+# S3 error codes, by what they say. Only these mean "the object is not there".
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# The service is overloaded or failing: retry.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+    "ProvisionedThroughputExceededException", "BandwidthLimitExceeded", "EC2ThrottledException",
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError",
+    "ServiceUnavailable", "InternalFailure", "OperationAborted",
+})
+# The endpoint refuses us as a whole (credentials, bucket): no sample is at fault and a retry
+# in the same second cannot help; the run fails.
+_REFUSED_CODES = frozenset({
+    "AccessDenied", "403", "401", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "NoSuchBucket", "AllAccessDisabled", "AccountProblem",
+    "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed",
+})
+
+# One object cannot be read (archived, a bad range): that file's problem, not the endpoint's.
+_PER_OBJECT_CODES = frozenset({"InvalidObjectState", "InvalidRange", "ObjectNotInActiveTierError"})
+
+MISSING, TRANSIENT, REFUSED, OTHER = "missing", "transient", "refused", "other"
+
+
+def classify_s3_error(exc: BaseException) -> str:
+    """What an exception from an S3 call means: MISSING (404: the object is not there),
+    TRANSIENT (connection refused/reset, timeout, 5xx, throttling: retry, then an outage),
+    REFUSED (credentials, missing bucket: an outage at once) or OTHER (a per-object 4xx such as
+    InvalidObjectState, or not an S3 error at all)."""
+    from botocore import exceptions as bex
+
+    if isinstance(exc, bex.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _MISSING_CODES:
+            return MISSING
+        if code in _PER_OBJECT_CODES:
+            return OTHER
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return TRANSIENT
+        if code in _REFUSED_CODES or status in (401, 403):
+            return REFUSED
+        if status == 404:  # a 404 under another code (not NoSuchBucket, handled above)
+            return MISSING
+        return OTHER
+    if isinstance(exc, (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError)):
+        return TRANSIENT  # EndpointConnectionError, Connect/ReadTimeout, ConnectionClosed, streaming errors
+    if isinstance(exc, bex.BotoCoreError):
+        return REFUSED  # NoCredentialsError, NoRegionError, ...: the client cannot reach S3 at all
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return TRANSIENT  # a raw socket error leaking from a body read
+    try:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+    except ImportError:  # pragma: no cover
+        return OTHER
+    return TRANSIENT if isinstance(exc, Urllib3Error) else OTHER
+
+
+def call_s3(what: str, uri: str, fn: Callable[[], T]) -> T:
+    """`fn()` (one S3 request), retried with exponential backoff while it fails transiently.
+
+    `what` and `uri` name the request in messages ("read", "s3://bucket/key"). After the last
+    attempt, or at once for a REFUSED error, raises `StorageUnavailable` naming the endpoint, the
+    attempts and the time spent. Every other exception (a 404, a per-object 4xx) is re-raised as
+    is, for the caller to turn into its `DataError`.
+    """
+    attempts, backoff, _ = retry_settings()
+    start = time.monotonic()
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            kind = classify_s3_error(exc)
+            if kind not in (TRANSIENT, REFUSED):
+                raise
+            if kind == REFUSED:
+                raise StorageUnavailable(
+                    f"{uri}: S3 at {endpoint} refused to {what} ({exc}); no data is at fault: nothing was "
+                    "quarantined for it"
+                ) from exc
+            if attempt == attempts:
+                raise StorageUnavailable(
+                    f"{uri}: S3 at {endpoint} unavailable: could not {what} after {attempts} attempt(s) over "
+                    f"{time.monotonic() - start:.1f} s (last error: {exc}). An outage, not bad data: nothing "
+                    "was quarantined for it"
+                ) from exc
+            delay = min(backoff * 2 ** (attempt - 1), 30.0) * random.uniform(0.5, 1.0)
+            log.warning("%s: cannot %s (%s); attempt %d/%d, retrying in %.2f s", uri, what, exc, attempt, attempts,
+                        delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def join(root: str | os.PathLike, *parts: str) -> str:
@@ -125,14 +272,21 @@ def resolve_under(
 def exists(uri: str | os.PathLike) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
-        from botocore.exceptions import ClientError
+
+        def head() -> bool:
+            try:
+                s3_client().head_object(Bucket=bucket, Key=key)
+                return True
+            except Exception as exc:
+                if classify_s3_error(exc) == MISSING:
+                    return False
+                raise
 
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+            return call_s3("check the existence of", str(uri), head)
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
             raise DataError(f"{uri}: cannot check existence: {exc}") from exc
     return Path(uri).exists()
 
@@ -142,7 +296,7 @@ def is_dir(uri: str | os.PathLike) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
         prefix = key.rstrip("/") + "/" if key else ""
-        resp = s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        resp = call_s3("list", str(uri), lambda: s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1))
         return resp.get("KeyCount", 0) > 0
     return Path(uri).is_dir()
 
@@ -161,11 +315,14 @@ def list_files(
     if is_s3(root):
         bucket, key = split_s3(str(root))
         prefix = key.rstrip("/") + "/" if key else ""
-        paginator = s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                if not obj["Key"].endswith("/"):
-                    found.append(f"{S3_SCHEME}{bucket}/{obj['Key']}")
+
+        def listing() -> list[str]:  # a failure on a later page restarts the listing: no half list
+            keys: list[str] = []
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys.extend(f"{S3_SCHEME}{bucket}/{o['Key']}" for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+            return keys
+
+        found = call_s3("list", str(root), listing)
     else:
         base = Path(root)
         if not base.is_dir():
@@ -222,19 +379,21 @@ def relative_to(root: str | os.PathLike, uri: str) -> str:
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
-    """The whole file; DataError naming the file when it is missing or unreadable."""
+    """The whole file; DataError naming the file when it is missing or unreadable.
+
+    On S3, `StorageUnavailable` (not a DataError) when the endpoint did not serve the read (see
+    the module's docstring): the object may well be there, so no caller may treat it as missing.
+    """
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code in ("404", "NoSuchKey", "NotFound"):
+            # the body is read inside the retried call: a connection lost mid-body is retried too
+            return call_s3("read", str(uri), lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        except StorageUnavailable:
+            raise
+        except Exception as exc:
+            if classify_s3_error(exc) == MISSING:
                 raise DataError(f"{uri}: file not found") from exc
-            raise DataError(f"{uri}: cannot read: {exc}") from exc
-        except BotoCoreError as exc:
             raise DataError(f"{uri}: cannot read: {exc}") from exc
     try:
         return Path(uri).read_bytes()
@@ -299,7 +458,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     """Write a file locally or to S3 (used by tests and tools that stage data)."""
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        call_s3("write", str(uri), lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import boto3
+import pytest
 
 from flows import s3_watch
 
@@ -55,3 +56,14 @@ def test_state_file_keeps_extra_fields_and_batches_group_by_folder(tmp_path) -> 
     again = s3_watch.SeenState.load(tmp_path / "s.json")
     assert again.seen == {"in/b1/a.json": "e"} and again.extra == {"data_version": "abc"}
     assert [o.key for o in again.new(objs)] == ["in/b1/images/x.png", "in/b2/a.json", "in/top.json"]
+
+
+def test_a_failed_state_save_keeps_the_previous_state_and_leaves_no_temp_file(tmp_path) -> None:
+    path = tmp_path / "s.json"
+    s3_watch.SeenState({"in/a.json": "e1"}, {"data_version": "v1"}).save(path)
+    before = path.read_bytes()
+    broken = s3_watch.SeenState({"in/a.json": "e1", "in/b.json": "e2"}, {"data_version": object()})
+    with pytest.raises(TypeError):  # fails half-way through serialising
+        broken.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"], "no temporary file left behind"

@@ -25,12 +25,26 @@ to 127.0.0.1, telemetry is off, PID files live in `<state>/pids/`, logs in `<sta
 | CPCSAM_PREFECT_PORT | 4200 | Prefect API + UI |
 | CPCSAM_WORKER_HEALTH_PORT | 8765 | the worker's health endpoint |
 | CPCSAM_WORK_POOL | cpcsam-process | the process work pool of infra/prefect.yaml |
-| CPCSAM_MLFLOW_BACKEND_URI | sqlite:///<project>/mlflow.db | e.g. postgresql://mlflow:...@127.0.0.1/mlflow |
+| CPCSAM_STACK_DATABASE | unset | a PostgreSQL server for both stores, see below |
+| CPCSAM_MLFLOW_BACKEND_URI | sqlite:///<project>/mlflow.db | MLflow's store alone (wins over CPCSAM_STACK_DATABASE) |
 | CPCSAM_MLFLOW_ARTIFACTS | <project>/mlruns | e.g. s3://cpcsam-mlflow/artifacts (served through the server) |
 | CPCSAM_S3_EXTERNAL | unset | 1 = use the AWS_* environment's S3, do not start moto_server |
 
 The MLflow server's default store is the project's own `mlflow.db` + `mlruns/`, the same one
 the embedded (server-less) mode writes, so the UI shows every run.
+
+PostgreSQL instead of sqlite for both servers takes one variable, the server's URL:
+
+    export CPCSAM_STACK_DATABASE=postgresql://USER:PASSWORD@127.0.0.1:5432/
+    python infra/stack.py up
+
+MLflow then stores in `postgresql://USER:PASSWORD@127.0.0.1:5432/mlflow` (psycopg2) and Prefect in
+`postgresql+asyncpg://USER:PASSWORD@127.0.0.1:5432/prefect`; `up` creates the two databases unless
+they exist (USER needs CREATEDB, or create them beforehand). The URL's path, if any, names the
+database `up` connects to for that (default `postgres`). Percent-encode special characters of the
+password. The URL reaches only the two servers (through their environment, never a command line)
+and every log line and message shows it with the password as `***`. Artifacts stay where
+CPCSAM_MLFLOW_ARTIFACTS says. Unset (the default), both servers use sqlite as before.
 """
 
 from __future__ import annotations
@@ -51,6 +65,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 PROJECT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -62,6 +77,101 @@ QUIET_ENV = {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # else a job runner of 7 processes, ~1.6 GB
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
 }
+DATABASE_ENV = "CPCSAM_STACK_DATABASE"  # postgresql://user:password@host:port/ for MLflow + Prefect
+STACK_DATABASES = ("mlflow", "prefect")  # the databases `up` creates on that server
+def mask(text: str, *secrets: str | None) -> str:
+    """`text` with every secret `cpcsam.redact` knows (URI passwords, secret env values, ...) and each
+    of `secrets` (e.g. the database password, wherever it shows on its own) replaced by `***`."""
+    from cpcsam.redact import redact
+
+    out = redact(text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:  # a shorter one would garble ordinary words
+            out = out.replace(secret, "***")
+    return out
+
+
+@dataclass(frozen=True)
+class StackDatabase:
+    """The PostgreSQL server of CPCSAM_STACK_DATABASE and the URLs the two servers get from it."""
+
+    url: str
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme.split("+")[0] not in ("postgresql", "postgres") or not parts.hostname:
+            raise StackError(f"{DATABASE_ENV}={mask(self.url)}: expected postgresql://USER:PASSWORD@HOST[:PORT]/")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise StackError(f"{DATABASE_ENV}={mask(self.url)}: {exc}") from None
+
+    def _url(self, scheme: str, database: str, query: bool = True) -> str:
+        parts = urlsplit(self.url)
+        return urlunsplit((scheme, parts.netloc, f"/{database}", parts.query if query else "", ""))
+
+    @property
+    def password(self) -> str | None:
+        from urllib.parse import unquote
+
+        raw = urlsplit(self.url).password
+        return unquote(raw) if raw else None
+
+    @property
+    def admin_url(self) -> str:
+        """Where `up` connects to create the databases: the URL's own database, else `postgres`."""
+        return self._url("postgresql", urlsplit(self.url).path.strip("/") or "postgres")
+
+    @property
+    def mlflow_url(self) -> str:
+        return self._url("postgresql", "mlflow")  # SQLAlchemy's default PostgreSQL driver: psycopg2
+
+    @property
+    def prefect_url(self) -> str:
+        # asyncpg takes no libpq query options (sslmode=...): Prefect has its own TLS settings
+        return self._url("postgresql+asyncpg", "prefect", query=False)
+
+    def masked(self, url: str | None = None) -> str:
+        return mask(url or self.url, self.password)
+
+    def ensure_databases(self, timeout: float = 30.0) -> list[str]:
+        """Create the `mlflow` and `prefect` databases unless they exist; the ones it created.
+        Waits up to `timeout` s for the server to accept connections (one just started)."""
+        try:
+            import psycopg2
+            from psycopg2 import errors, sql
+        except ImportError:
+            raise StackError(f"{DATABASE_ENV} needs psycopg2 (MLflow's PostgreSQL driver): "
+                             "pip install -e '.[test]' (psycopg2-binary)") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn = psycopg2.connect(self.admin_url, connect_timeout=5)
+                break
+            except psycopg2.OperationalError as exc:
+                if time.monotonic() > deadline or "password authentication failed" in str(exc):
+                    raise StackError(f"PostgreSQL at {self.masked(self.admin_url)} refused the connection: "
+                                     f"{self.masked(str(exc).strip())}") from None
+                time.sleep(0.5)
+        created = []
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+            with conn.cursor() as cur:
+                for name in STACK_DATABASES:
+                    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                    if cur.fetchone() is not None:
+                        continue
+                    try:
+                        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                        created.append(name)
+                    except errors.DuplicateDatabase:  # created meanwhile by someone else
+                        pass
+        except psycopg2.Error as exc:
+            raise StackError(f"PostgreSQL at {self.masked(self.admin_url)}: could not create the databases "
+                             f"{', '.join(STACK_DATABASES)}: {self.masked(str(exc).strip())}") from None
+        finally:
+            conn.close()
+        return created
 
 
 def _exe(name: str) -> str:
@@ -200,11 +310,14 @@ class Stack:
     mlflow_backend: str | None = os.environ.get("CPCSAM_MLFLOW_BACKEND_URI")
     mlflow_artifacts: str | None = os.environ.get("CPCSAM_MLFLOW_ARTIFACTS")
     prefect_home: Path | None = None
+    # read when the Stack is made (not at import): PostgreSQL for both servers, None = sqlite
+    database: str | None = field(default_factory=lambda: os.environ.get(DATABASE_ENV) or None)
 
     def __post_init__(self) -> None:
         self.project = Path(self.project).resolve()
         self.state = Path(self.state or self.project / ".infra").resolve()
         self.prefect_home = Path(self.prefect_home or os.environ.get("PREFECT_HOME") or self.project / ".prefect")
+        self.db = StackDatabase(self.database) if self.database else None  # StackError if malformed
         for sub in ("pids", "logs"):
             (self.state / sub).mkdir(parents=True, exist_ok=True)
         self.started: list[str] = []  # what the last `up` started (empty: it found the stack up)
@@ -245,7 +358,7 @@ class Stack:
 
     def services(self) -> list[Service]:
         mlflow_dir = self.project
-        backend = self.mlflow_backend or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+        backend = self.mlflow_backend or (self.db.mlflow_url if self.db else f"sqlite:///{mlflow_dir / 'mlflow.db'}")
         artifacts = self.mlflow_artifacts or str(mlflow_dir / "mlruns")
         out: list[Service] = []
         if not self.external_s3:
@@ -254,15 +367,19 @@ class Stack:
         out.append(Service(
             "mlflow",
             [_exe("mlflow"), "server", "--host", HOST, "--port", str(self.mlflow_port), "--workers", "1",
-             "--backend-store-uri", backend, "--artifacts-destination", artifacts],
+             "--artifacts-destination", artifacts],
             f"{self.mlflow_url}/health",
-            env=self.client_env(),  # S3 credentials when artifacts go to S3
+            # The backend store URI may hold a database password: through the environment
+            # (`mlflow server` reads MLFLOW_BACKEND_STORE_URI), never on the command line, which
+            # `ps` shows to every user and `_launch` writes into the service's log.
+            env={**self.client_env(), "MLFLOW_BACKEND_STORE_URI": backend},  # + S3 credentials for S3 artifacts
             port=self.mlflow_port,
         ))
         out.append(Service(
             "prefect-server",
             [_exe("prefect"), "server", "start", "--host", HOST, "--port", str(self.prefect_port)],
             f"{self.prefect_api}/health",
+            env={"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.db.prefect_url} if self.db else {},
             port=self.prefect_port,
         ))
         out.append(Service(
@@ -299,7 +416,12 @@ class Stack:
         # flows run `dvc` and stage commands (`python -m ...`) from this venv
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
+        env.pop(DATABASE_ENV, None)  # its password reaches only the servers that use it (Service.env)
         return env
+
+    def mask(self, text: str) -> str:
+        """`text` without passwords (the database's, any URL's), for messages and logs."""
+        return mask(text, self.db.password if self.db else None)
 
     # -- lifecycle
     def _launch(self, svc: Service) -> int:
@@ -309,7 +431,7 @@ class Stack:
                              f"(not one this stack started: {self.pid_file(svc.name)} names no live process); "
                              "stop it or choose another port with the CPCSAM_*_PORT variables")
         log = open(self.log_file(svc.name), "ab")
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(svc.cmd)}\n".encode())
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {self.mask(' '.join(svc.cmd))}\n".encode())
         log.flush()
         try:
             proc = subprocess.Popen(
@@ -326,7 +448,7 @@ class Stack:
         while not svc.healthy(_get(svc.health_url)):
             if not pid_alive(pid):
                 raise StackError(f"{svc.name} exited during start-up; see {self.log_file(svc.name)}:\n"
-                                 + self.log_file(svc.name).read_text()[-2000:])
+                                 + self.mask(self.log_file(svc.name).read_text()[-2000:]))
             if time.monotonic() > deadline:
                 raise StackError(f"{svc.name} not healthy at {svc.health_url} after {svc.start_timeout:.0f} s; "
                                  f"see {self.log_file(svc.name)}")
@@ -354,12 +476,12 @@ class Stack:
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
         env = {**self._base_env(), **self.client_env()}
         with open(self.log_file("setup"), "a") as log:
-            log.write(f"$ {' '.join(args)}\n")
+            log.write(self.mask(f"$ {' '.join(args)}\n"))
             proc = subprocess.run(args, cwd=self.project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, stdin=subprocess.DEVNULL)
-            log.write(proc.stdout)
+            log.write(self.mask(proc.stdout))
         if check and proc.returncode != 0:
-            raise StackError(f"`{' '.join(args)}` failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+            raise StackError(self.mask(f"`{' '.join(args)}` failed ({proc.returncode}):\n{proc.stdout[-3000:]}"))
         return proc
 
     def create_buckets(self) -> None:
@@ -440,6 +562,8 @@ class Stack:
                 return {name: self.pid(name) for name in services}
             pids: dict[str, int] = {}
             try:
+                if self.db is not None and not all(self.pid(n) for n in ("mlflow", "prefect-server")):
+                    self.db.ensure_databases()  # before the servers that migrate them start
                 for name in ("s3", "mlflow", "prefect-server"):
                     if name in services:
                         pids[name] = self._ensure(services[name])
@@ -534,7 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=None, help="PID files + logs (default: <project>/.infra)")
     parser.add_argument("--no-deploy", action="store_true", help="up: do not (re)register the deployments")
     args = parser.parse_args(argv)
-    stack = Stack(state=args.state_dir)
+    try:
+        stack = Stack(state=args.state_dir)
+    except StackError as exc:  # a malformed CPCSAM_STACK_DATABASE
+        print(f"stack {args.command}: {exc}", file=sys.stderr)
+        return 2
     if args.command == "up":
         try:
             pids = stack.up(deploy=not args.no_deploy)
@@ -550,8 +678,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for name, pid in pids.items():
                 print(f"{name:15s} pid {pid:<8} {'started' if name in stack.started else 'already running'}")
+        database = f"database    {stack.db.masked()} ({', '.join(STACK_DATABASES)})\n" if stack.db else ""
         print(f"Prefect UI  http://{HOST}:{stack.prefect_port}\nMLflow UI   {stack.mlflow_url}\n"
-              f"S3          {stack.s3_url}\nlogs        {stack.state / 'logs'}\n"
+              f"S3          {stack.s3_url}\nlogs        {stack.state / 'logs'}\n{database}"
               f"use it:     eval \"$(python infra/stack.py env)\"")
         return 0
     if args.command == "down":

@@ -52,3 +52,16 @@ def stack_env(stack, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
         yield stack
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server on a free loopback port, with a password (postgres_helpers);
+    skips with the reason when Debian's `postgresql` package (or psycopg2) is absent."""
+    from postgres_helpers import PostgresCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with PostgresCluster() as cluster:
+        yield cluster

@@ -179,12 +179,17 @@ def pretrain_sam(
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_factor(s, cfg.steps))
+    # float16 autocast (amp on CUDA) needs loss scaling, or small gradients underflow to zero;
+    # disabled (a no-op, the same bits) on the CPU, whose autocast is bfloat16.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     start, curve, seconds_before = 0, [], 0.0
     if checkpoint_dir is not None and (latest := latest_checkpoint(checkpoint_dir)) is not None:
         state = load_checkpoint(latest)
         model.sam.load_state_dict(state["sam"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start, curve, seconds_before = int(state["step"]), list(state["curve"]), float(state["seconds"])
         logger.info("pretrain: resumed from %s (step %d)", latest, start)
     grid = model.embedding_size[0]
@@ -216,9 +221,11 @@ def pretrain_sam(
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLossError(f"pretrain step {step}: non-finite loss ({float(loss)}); nothing was written")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
+        scaler.step(optimizer)  # skipped (and the scale lowered) when float16 gradients overflowed
+        scaler.update()
         scheduler.step()
         row = {
             "step": step,
@@ -244,6 +251,8 @@ def pretrain_sam(
                 "curve": curve,
                 "seconds": seconds_before + time.perf_counter() - started,
             }
+            if scaler.is_enabled():
+                state["scaler"] = scaler.state_dict()
             save_checkpoint(checkpoint_dir, step, state, keep=2)
     seconds = seconds_before + time.perf_counter() - started
     model.eval()

@@ -263,7 +263,7 @@ def segment_image(
     from cpcsam.config import AutoConfig
     from cpcsam.modeling.transforms import coords_to_model
     from cpcsam.prompts.auto import auto_prompt
-    from cpcsam.prompts.perturb import LABEL_PAD
+    from cpcsam.prompts.perturb import pad_points
 
     auto = auto if auto is not None else AutoConfig.from_params(None, "auto prompts")
     h, w = pixels.shape[:2]
@@ -279,13 +279,8 @@ def segment_image(
         else:
             rows_c.append(coords_to_model(ent.coords, (h, w), engine.image_size).numpy())
             rows_l.append(ent.labels)
-    p = max(len(lab) for lab in rows_l)
-    coords = np.zeros((len(entities), p, 2), np.float32)
-    labels = np.full((len(entities), p), LABEL_PAD, np.float32)
-    for i, (c, lab) in enumerate(zip(rows_c, rows_l)):
-        coords[i, : len(lab)] = c
-        labels[i, : len(lab)] = lab
-    logits, scores = engine.decode(embedding, coords, labels, (h, w))
+    coords, labels = pad_points(rows_c, rows_l)
+    logits, scores = engine.decode(embedding, coords, labels.astype(np.float32), (h, w))  # the graph's dtype
     return logits > threshold, scores
 
 

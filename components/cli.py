@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -124,6 +125,15 @@ def _stage(stage, args, work, argv, run_name, processes, failure_hint, rank: int
     except CpcSamError as exc:
         print(f"{name}: {redact(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Not bad input (exit 1: the orchestrator may retry once space is freed). Outs are written
+        # through cpcsam.files.atomic_path, so no partial file is left for DVC to cache.
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"{name}: no space left on the device{where} ({exc.strerror}); nothing partial was kept: "
+              "free some space and run the stage again", file=sys.stderr)
+        return 1
     if rank == 0:
         print(redact(message))
     return 0

@@ -114,3 +114,23 @@ def test_bad_input_is_one_line_and_exit_2(tiny_project, workdir, capsys) -> None
     assert train.main(_args(workdir, "--manifest", manifest, "--prompts", str(workdir / "missing.parquet"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.parquet" in err[0] and err[0].startswith("train: ")
+
+
+def test_a_full_disk_leaves_no_partial_out_and_one_clear_line(tiny_project, workdir, capsys, monkeypatch) -> None:
+    """The disk fills while an out is written (ENOSPC at the flush, where delayed allocation reports
+    it): the stage exits 1 with one line saying so, and neither the out nor a temporary file remains."""
+    import errno
+    import os
+
+    from cpcsam import files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    out = workdir / "p"
+    manifest = str(tiny_project["root"] / "manifest.parquet")
+    assert perturb.main(_args(workdir, "--manifest", manifest, "--out", str(out))) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: the progress bar)
+    assert last.startswith("perturb: no space left on the device while writing") and "prompts.parquet" in last
+    assert not out.exists() or list(out.iterdir()) == []  # no prompts.parquet, no temporary file

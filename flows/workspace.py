@@ -9,6 +9,10 @@ there, so two runs could not share a worker and a killed run left the file overr
   already run anywhere are restored, not re-run, and results stay in the one cache;
 - the overrides are written into the worktree's own `params.yaml` (comments kept), where DVC
   sees them as params and `dvc.lock` records them;
+- its `artifacts/checkpoints` is a link to `<root>/.workspaces/.checkpoints/<label>`, shared by
+  the runs of one label (one profile): a run killed mid-training (worker SIGKILLed) leaves its
+  checkpoints there and the next run of that profile resumes from them. The trainer resumes only
+  a checkpoint of the same configuration (its fingerprint), so other overrides start afresh;
 - the worktree is removed when the run ends (kept when `keep=True`, e.g. to inspect a failure).
 Concurrent runs get distinct names, so they never touch each other's files; DVC's lock is per
 worktree.
@@ -30,6 +34,7 @@ from cpcsam.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 WORKSPACES = ".workspaces"
+CHECKPOINTS = ".checkpoints"  # under WORKSPACES: training checkpoints that outlive a killed run
 
 
 def _git(root: Path, *args: str) -> str:
@@ -83,6 +88,10 @@ def isolated_workspace(root: Path, overrides: Iterable[str] = (), label: str = "
             with open(path / ".dvc" / "config.local", "a") as handle:
                 handle.write(f"[cache]\n    dir = {cache}\n")
         write_overrides(path / "params.yaml", overrides)
+        shared = root / WORKSPACES / CHECKPOINTS / label
+        shared.mkdir(parents=True, exist_ok=True)
+        (path / "artifacts").mkdir(exist_ok=True)
+        (path / "artifacts" / "checkpoints").symlink_to(shared, target_is_directory=True)
         logger.info("workspace %s (commit %s)", path, _git(root, "rev-parse", "--short", "HEAD").strip())
         yield path
     finally:

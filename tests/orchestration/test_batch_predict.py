@@ -26,7 +26,10 @@ OUT = "predictions/"
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory):
     root = tmp_path_factory.mktemp("champion")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("CPCSAM_TRACKING", raising=False)  # registration needs tracking on
     info = register_small_champion(root)
+    mp.undo()
     info["name"] = "cpcsam-oceancoco"
     info["export_dir"] = bi.download_export(info["name"], info["version"], root / "cache", info["db"])
     return info

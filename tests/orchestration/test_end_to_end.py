@@ -291,6 +291,49 @@ def test_a_promotion_triggers_batch_inference_which_skips_done_images(pipeline: 
     assert s3.head_object(Bucket=bucket, Key=out + "processed.json")["ETag"] == state_etag
 
 
+def _flow_run(flow_run_id: str):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(flow_run_id)
+
+    return asyncio.run(read())
+
+
+def test_a_flow_run_survives_a_prefect_server_restart(pipeline: dict, stack, stack_env) -> None:
+    """The Prefect server is stopped and started again while train/oceancoco runs a stage: the flow
+    process keeps working (its stage is a DVC subprocess), its API calls retry until the server is
+    back, and the run completes; the state it reports is in the server's database."""
+    import time
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = {**os.environ, **stack.client_env(), "PREFECT_HOME": str(stack.prefect_home)}
+    proc = subprocess.run(
+        [prefect, "deployment", "run", "train/oceancoco", "--params",
+         json.dumps({"profile": "tiny", "overrides": [*FAST, "train.steps=30"]})],
+        cwd=stack.project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout + proc.stderr).group(1)
+
+    deadline = time.monotonic() + 300
+    while _flow_run(flow_run_id).state.type.value != "RUNNING":
+        assert time.monotonic() < deadline, "the flow run never started"
+        time.sleep(2)
+    time.sleep(8)  # inside the DVC stages
+    assert stack.stop("prefect-server"), "could not stop the Prefect server"
+    time.sleep(5)
+    stack.up(deploy=False)  # starts what is not running: the server again, on the same port and database
+
+    deadline = time.monotonic() + 900
+    while not (state := _flow_run(flow_run_id).state).is_final():
+        assert time.monotonic() < deadline, f"the flow run did not end after the restart ({state.type})"
+        time.sleep(3)
+    assert state.is_completed(), f"flow run ended {state.type}: {state.message}\n" + _worker_log(stack)
+
+
 def test_dvc_push_then_pull_restores_the_outputs(pipeline: dict, s3_endpoint: str) -> None:
     import boto3
 

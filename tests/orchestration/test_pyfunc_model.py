@@ -17,23 +17,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
-from export_helpers import calibrated_small_model  # noqa: E402
+from operations import pyfunc
+from operations import registry as register
+from operations import tracking
 
-from operations import pyfunc  # noqa: E402
-from operations import registry as register  # noqa: E402
-from operations import tracking  # noqa: E402
-
-from orchestration_helpers import free_port  # noqa: E402
+from orchestration_helpers import free_port, register_small_champion
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("CPCSAM_SHARED_DIR", ROOT.parent / "shared"))
 TRASHCAN = SHARED / "data" / "trashcan"
 MODEL = "cpcsam-oceancoco"
 URI = f"models:/{MODEL}@champion"
-CLASSES = {"classes": [{"name": "crab", "id": 1, "role": "target"}, {"name": "rov", "id": 2, "role": "base"},
-                       {"name": "trash_bag", "id": 3, "role": "base"}],
-           "base": ["rov", "trash_bag"], "target": ["crab"]}
 QUIET = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CPCSAM_SERVE_THREADS": "1", "CPCSAM_SERVE_DEVICE": "cpu",
          "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
@@ -69,32 +63,16 @@ def _real_image(folder: Path) -> tuple[Path, list[dict]]:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A small calibrated CPC-SAM exported to ONNX and registered (gate passed) with its class table."""
-    from cpcsam.export.onnx import export_decoder, export_image_encoder, prepare_for_export
-
     root = tmp_path_factory.mktemp("pyfunc")
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     mp.delenv(tracking.TRACKING_SWITCH_ENV, raising=False)
-    export = root / "export"
-    merged = prepare_for_export(calibrated_small_model())
-    export_image_encoder(merged, export / "image_encoder.onnx")
-    export_decoder(merged, export / "decoder_capl.onnx")
-    (export / "parity.json").write_text('{"passed": true}')
-    classes = root / "classes.json"
-    classes.write_text(json.dumps(CLASSES))
-    gate = root / "gate.json"
-    gate.write_text(json.dumps({"passed": True, "reasons": [], "candidate": {"target_dice": 0.5}}))
-    db = f"sqlite:///{root / 'mlflow.db'}"
-    params = {"data": {"profile": "oceancoco"},
-              "tracking": {"uri": db, "experiment": "pyfunc", "artifact_location": str(root / "mlruns")}}
-    with tracking.pipeline_run(params, run_name="pipeline") as run:
-        result = register.register_candidate(run.run_id, params, gate, export, classes=classes)
-    assert (result.version, result.champion_version) == ("1", "1")
-    mp.setenv("MLFLOW_TRACKING_URI", db)  # for `models:/` URIs in this process (load_model, download)
+    info = register_small_champion(root)
+    assert info["version"] == "1"
+    mp.setenv("MLFLOW_TRACKING_URI", info["db"])  # for `models:/` URIs in this process (load_model, download)
     image, entities = _real_image(root)
-    yield {"root": root, "db": db, "params": params, "export": export, "image": image, "entities": entities,
-           "run_id": run.run_id}
+    yield {"root": root, **info, "image": image, "entities": entities}
     mp.undo()
 
 

@@ -35,7 +35,8 @@ reliability: venv  ## the fault-injection tests behind docs/RELIABILITY.md
 	  tests/orchestration/test_batch_predict.py tests/training/test_checkpoint.py tests/orchestration/test_stages.py \
 	  tests/training/test_distributed.py tests/training/test_components.py tests/orchestration/test_stack_lifecycle.py \
 	  tests/orchestration/test_flows.py tests/data/test_data_ids_links_reports.py tests/export/test_onnx_export.py \
-	  tests/export/test_parity.py tests/test_hostile_inputs.py tests/orchestration/test_secrets.py
+	  tests/export/test_parity.py tests/test_hostile_inputs.py tests/orchestration/test_secrets.py \
+	  tests/orchestration/test_end_to_end.py
 
 # ---- the shipped starting SAM (checkpoints/README.md): two phases on one CPU thread, ~2.5 h, resumable.
 # Phase 1 from random weights with the class-balanced loss; phase 2 from phase 1 with the calibrated

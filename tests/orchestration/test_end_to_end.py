@@ -9,6 +9,7 @@ copy drops those stages and everything downstream, and the test says so on stdou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -332,6 +333,78 @@ def test_a_flow_run_survives_a_prefect_server_restart(pipeline: dict, stack, sta
         assert time.monotonic() < deadline, f"the flow run did not end after the restart ({state.type})"
         time.sleep(3)
     assert state.is_completed(), f"flow run ended {state.type}: {state.message}\n" + _worker_log(stack)
+
+
+def _kill_flow_processes(stack) -> int:
+    """SIGKILL the worker's process group and every process of a flow run (the Prefect engine
+    subprocess, DVC and the stage, whose working folder is the run's worktree). Returns how many."""
+    import signal
+
+    killed = 0
+    worker = stack.pid("prefect-worker")
+    if worker:
+        os.killpg(worker, signal.SIGKILL)
+        killed += 1
+    workspaces = str(stack.project / ".workspaces")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(workspaces) or ("prefect" in cmd and "engine" in cmd and cwd == str(stack.project)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def test_a_worker_killed_during_train_resumes_in_the_next_run_to_the_same_weights(pipeline: dict, stack,
+                                                                                   stack_env, tmp_path: Path) -> None:
+    """The worker and its flow run are SIGKILLed while `train@cpcsam` runs; the next deployment run
+    resumes from the checkpoints the killed run left (`.workspaces/.checkpoints/train-tiny`) and its
+    model.pt equals the one of an uninterrupted `dvc repro` of the same stage, byte for byte."""
+    import time
+
+    overrides = [*FAST, "train.steps=40", "train.checkpoint_every=5", "train.seed=17"]
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = {**os.environ, **stack.client_env(), "PREFECT_HOME": str(stack.prefect_home)}
+    proc = subprocess.run(
+        [prefect, "deployment", "run", "train/oceancoco", "--params",
+         json.dumps({"profile": "tiny", "overrides": overrides})],
+        cwd=stack.project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checkpoints = stack.project / ".workspaces" / ".checkpoints" / "train-tiny" / "cpcsam"
+    deadline = time.monotonic() + 600
+    while not sorted(checkpoints.glob("step_*.pt")):
+        assert time.monotonic() < deadline, "train@cpcsam wrote no checkpoint"
+        time.sleep(1)
+    assert _kill_flow_processes(stack) >= 2
+    left = sorted(p.name for p in checkpoints.glob("step_*.pt"))
+    stack.up(deploy=False)  # a new worker
+
+    flow_run = run_deployment_cli(stack, {"profile": "tiny", "overrides": overrides})
+    client = MlflowClient(stack.mlflow_url)
+    parent, children = _pipeline_run(client, flow_run)
+    train_run = children["train@cpcsam"]
+    key = sorted(train_run.data.metrics)[0]
+    first_step = min(m.step for m in client.get_metric_history(train_run.info.run_id, key))
+    assert first_step > 1, f"the next run trained from step {first_step}: it did not resume ({left})"
+
+    # The uninterrupted reference: the same stage, same params, in a fresh copy with no checkpoints.
+    reference = tmp_path / "reference"
+    git(stack.project, "worktree", "add", "--detach", "--quiet", str(reference), "HEAD")
+    from flows.workspace import write_overrides
+
+    write_overrides(reference / "params.yaml", ["data.profile=tiny", *overrides])
+    dvc(reference, "repro", "train@cpcsam")
+    expected = hashlib.md5((reference / "artifacts/train/cpcsam/model.pt").read_bytes()).hexdigest()
+    with tempfile.TemporaryDirectory() as tmp:
+        lock = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "config/dvc.lock", tmp)).read_text())
+    outs = {o["path"]: o["md5"] for o in lock["stages"]["train@cpcsam"]["outs"]}
+    assert outs["artifacts/train/cpcsam/model.pt"] == expected, f"resumed after {left[-1]}: other weights"
 
 
 def test_dvc_push_then_pull_restores_the_outputs(pipeline: dict, s3_endpoint: str) -> None:

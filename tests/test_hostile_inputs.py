@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "export"))
-from export_helpers import SMALL_CFG, calibrated_small_model  # noqa: E402
+from export_helpers import export_small_model  # noqa: E402
 
 from cpcsam.cli import main as cli_main  # noqa: E402
 from cpcsam.errors import CheckpointError, DataError  # noqa: E402
@@ -36,16 +36,7 @@ BOX = [4, 4, 40, 30]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """`onnx/` (the two exported graphs) and `model.pt` of one small CPC-SAM."""
-    from cpcsam.export.onnx import export_decoder, export_image_encoder, prepare_for_export
-    from cpcsam.modeling import save_cpcsam
-
-    root = tmp_path_factory.mktemp("hostile_models")
-    model = calibrated_small_model()
-    save_cpcsam(root / "model.pt", model, SMALL_CFG)
-    merged = prepare_for_export(model)
-    export_image_encoder(merged, root / "onnx" / "image_encoder.onnx")
-    export_decoder(merged, root / "onnx" / "decoder_capl.onnx")
-    return root
+    return export_small_model(tmp_path_factory.mktemp("hostile_models"))
 
 
 def _image(path: Path, seed: int = 0) -> Path:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "export"))
-from export_helpers import SMALL_CFG, calibrated_small_model  # noqa: E402
+from export_helpers import export_small_model  # noqa: E402
 
 from cpcsam.cli import main as cli_main  # noqa: E402
 from cpcsam.errors import DataError  # noqa: E402
@@ -29,16 +29,7 @@ NUM_IMAGES = 3
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The exported graphs and the model file of one small calibrated CPC-SAM."""
-    from cpcsam.export.onnx import export_decoder, export_image_encoder, prepare_for_export
-    from cpcsam.modeling import save_cpcsam
-
-    root = tmp_path_factory.mktemp("predict_models")
-    model = calibrated_small_model()
-    save_cpcsam(root / "model.pt", model, SMALL_CFG)
-    merged = prepare_for_export(model)
-    export_image_encoder(merged, root / "onnx" / "image_encoder.onnx")
-    export_decoder(merged, root / "onnx" / "decoder_capl.onnx")
-    return root
+    return export_small_model(tmp_path_factory.mktemp("predict_models"))
 
 
 @pytest.fixture(scope="module")

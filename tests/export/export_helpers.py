@@ -38,3 +38,16 @@ def saturate_entity_gates(model, factor: float = 300.0):
         head.weight.mul_(factor)
         head.bias.mul_(factor)
     return model
+
+
+def export_small_model(root, seed: int = 0):
+    """`root/model.pt` and `root/onnx/{image_encoder,decoder_capl}.onnx` of one small calibrated CPC-SAM."""
+    from cpcsam.export.onnx import export_decoder, export_image_encoder, prepare_for_export
+    from cpcsam.modeling import save_cpcsam
+
+    model = calibrated_small_model(seed)
+    save_cpcsam(root / "model.pt", model, SMALL_CFG)
+    merged = prepare_for_export(model)
+    export_image_encoder(merged, root / "onnx" / "image_encoder.onnx")
+    export_decoder(merged, root / "onnx" / "decoder_capl.onnx")
+    return root

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from cpcsam.config import DataConfig, coerce
 
-from cpcsam.data.manifest import SPLITS, build_manifest, split_ratios
+from cpcsam.data.manifest import SPLITS, build_manifest, split_ratios, write_manifest
 from cpcsam.data.records import Quarantine
 from cpcsam.data.sources import build_source
 from cpcsam.errors import ConfigError, CpcSamError, DataError
@@ -108,7 +108,7 @@ def _ingest(data_cfg: DataConfig, out: Path, images_dir: Path, run: _Run) -> dic
     df, class_table, withheld = build_manifest(with_entities, source.classes(), split_cfg, role_cfg, eval_splits)
 
     run.stage = "checks"
-    df.to_parquet(out / MANIFEST, index=False)
+    write_manifest(df, out / MANIFEST)
     (out / CLASSES).write_text(json.dumps(class_table, indent=2) + "\n")
     (out / QUARANTINE).write_text(json.dumps(quarantine.to_json(), indent=2) + "\n")
 

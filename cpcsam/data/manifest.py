@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, Iterable, Sequence, Mapping
 
 import numpy as np
@@ -57,7 +58,44 @@ def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: manifest lacks columns {missing}")
-    return _typed(df[list(MANIFEST_COLUMNS)])
+    df = _typed(df[list(MANIFEST_COLUMNS)])
+    df["image_uri"] = [_resolve_uri(uri, path) for uri in df["image_uri"]]
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write `manifest.parquet` atomically; image paths inside its folder are stored relative to it.
+
+    Why relative: ingest's generated images live in its own out (`images/`). With absolute paths
+    the manifest's bytes depended on the checkout's location (another clone got another
+    `dvc.lock`), and a manifest restored from DVC's cache in another worktree (every flow run has
+    one) pointed at the images of a worktree that no longer exists. `load_manifest` resolves them
+    against the manifest's folder again. Other paths (a data set elsewhere, `s3://`) stay as given.
+    """
+    from cpcsam.files import atomic_path
+
+    folder = os.path.abspath(os.path.dirname(os.fspath(path)))
+
+    def relative(uri: str) -> str:
+        if "://" in uri:
+            return uri
+        absolute = os.path.abspath(uri)
+        inside = absolute.startswith(folder + os.sep)
+        return Path(os.path.relpath(absolute, folder)).as_posix() if inside else uri
+
+    out = df.assign(image_uri=[relative(uri) for uri in df["image_uri"]])
+    with atomic_path(path) as tmp:
+        out.to_parquet(tmp, index=False)
+
+
+def _resolve_uri(uri: str, manifest: str | os.PathLike) -> str:
+    """A stored image URI as a usable one: relative paths are relative to the manifest's folder."""
+    if "://" in uri or os.path.isabs(uri):
+        return uri
+    base = os.fspath(manifest)
+    if "://" in base:
+        return f"{base.rsplit('/', 1)[0]}/{uri}"
+    return os.path.join(os.path.abspath(os.path.dirname(base)), uri)
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:

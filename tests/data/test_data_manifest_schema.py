@@ -120,3 +120,23 @@ def test_empty_evaluation_split_fails_ingestion(tmp_path) -> None:
     cfg["profiles"] = {"tiny": {**TINY["profiles"]["tiny"], "num_images": 4, "frames_per_dive": 2}}
     with pytest.raises(DataError, match="cannot draw|is empty|no entity"):
         run_ingest(cfg, tmp_path)
+
+
+def test_the_manifest_is_the_same_bytes_anywhere_and_follows_its_folder(tmp_path) -> None:
+    """Generated images are referenced relative to the manifest: ingest in two places gives the same
+    bytes (so every clone gets the same dvc.lock), and a copy of the out elsewhere (DVC restoring it
+    into another worktree) reads its own images after the original is gone."""
+    import shutil
+
+    from cpcsam.data import read_image
+
+    first, second = tmp_path / "a" / "ingest", tmp_path / "b" / "deeper" / "ingest"
+    run_ingest(TINY, first)
+    run_ingest(TINY, second)
+    assert (first / "manifest.parquet").read_bytes() == (second / "manifest.parquet").read_bytes()
+    moved = tmp_path / "c" / "ingest"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    df = load_manifest(moved / "manifest.parquet")
+    assert all(uri.startswith(str(moved)) for uri in df["image_uri"])
+    assert read_image(df["image_uri"].iloc[0]).shape[:2] == (int(df["height"].iloc[0]), int(df["width"].iloc[0]))

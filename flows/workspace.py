@@ -9,10 +9,11 @@ there, so two runs could not share a worker and a killed run left the file overr
   already run anywhere are restored, not re-run, and results stay in the one cache;
 - the overrides are written into the worktree's own `params.yaml` (comments kept), where DVC
   sees them as params and `dvc.lock` records them;
-- its `artifacts/checkpoints` is a link to `<root>/.workspaces/.checkpoints/<label>`, shared by
-  the runs of one label (one profile): a run killed mid-training (worker SIGKILLed) leaves its
-  checkpoints there and the next run of that profile resumes from them. The trainer resumes only
-  a checkpoint of the same configuration (its fingerprint), so other overrides start afresh;
+- its `artifacts/checkpoints` is a link to `<root>/.workspaces/.checkpoints/<label>-<key>`, where
+  the key is a digest of the overrides: a run killed mid-training (worker SIGKILLed) leaves its
+  checkpoints there and the next run with the same label and overrides resumes from them, while a
+  run with other overrides gets its own folder (its checkpoints would neither resume nor survive
+  the pruning of another configuration's). The trainer still checks each checkpoint's fingerprint;
 - the worktree is removed when the run ends (kept when `keep=True`, e.g. to inspect a failure).
 Concurrent runs get distinct names, so they never touch each other's files; DVC's lock is per
 worktree.
@@ -21,6 +22,7 @@ worktree.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import shutil
@@ -77,6 +79,7 @@ def write_overrides(params_file: Path, overrides: Iterable[str]) -> None:
 def isolated_workspace(root: Path, overrides: Iterable[str] = (), label: str = "run", keep: bool = False) -> Iterator[Path]:
     """A fresh worktree of `root`'s HEAD with `overrides` applied to its params.yaml; removed afterwards."""
     root = Path(root).resolve()
+    overrides = list(overrides)
     name = f"{label}-{uuid.uuid4().hex[:8]}"
     path = root / WORKSPACES / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +91,8 @@ def isolated_workspace(root: Path, overrides: Iterable[str] = (), label: str = "
             with open(path / ".dvc" / "config.local", "a") as handle:
                 handle.write(f"[cache]\n    dir = {cache}\n")
         write_overrides(path / "params.yaml", overrides)
-        shared = root / WORKSPACES / CHECKPOINTS / label
+        key = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:12]
+        shared = root / WORKSPACES / CHECKPOINTS / f"{label}-{key}"
         shared.mkdir(parents=True, exist_ok=True)
         (path / "artifacts").mkdir(exist_ok=True)
         (path / "artifacts" / "checkpoints").symlink_to(shared, target_is_directory=True)

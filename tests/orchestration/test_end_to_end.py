@@ -364,11 +364,13 @@ def _kill_flow_processes(stack) -> int:
 def test_a_worker_killed_during_train_resumes_in_the_next_run_to_the_same_weights(pipeline: dict, stack,
                                                                                    stack_env, tmp_path: Path) -> None:
     """The worker and its flow run are SIGKILLed while `train@cpcsam` runs; the next deployment run
-    resumes from the checkpoints the killed run left (`.workspaces/.checkpoints/train-tiny`) and its
-    model.pt equals the one of an uninterrupted `dvc repro` of the same stage, byte for byte."""
+    resumes from the checkpoints the killed run left (`.workspaces/.checkpoints/train-tiny-<key>`)
+    and its model.pt equals the one of an uninterrupted `dvc repro` of the same stage, byte for byte."""
     import time
 
     overrides = [*FAST, "train.steps=40", "train.checkpoint_every=5", "train.seed=17"]
+    shared = stack.project / ".workspaces" / ".checkpoints"
+    before = set(shared.rglob("step_*.pt"))  # earlier runs' checkpoints (other overrides, other folders)
     prefect = str(Path(sys.executable).with_name("prefect"))
     env = {**os.environ, **stack.client_env(), "PREFECT_HOME": str(stack.prefect_home)}
     proc = subprocess.run(
@@ -376,13 +378,12 @@ def test_a_worker_killed_during_train_resumes_in_the_next_run_to_the_same_weight
          json.dumps({"profile": "tiny", "overrides": overrides})],
         cwd=stack.project, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    checkpoints = stack.project / ".workspaces" / ".checkpoints" / "train-tiny" / "cpcsam"
     deadline = time.monotonic() + 600
-    while not sorted(checkpoints.glob("step_*.pt")):
+    while not (new := [p for p in shared.rglob("step_*.pt") if p not in before and p.parent.name == "cpcsam"]):
         assert time.monotonic() < deadline, "train@cpcsam wrote no checkpoint"
-        time.sleep(1)
-    assert _kill_flow_processes(stack) >= 2
-    left = sorted(p.name for p in checkpoints.glob("step_*.pt"))
+        time.sleep(0.5)
+    assert _kill_flow_processes(stack) >= 2, "the flow run's processes were not found"
+    left = sorted(p.name for p in new[0].parent.glob("step_*.pt"))
     stack.up(deploy=False)  # a new worker
 
     flow_run = run_deployment_cli(stack, {"profile": "tiny", "overrides": overrides})

@@ -60,18 +60,20 @@ def test_a_run_works_in_its_own_worktree_and_never_writes_the_checkout(toy: Path
 
 def test_training_checkpoints_outlive_a_killed_run_for_the_next_run_of_its_profile(toy: Path) -> None:
     """A worker SIGKILLed mid-training never reaches the workspace cleanup; what matters is that the
-    next run of the profile finds the checkpoints (the trainer resumes from them: test_checkpoint's
-    `test_sigkilled_run_resumes_to_the_same_result`), and that another profile does not."""
+    next run of the profile with the same overrides finds the checkpoints (the trainer resumes from
+    them: test_checkpoint's `test_sigkilled_run_resumes_to_the_same_result`), and that another
+    profile or other overrides do not."""
     from flows.workspace import isolated_workspace
 
-    with isolated_workspace(toy, [], "train-tiny") as first:
+    with isolated_workspace(toy, ["train.steps=7"], "train-tiny") as first:
         (first / "artifacts" / "checkpoints" / "cpcsam").mkdir(parents=True)
         (first / "artifacts" / "checkpoints" / "cpcsam" / "step_000004.pt").write_bytes(b"state")
-    with isolated_workspace(toy, [], "train-tiny") as second:
+    with isolated_workspace(toy, ["train.steps=7"], "train-tiny") as second:
         assert second != first
         assert (second / "artifacts" / "checkpoints" / "cpcsam" / "step_000004.pt").read_bytes() == b"state"
-    with isolated_workspace(toy, [], "train-other") as other:
-        assert list((other / "artifacts" / "checkpoints").iterdir()) == []
+    for label, overrides in (("train-other", ["train.steps=7"]), ("train-tiny", ["train.steps=8"])):
+        with isolated_workspace(toy, overrides, label) as other:
+            assert list((other / "artifacts" / "checkpoints").iterdir()) == []
 
 
 def test_a_stage_over_its_timeout_is_killed(toy: Path) -> None:

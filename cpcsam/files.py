@@ -35,13 +35,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:  # the writer may have closed it: flush what is on disk
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if exc.filename is None:  # e.g. ENOSPC from fsync: name the out that could not be written
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. ENOSPC from fsync: name the out
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 

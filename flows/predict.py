@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cpcsam.config import Params, load_config
+from cpcsam.data import storage
 from cpcsam.errors import ConfigError
 from flows import s3_watch
 from flows.train import absolute_tracking, project_root
@@ -37,8 +37,7 @@ CACHE = ".cache/models"
 
 @task(name="preflight", cache_policy=NO_CACHE, persist_result=False)
 def preflight_task(params: Params, bucket: str) -> list[str]:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")  # as s3_watch.s3_client
-    return preflight.preflight(params, s3_endpoints=[(endpoint, bucket)])
+    return preflight.preflight(params, s3_endpoints=[(storage.endpoint_url(), bucket)])
 
 
 @task(name="download-model", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)

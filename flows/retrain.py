@@ -409,7 +409,7 @@ def retrain(
     logger = get_run_logger()
     root = project_root()
     params = load_config(root / "params.yaml")
-    watch_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    watch_endpoint = storage.endpoint_url()
     checks: list[tuple[str | None, str | None]] = [(watch_endpoint, bucket)]
     if push:
         name, endpoint, remote_bucket = stages.remote_endpoint(root)

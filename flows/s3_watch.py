@@ -9,7 +9,6 @@ new when its key is unseen or its ETag changed.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,7 +34,7 @@ def s3_client(endpoint_url: str | None = None, timeout: float = 10.0):
     import boto3
     from botocore.config import Config
 
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = endpoint_url or storage.endpoint_url()
     config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 3})
     return boto3.client("s3", endpoint_url=endpoint, config=config)
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from cpcsam.data import storage
 from cpcsam.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def remote_endpoint(root: Path, remote: str | None = None) -> tuple[str | None, 
     try:
         endpoint = run_dvc(root, ["config", f"remote.{name}.endpointurl"]).strip() or None
     except StageFailed:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = storage.endpoint_url()
     bucket = url[len("s3://"):].split("/", 1)[0] if url.startswith("s3://") else None
     return name, endpoint, bucket
 

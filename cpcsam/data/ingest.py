@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cpcsam.config import DataConfig, coerce
-
 from cpcsam.data.manifest import SPLITS, build_manifest, split_ratios, write_manifest
 from cpcsam.data.records import Quarantine
 from cpcsam.data.sources import build_source
 from cpcsam.errors import ConfigError, CpcSamError, DataError
+from cpcsam.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ def _ingest(data_cfg: DataConfig, out: Path, images_dir: Path, run: _Run) -> dic
 
     run.stage = "checks"
     write_manifest(df, out / MANIFEST)
-    (out / CLASSES).write_text(json.dumps(class_table, indent=2) + "\n")
-    (out / QUARANTINE).write_text(json.dumps(quarantine.to_json(), indent=2) + "\n")
+    write_text_atomic(out / CLASSES, json.dumps(class_table, indent=2) + "\n")
+    write_text_atomic(out / QUARANTINE, json.dumps(quarantine.to_json(), indent=2) + "\n")
 
     ratios = split_ratios(split_cfg)
     per_split = {
@@ -154,7 +154,7 @@ def _ingest(data_cfg: DataConfig, out: Path, images_dir: Path, run: _Run) -> dic
         "problems": problems,
     }
     # No wall time in the file: data/ingest is a DVC out and must be byte-reproducible.
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     run.reported = True
     if problems:
         raise DataError(f"ingest of profile {name!r} failed: " + "; ".join(problems) + f" (reports in {out})")
@@ -174,7 +174,7 @@ def _quarantine_summary(quarantine: Quarantine, max_fraction: float | None) -> d
 
 def _write_failure_reports(out: Path, run: _Run, problem: str) -> None:
     """quarantine.json + summary.json of a run stopped by an error (same keys as a full summary)."""
-    (out / QUARANTINE).write_text(json.dumps(run.quarantine.to_json(), indent=2) + "\n")
+    write_text_atomic(out / QUARANTINE, json.dumps(run.quarantine.to_json(), indent=2) + "\n")
     summary = {
         "profile": run.profile,
         "source": run.source,
@@ -197,4 +197,4 @@ def _write_failure_reports(out: Path, run: _Run, problem: str) -> None:
         "entities_per_class_split": {},
         "problems": [problem],
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")

@@ -120,10 +120,15 @@ def _s3_client_for(endpoint: str | None, region: str | None, timeout: float):
     return boto3.client("s3", config=config)
 
 
+def endpoint_url() -> str | None:
+    """The S3 endpoint of the environment (boto3's own variables, the S3-specific one first); None = AWS."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def s3_client():
     """A boto3 S3 client; cached per endpoint so tests that switch endpoints get a fresh one."""
     return _s3_client_for(
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        endpoint_url(),
         os.environ.get("AWS_DEFAULT_REGION"),
         retry_settings()[2],
     )
@@ -197,7 +202,7 @@ def call_s3(what: str, uri: str, fn: Callable[[], T]) -> T:
     """
     attempts, backoff, _ = retry_settings()
     start = time.monotonic()
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    endpoint = endpoint_url() or "AWS S3"
     for attempt in range(1, attempts + 1):
         try:
             return fn()

@@ -1,7 +1,7 @@
 """How good is a starting SAM? box@σ Dice against the prompt-only references, per data set.
 
     python benchmarks/bench_starting_sam.py --sam checkpoints/sam_small_generalist.pth [--sam other.pth ...]
-        [--profiles oceancoco,trashcan] [--split test] [--sigmas 0,0.2]
+        [--profiles oceancoco,trashcan] [--split test] [--sigmas 0,0.2] [-S key=value ...]
 
 Ingests each `data.profiles` entry of params.yaml into `.bench/ingest/<profile>` (once), then
 scores each checkpoint (a segment-anything state dict of `model.type`) and the filled box and
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigmas", default="0")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-grabcut", action="store_true")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
+                        help="params override, e.g. -S model.sizes.small.mask_refine_stages=1 (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from cpcsam.config import load_config
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from cpcsam.evaluation.references import FilledBox, GrabCut
     from cpcsam.modeling import CPCSAM, build_sam
 
-    params = load_config(ROOT / "params.yaml")
+    params = load_config(ROOT / "params.yaml", args.overrides)
     sigmas = [float(s) for s in args.sigmas.split(",")]
     cfg = EvalConfig(protocols=[Protocol.parse(f"box@{s:g}") for s in sigmas], seed=0)
     rows = []

@@ -245,6 +245,8 @@ class ArchOverrides(Section):
     decoder_mlp_dim: int | None = None
     decoder_num_heads: int | None = None
     iou_head_hidden_dim: int | None = None
+    mask_refine_stages: int | None = None  # extra ×2 mask upsampling stages (cpcsam.modeling.refine)
+    mask_refine_hidden: int | None = None
 
 
 class CaplConfig(Section):
@@ -304,6 +306,8 @@ class PretrainConfig(Section):
     batch_images: int = Field(8, ge=1)  # corpus scenes per step
     max_entities: int = Field(8, ge=1)  # objects per scene per step (random subset beyond)
     corpus_scenes: int = Field(0, ge=0)  # 0 = an endless stream of new scenes; N = cycle over N (overfit checks)
+    # Object radius as a fraction of the scene's long side, drawn log-uniformly.
+    object_radius: tuple[float, float] = (0.04, 0.38)
     optim: OptimConfig = OptimConfig(lr=2e-3, weight_decay=0.01, warmup_steps=50)
     sigma_max: float = Field(0.2, ge=0, lt=0.5)  # each object's prompt noise ~ U(0, sigma_max)
     kinds: dict[PromptKind, float] = {"box": 0.5, "points": 0.25, "box+points": 0.25}
@@ -327,6 +331,9 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _slots(self) -> "PretrainConfig":
+        low, high = self.object_radius
+        if not 0 < low <= high < 0.5:
+            raise ValueError(f"object_radius: need 0 < low ≤ high < 0.5, got {list(self.object_radius)}")
         if self.prompt_slots < 7 + self.corrective_clicks:
             raise ValueError(
                 f"prompt_slots: a box, 5 points and {self.corrective_clicks} clicks need "

@@ -211,7 +211,7 @@ class TorchBackend:
         self.encoder = ImageEncoderOnnxModel(model).to(self.device).eval()
         self.decoder = DecoderOnnxModel(model).to(self.device).eval()
         self.image_size = int(model.image_size)
-        self.low_res = 4 * int(model.embedding_size[0])
+        self.mask_input_size = 4 * int(model.embedding_size[0])  # the prompt encoder's dense input, not the output
         self.providers = {"torch": [str(self.device)]}
 
     @torch.no_grad()
@@ -222,7 +222,7 @@ class TorchBackend:
     def decode(self, embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray, size: tuple[int, int]):
         n = coords.shape[0]
         args = [torch.from_numpy(np.asarray(a, np.float32)).to(self.device) for a in (embedding, coords, labels)]
-        masks, scores, _ = self.decoder(*args, torch.zeros(n, 1, self.low_res, self.low_res, device=self.device),
+        masks, scores, _ = self.decoder(*args, torch.zeros(n, 1, self.mask_input_size, self.mask_input_size, device=self.device),
                                         torch.zeros(n, device=self.device),
                                         torch.tensor(size, dtype=torch.float32, device=self.device))
         return masks[:, 0].cpu().numpy(), scores[:, 0].cpu().numpy()

@@ -20,6 +20,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from cpcsam.config import ModelConfig, coerce
 from cpcsam.errors import CheckpointError, ConfigError
+from cpcsam.modeling.refine import ResidualUpsample
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class SamArch:
     decoder_mlp_dim: int = 2048
     decoder_num_heads: int = 8
     iou_head_hidden_dim: int = 256
+    # Extra ×2 mask upsampling stages after SAM's ×4 (`cpcsam.modeling.refine`); 0 = SAM's decoder.
+    mask_refine_stages: int = 0
+    mask_refine_hidden: int = 32
 
     @property
     def embedding_size(self) -> int:
@@ -115,6 +119,8 @@ def _check_arch(arch: SamArch, where: str) -> None:
     # The decoder's cross attention halves the dimension before splitting heads.
     if (arch.prompt_embed_dim // 2) % arch.decoder_num_heads or arch.prompt_embed_dim % 8:
         raise ConfigError(f"{where}: prompt_embed_dim must be a multiple of 8 and of 2·decoder_num_heads")
+    if not 0 <= arch.mask_refine_stages <= 2 or arch.mask_refine_hidden < 1:
+        raise ConfigError(f"{where}: mask_refine_stages must be 0, 1 or 2 and mask_refine_hidden ≥ 1")
     if any(not 0 <= i < arch.encoder_depth for i in arch.encoder_global_attn_indexes):
         raise ConfigError(f"{where}: encoder_global_attn_indexes must lie in [0, encoder_depth)")
 
@@ -158,6 +164,11 @@ def build_sam_from_arch(arch: SamArch) -> Sam:
         pixel_mean=list(PIXEL_MEAN),
         pixel_std=list(PIXEL_STD),
     )
+    if arch.mask_refine_stages:
+        channels = arch.prompt_embed_dim // 8  # what SAM's ×4 upscaling ends with
+        stages = [ResidualUpsample(channels, arch.mask_refine_hidden) for _ in range(arch.mask_refine_stages)]
+        # Appended to SAM's Sequential: the decoder's forward and its hypernetworks stay as they are.
+        sam.mask_decoder.output_upscaling = torch.nn.Sequential(*sam.mask_decoder.output_upscaling, *stages)
     return sam
 
 

@@ -17,6 +17,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from cpcsam.config import CaplConfig, coerce
+from cpcsam.modeling.refine import mask_upscale_factor
 from cpcsam.modeling.capl import (
     FINAL_SITE,
     CaPL,
@@ -32,7 +33,7 @@ SINGLE_MASK_TOKEN = 1
 class DecoderOutput(NamedTuple):
     """What `CPCSAM.decode` returns (single-mask output), one row per entity."""
 
-    low_res_logits: Tensor  # N x 1 x 4h x 4w, mask logits in the padded model frame
+    low_res_logits: Tensor  # N x 1 x m x m (m = CPCSAM.mask_size, 4h for SAM), logits in the padded model frame
     iou_pred: Tensor  # N x 1, predicted IoU of that mask
     attn_map: Tensor  # N x h x w, final token→image attention of the mask token, head mean, max-scaled to [0, 1]
     calibration_l1: Tensor  # scalar, mean |C − 1| of the entity calibration (0 without it)
@@ -81,6 +82,11 @@ class CPCSAM(nn.Module):
     @property
     def embedding_size(self) -> tuple[int, int]:
         return tuple(self.sam.prompt_encoder.image_embedding_size)
+
+    @property
+    def mask_size(self) -> int:
+        """Side of `DecoderOutput.low_res_logits`: 4× the embedding grid, ×2 per refinement stage."""
+        return self.embedding_size[0] * mask_upscale_factor(self.sam.mask_decoder)
 
     def _cross_attention(self) -> dict[str, CalibratedAttention]:
         transformer = self.sam.mask_decoder.transformer

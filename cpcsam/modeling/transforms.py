@@ -34,7 +34,8 @@ def _as_float_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an H×W×3 image, got shape {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        # A float copy: decoded images may be read-only arrays, which torch warns about sharing.
+        return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a 3×H×W tensor, got shape {tuple(image.shape)}")
     return image.float()

@@ -68,7 +68,7 @@ def corpus_batch(
     """
     from cpcsam.modeling.transforms import mask_to_model, preprocess_image
 
-    corpus = CorpusConfig(long_side=image_size)
+    corpus = CorpusConfig(long_side=image_size, size_range=tuple(cfg.object_radius))
     kinds = list(cfg.kinds)
     probs = np.array([cfg.kinds[k] for k in kinds], np.float64)
     inputs, index, coords, labels, targets = [], [], [], [], []
@@ -137,10 +137,9 @@ def _decode(model: Any, embeddings: torch.Tensor, batch: CorpusBatch, coords: to
 def validate(model: Any, cfg: PretrainConfig, images: int) -> float:
     """Mean box@0 mask IoU on held-out corpus scenes (another seed)."""
     model.eval()
-    grid = model.embedding_size[0]
     scores = []
     for first in range(0, images, cfg.batch_images):
-        batch = corpus_batch(cfg.seed + VALIDATION_SEED_OFFSET, first, cfg, model.image_size, 4 * grid, sigma=0.0)
+        batch = corpus_batch(cfg.seed + VALIDATION_SEED_OFFSET, first, cfg, model.image_size, model.mask_size, sigma=0.0)
         logits, _ = _decode(model, model.encode_images(batch.inputs), batch, batch.coords, batch.labels)
         scores.append(mask_iou(logits, batch.targets))
     model.train()
@@ -167,8 +166,9 @@ def pretrain_sam(
     metric_logger = metric_logger or NullLogger()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    # `cfg.init` (a second phase) loads through build_sam's strict checkpoint path.
-    sam = build_sam(coerce(ModelConfig, model_section, "model").model_copy(update={"checkpoint": cfg.init}))
+    sam = build_sam(coerce(ModelConfig, model_section, "model").model_copy(update={"checkpoint": None}))
+    if cfg.init:  # a further phase: strict loading, except mask refinement stages the init lacks
+        load_init(sam, cfg.init)
     seg_loss = MASK_LOSSES[cfg.mask_loss]
     # CPCSAM in `fixed` mode is SAM itself (no CaPL parameters) with the same training entry
     # points as the trainer: the weights learn exactly the path that is fine-tuned later.
@@ -192,8 +192,8 @@ def pretrain_sam(
             scaler.load_state_dict(state["scaler"])
         start, curve, seconds_before = int(state["step"]), list(state["curve"]), float(state["seconds"])
         logger.info("pretrain: resumed from %s (step %d)", latest, start)
-    grid = model.embedding_size[0]
-    lowres, scale = 4 * grid, model.image_size / (4 * grid)
+    lowres = model.mask_size
+    scale = model.image_size / lowres
     clicks = torch.Generator().manual_seed(cfg.seed)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
@@ -275,6 +275,18 @@ def pretrain_sam(
         # Wall time differs run to run: not in metrics.json (a DVC out that must be reproducible).
         write_json_atomic(Path(out_path).with_name("timing.json"), {"seconds": seconds})
     return model.sam, metrics
+
+
+def load_init(sam: torch.nn.Module, uri: str) -> None:
+    """Load `uri` into `sam` strictly; refinement stages it lacks start as identity (`grow_state_dict`)."""
+    from cpcsam.modeling.build import load_state_dict_strict, read_state_dict
+    from cpcsam.modeling.refine import grow_state_dict
+
+    state, added = grow_state_dict(sam, read_state_dict(uri))
+    load_state_dict_strict(sam, state, source=uri)
+    if added:
+        logger.info("pretrain: %s has no mask refinement stage; %d of its tensors start as identity", uri, len(added))
+    logger.info("pretrain: initialised from %s", uri)
 
 
 def save_sam_state_dict(sam: torch.nn.Module, path: str | Path) -> Path:

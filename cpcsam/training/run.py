@@ -94,8 +94,7 @@ def prepare_training(
         if embeddings_dir is None:
             raise ConfigError("train: the embedding cache is in use but no embeddings folder was given")
         store = EmbeddingStore(embeddings_dir, encoder_fingerprint(model.sam.image_encoder))
-    grid = model.embedding_size[0]
-    data = TrainingImages(manifest, model.image_size, 4 * grid, cache_mb=cfg.cache_mb, embeddings=store)
+    data = TrainingImages(manifest, model.image_size, model.mask_size, cache_mb=cfg.cache_mb, embeddings=store)
     if store is not None:
         missing = store.covers(data.image_ids)
         if missing:
@@ -161,7 +160,7 @@ def build_embedding_cache(
     model = build_training_model(model_section, cfg.mode, sam_checkpoint)
     target = rank_device(resolve_device(embed.device), world)
     model.to(target).eval()
-    data = TrainingImages(manifest, model.image_size, 4 * model.embedding_size[0], cache_mb=0)
+    data = TrainingImages(manifest, model.image_size, model.mask_size, cache_mb=0)
     write_embeddings(
         model.encode_images,
         data.preprocessed_image,

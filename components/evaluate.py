@@ -17,6 +17,7 @@ bad input.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from components.cli import stage_main
 from cpcsam.errors import CheckpointError
+from cpcsam.files import write_json_atomic
 
 MANIFEST = "data/ingest/manifest.parquet"
 CLASSES = "data/ingest/classes.json"
@@ -57,7 +59,7 @@ def load_models(params, trained: str | Path = TRAINED, sam_path: str = PRETRAINE
 def write_outputs(out: Path, metrics: dict[str, Any], overlays: dict[str, dict[str, list[np.ndarray]]],
                   images: list, load_image) -> list[Path]:
     """metrics.json, table.md, the noise curve, plots and overlays; returns the files written."""
-    from cpcsam.files import write_json_atomic, write_text_atomic
+    from cpcsam.files import write_text_atomic
     from cpcsam.evaluation.report import (
         markdown_table,
         overlay_masks,
@@ -119,6 +121,7 @@ def work(params, args, run) -> str:
     classes = load_classes(args.classes)
     images = image_records(load_manifest(args.manifest), cfg.splits, cfg.max_images, seed)
     engines = load_models(params, args.trained, args.sam)
+    started = time.perf_counter()
 
     def load_image(im):
         return np.array(read_image(im.uri))  # a writable copy (torch warns on read-only arrays)
@@ -127,7 +130,10 @@ def work(params, args, run) -> str:
                                         headline_model=cfg.headline.model, headline_protocol=cfg.headline.protocol)
     metrics["sources"] = {"sam": args.sam, **{v: str(trained_model_path(v, args.trained)) for v in params.variants}}
     out = Path(args.out)
+    seconds = time.perf_counter() - started
     written = write_outputs(out, metrics, overlays, images, load_image)
+    # Wall time differs run to run: beside the outs, never in one (DVC outs must be reproducible).
+    write_json_atomic(out / "timing.json", {"seconds": seconds, "images": len(images), "models": len(engines)})
     run.log_params({"evaluate.images": len(images), "evaluate.protocols": ",".join(metrics["protocols"]),
                     "evaluate.models": ",".join(metrics["models"])})
     run.log_metrics(flat_metrics(metrics))

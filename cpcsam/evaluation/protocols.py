@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -297,12 +298,15 @@ def evaluate_models(
     }
     overlays: dict[str, dict[str, list[np.ndarray]]] = {}
     for name, engine in engines.items():
+        started = time.perf_counter()
         result = evaluate_model(engine, images, base, target, support, cfg, load_image, name)
+        seconds = time.perf_counter() - started
         metrics["models"][name] = {"protocols": result.protocols}
         if result.auto_missing:
             metrics["models"][name]["auto_classes_without_prototype"] = result.auto_missing
         overlays[name] = result.overlays
-        logger.info("evaluated %s: %s", name, {p: s["target"]["dice"] for p, s in result.protocols.items()})
+        logger.info("evaluated %s in %.1f s: target Dice %s", name, seconds,
+                    {p: round(s["target"]["dice"], 4) for p, s in result.protocols.items() if s["target"]["dice"] is not None})
     metrics["headline"] = headline_numbers(metrics, headline_model, headline_protocol)
     return metrics, overlays
 

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows import stages  # noqa: E402
+from flows.workspace import write_overrides  # noqa: E402
 
 
 def copy_tree(dest: Path) -> None:
@@ -51,17 +52,17 @@ def main() -> int:
     env = {} if args.track else {"CPCSAM_TRACKING": "off"}
     rows: list[tuple[str, str, float]] = []
     try:
-        with stages.params_overrides(work, args.set):
-            order = stages.stage_order(work)
-            start = time.perf_counter()
-            for stage in order:
-                result = stages.repro_stage(work, stage, env=env)
-                rows.append((stage, "ran" if result["ran"] else "skipped", float(result["seconds"])))
-            total = time.perf_counter() - start
-            t0 = time.perf_counter()
-            out = stages.run_dvc(work, ["repro"], env=env)
-            noop = time.perf_counter() - t0
-            ran_again = [line for line in out.splitlines() if line.startswith("Running stage")]
+        write_overrides(work / "params.yaml", args.set)  # the copy's own params: the checkout is never written
+        order = stages.stage_order(work)
+        start = time.perf_counter()
+        for stage in order:
+            result = stages.repro_stage(work, stage, env=env)
+            rows.append((stage, "ran" if result["ran"] else "skipped", float(result["seconds"])))
+        total = time.perf_counter() - start
+        t0 = time.perf_counter()
+        out = stages.run_dvc(work, ["repro"], env=env)
+        noop = time.perf_counter() - t0
+        ran_again = [line for line in out.splitlines() if line.startswith("Running stage")]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

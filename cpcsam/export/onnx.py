@@ -29,7 +29,7 @@ or where the official export is wrong:
 Inputs (float32 unless said): `image_embeddings` [1, C, h, w]; `point_coords` [N, P, 2] in the
 model-input frame (x, y); `point_labels` [N, P] (−1, 0, 1, 2, 3); `mask_input` [N, 1, 4h, 4w];
 `has_mask_input` [N]; `orig_im_size` [2] (H, W). Outputs: `masks` [N, 1, H, W] full-size logits,
-`iou_predictions` [N, 1], `low_res_masks` [N, 1, 4h, 4w].
+`iou_predictions` [N, 1], `low_res_masks` [N, 1, m, m] (m = 4h, ×2 per mask refinement stage).
 
 Each graph carries the metadata property `cpcsam_graph` (`image_encoder` / `decoder_capl`), which
 `cpcsam.export.runtime` requires together with these names before it runs a file.

@@ -1,4 +1,4 @@
-"""The prompt-only reference rows: the filled box and GrabCut on its window."""
+"""The prompt-only reference rows: the filled box and GrabCut."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_grabcut_finds_the_object_inside_its_box_only():
     x0, y0, x1, y1 = box.astype(int)
     outside = mask.copy()
     outside[y0:y1, x0:x1] = False
-    assert not outside.any()  # the window never lets GrabCut answer outside the rectangle
+    assert not outside.any()  # GC_INIT_WITH_RECT: outside the rectangle is background
     # It is a segmentation, not the box: the box's corners are background.
     assert dice(mask, disc) > dice(FilledBox().predict(FilledBox().encode(image), [_prompt(box)])[0] > 0, disc) + 0.1
 
@@ -42,7 +42,7 @@ def test_grabcut_near_the_border_and_tiny_boxes():
     image, disc, _ = _scene(1)
     reference = GrabCut()
     encoded = reference.encode(image)
-    corner = np.array([0.0, 0.0, 40.0, 30.0])  # the window is clipped to the frame
+    corner = np.array([0.0, 0.0, 40.0, 30.0])  # a box on the frame's corner
     tiny = np.array([100.0, 100.0, 102.0, 101.0])  # too small for colour models: the filled box
     corner_mask, tiny_mask = reference.predict(encoded, [_prompt(corner), _prompt(tiny)]) > 0
     assert corner_mask[:30, :40].any() and not corner_mask[30:].any() and not corner_mask[:, 40:].any()

@@ -43,14 +43,20 @@ reliability: venv  ## the fault-injection tests behind docs/RELIABILITY.md
 # BCE + Dice loss on new scenes (seed 1). Same command, same bytes.
 .PHONY: generalist
 GENERALIST_WORK ?= .pretrain-work
+PHASE3_STEPS := 3000
+PHASE3_MIN_RADIUS := 0.015
 PRETRAIN_CPU := -S model.checkpoint=null -S pretrain.threads=1 -S pretrain.device=cpu \
 	-S pretrain.val_every=250 -S pretrain.checkpoint_every=250
 generalist: venv
 	$(PY) -m cpcsam.training.pretrain --params params.yaml --out $(GENERALIST_WORK)/phase1.pth \
-	  --work $(GENERALIST_WORK)/phase1 $(PRETRAIN_CPU) -S pretrain.steps=8000
+	  --work $(GENERALIST_WORK)/phase1 $(PRETRAIN_CPU) -S model.sizes.small.mask_refine_stages=0 -S pretrain.steps=8000
+	$(PY) -m cpcsam.training.pretrain --params params.yaml --out $(GENERALIST_WORK)/phase2.pth \
+	  --work $(GENERALIST_WORK)/phase2 $(PRETRAIN_CPU) -S model.sizes.small.mask_refine_stages=0 -S pretrain.steps=4000 \
+	  -S pretrain.seed=1 -S pretrain.init=$(GENERALIST_WORK)/phase1.pth -S pretrain.mask_loss=bce_dice -S pretrain.optim.lr=1e-3
 	$(PY) -m cpcsam.training.pretrain --params params.yaml --out checkpoints/sam_small_generalist.pth \
-	  --work $(GENERALIST_WORK)/phase2 $(PRETRAIN_CPU) -S pretrain.steps=4000 -S pretrain.seed=1 \
-	  -S pretrain.init=$(GENERALIST_WORK)/phase1.pth -S pretrain.mask_loss=bce_dice -S pretrain.optim.lr=1e-3
+	  --work $(GENERALIST_WORK)/phase3 $(PRETRAIN_CPU) -S pretrain.steps=$(PHASE3_STEPS) -S pretrain.seed=2 \
+	  -S pretrain.init=$(GENERALIST_WORK)/phase2.pth -S pretrain.mask_loss=bce_dice -S pretrain.optim.lr=5e-4 \
+	  -S 'pretrain.object_radius=[$(PHASE3_MIN_RADIUS),0.38]'
 
 # ---- local stack (issue 5): S3 (moto_server), MLflow server, Prefect server + worker on 127.0.0.1
 .PHONY: stack-up stack-down stack-status train-flow retrain-flow

@@ -48,7 +48,7 @@ class SamArch:
     iou_head_hidden_dim: int = 256
     # Extra ×2 mask upsampling stages after SAM's ×4 (`cpcsam.modeling.refine`); 0 = SAM's decoder.
     mask_refine_stages: int = 0
-    mask_refine_hidden: int = 32
+    mask_refine_hidden: int = 8  # width of its residual convolutions (run per entity at the mask resolution)
 
     @property
     def embedding_size(self) -> int:
@@ -64,7 +64,7 @@ ARCHS: dict[str, SamArch] = {
     "vit_h": SamArch(
         encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)
     ),
-    # CPU configurations (no SA-1B weights here): ~1.2 M parameters, 16×16 embedding grid.
+    # CPU configurations (no SA-1B weights here): ~1.2 M parameters, 16×16 embedding grid, 128² masks.
     "small": SamArch(
         image_size=256,
         encoder_embed_dim=128,
@@ -77,6 +77,7 @@ ARCHS: dict[str, SamArch] = {
         decoder_mlp_dim=256,
         decoder_num_heads=4,
         iou_head_hidden_dim=64,
+        mask_refine_stages=1,  # 128² masks: at 64² small objects cannot be drawn (cpcsam.modeling.refine)
     ),
     # A somewhat larger CPU configuration: 384² input, 24×24 grid (windows of 12 tile it).
     "base_small": SamArch(

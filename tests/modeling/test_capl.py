@@ -107,14 +107,16 @@ def _capl_step(model: CPCSAM, emb, index, coords, labels, lr: float = 0.05) -> N
     for param in sam_parameters(model):
         param.requires_grad_(False)
     opt = torch.optim.Adam(capl_parameters(model), lr=lr)
-    target = torch.zeros(index.shape[0], 1, 64, 64)
-    target[..., 16:40, 20:50] = 1
+    m = model.mask_size
+    target = torch.zeros(index.shape[0], 1, m, m)
+    target[..., m // 4 : m * 5 // 8, m * 5 // 16 : m * 25 // 32] = 1
     k = 2
     sparse = model.embed_prompts(coords, labels)[:, None].expand(-1, k, -1, -1)
     calibrated = model.calibrate_prompts(sparse, labels[:, None].expand(-1, k, -1))
     out = model.decode(emb, index, calibrated[:, 0])
     loss = torch.nn.functional.binary_cross_entropy_with_logits(out.low_res_logits, target)
-    loss = loss + torch.nn.functional.mse_loss(out.attn_map, target[:, 0, ::4, ::4]) + 0.1 * out.calibration_l1
+    step = m // model.embedding_size[0]
+    loss = loss + torch.nn.functional.mse_loss(out.attn_map, target[:, 0, ::step, ::step]) + 0.1 * out.calibration_l1
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -180,7 +182,7 @@ def test_decode_n_entities_from_b_images_matches_one_at_a_time(small_sam):
         sparse = model.embed_prompts(coords, labels)
         out = model.decode(emb, index, sparse)
         singles = [model.decode(emb[i : i + 1], torch.zeros(1, dtype=torch.long), sparse[j : j + 1]) for j, i in enumerate(index.tolist())]
-    assert out.low_res_logits.shape == (6, 1, 64, 64)
+    assert out.low_res_logits.shape == (6, 1, model.mask_size, model.mask_size) == (6, 1, 128, 128)
     assert out.iou_pred.shape == (6, 1)
     assert out.attn_map.shape == (6, 16, 16)
     assert out.calibration_l1.shape == () and out.calibration_l1 > 0

@@ -14,6 +14,7 @@ from cpcsam.training.pretrain import load_init
 from modeling_helpers import random_prompts, randomize
 
 REFINED = {"type": "small", "sizes": {"small": {"mask_refine_stages": 1}}}
+PLAIN = {"type": "small", "sizes": {"small": {"mask_refine_stages": 0}}}
 
 
 def _decode(model: CPCSAM, emb: torch.Tensor, seed: int = 0):
@@ -26,7 +27,7 @@ def _decode(model: CPCSAM, emb: torch.Tensor, seed: int = 0):
 def plain_checkpoint(tmp_path):
     """A `small` SAM with every weight random (SAM's zero inits moved too), saved as a state dict."""
     torch.manual_seed(0)
-    sam = build_sam({"type": "small"})
+    sam = build_sam(PLAIN)
     randomize(sam)
     path = tmp_path / "plain.pth"
     torch.save(sam.state_dict(), path)
@@ -84,7 +85,8 @@ def test_refined_checkpoint_round_trips_and_trains(tmp_path):
 def test_refine_stage_bounds_are_checked():
     with pytest.raises(ConfigError, match="mask_refine_stages"):
         build_sam({"type": "small", "sizes": {"small": {"mask_refine_stages": 3}}})
-    assert not any(isinstance(m, ResidualUpsample) for m in build_sam({"type": "small"}).modules())
+    assert not any(isinstance(m, ResidualUpsample) for m in build_sam(PLAIN).modules())
+    assert not any(isinstance(m, ResidualUpsample) for m in build_sam({"type": "vit_b"}).mask_decoder.modules())
 
 
 def test_refined_decoder_exports_with_parity(tmp_path):

@@ -23,15 +23,18 @@ def _decode(model: CPCSAM, emb: torch.Tensor, seed: int = 0):
         return model.decode(emb, torch.zeros(3, dtype=torch.long), model.embed_prompts(coords, labels))
 
 
-@pytest.fixture
-def plain_checkpoint(tmp_path):
-    """A `small` SAM with every weight random (SAM's zero inits moved too), saved as a state dict."""
+def _saved_random_sam(cfg: dict, path):
+    """A SAM of `cfg` with every weight random (SAM's zero inits moved too), saved as a state dict."""
     torch.manual_seed(0)
-    sam = build_sam(PLAIN)
+    sam = build_sam(cfg)
     randomize(sam)
-    path = tmp_path / "plain.pth"
     torch.save(sam.state_dict(), path)
     return sam, str(path)
+
+
+@pytest.fixture
+def plain_checkpoint(tmp_path):
+    return _saved_random_sam(PLAIN, tmp_path / "plain.pth")
 
 
 def test_a_grown_checkpoint_predicts_its_own_masks_upsampled(plain_checkpoint):
@@ -65,12 +68,8 @@ def test_growing_adds_only_refinement_tensors(plain_checkpoint, tmp_path):
 
 
 def test_refined_checkpoint_round_trips_and_trains(tmp_path):
-    torch.manual_seed(0)
-    sam = build_sam(REFINED)
-    randomize(sam)
-    path = tmp_path / "refined.pth"
-    torch.save(sam.state_dict(), path)
-    again = build_sam({**REFINED, "checkpoint": str(path)})
+    sam, path = _saved_random_sam(REFINED, tmp_path / "refined.pth")
+    again = build_sam({**REFINED, "checkpoint": path})
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in sam.state_dict().items())
     # The stage sits on the path of the loss: its weights receive gradients.
     model = CPCSAM(again, {"mode": "fixed"})

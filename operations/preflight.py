@@ -16,7 +16,7 @@ from pathlib import Path
 from cpcsam.config import Params
 from cpcsam.errors import CpcSamError
 from cpcsam.redact import redact
-from operations.tracking import is_remote_uri, resolve_tracking_uri, tracking_config
+from operations.tracking import database_problem, is_remote_uri, resolve_tracking_uri, tracking_config
 
 
 class PreflightError(CpcSamError):
@@ -58,6 +58,11 @@ def check_tracking(params: Params | None, timeout: float | None = None) -> str:
             "`make stack-up`, or point MLFLOW_TRACKING_URI / params tracking.uri at a running server "
             "(sqlite:///mlflow.db needs no server). Nothing was trained."
         )
+    if parsed.scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        problem = database_problem(uri, timeout)
+        if problem:
+            raise PreflightError(f"MLflow store {shown}: its database does not answer ({problem}). Nothing was trained.")
+        return uri
     if parsed.scheme == "sqlite":
         db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
         if db is not None and str(db):
@@ -71,7 +76,7 @@ def check_tracking(params: Params | None, timeout: float | None = None) -> str:
         if not os.access(probe if str(probe) else ".", os.W_OK):
             raise PreflightError(f"MLflow store {shown}: {probe} is not writable")
         return uri
-    raise PreflightError(f"MLflow tracking URI {shown!r}: unsupported scheme {parsed.scheme!r} (use sqlite:///, http(s)://)")
+    raise PreflightError(f"MLflow tracking URI {shown!r}: unsupported scheme {parsed.scheme!r} (use sqlite:///, http(s)://, postgresql://)")
 
 
 def check_s3_endpoint(endpoint_url: str | None, bucket: str | None = None, timeout: float = 5.0) -> None:

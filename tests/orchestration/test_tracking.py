@@ -177,6 +177,27 @@ def test_preflight_fails_fast_on_an_unreachable_tracking_server(store: dict, mon
     assert time.monotonic() - start < 5
 
 
+def test_a_database_store_that_is_down_is_known_in_milliseconds(store: dict, monkeypatch) -> None:
+    """MLflow alone retries a dead database for ~100 s; a TCP probe says so at once."""
+    import socket
+    import time
+
+    down = f"postgresql+psycopg2://mlflow:pw@127.0.0.1:{_closed_port()}/mlflow"
+    start = time.monotonic()
+    assert "127.0.0.1" in tracking.database_problem(down, 2.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    with pytest.raises(PreflightError, match=r"its database does not answer.*Nothing was trained"):
+        preflight(store)
+    assert time.monotonic() - start < 5
+    with socket.socket() as listening:  # something answers on the port: the probe lets MLflow try
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        up = f"postgresql://mlflow:pw@127.0.0.1:{listening.getsockname()[1]}/mlflow"
+        assert tracking.database_problem(up, 2.0) is None
+    assert tracking.database_problem("sqlite:///mlflow.db", 2.0) is None
+    assert tracking.database_problem("postgresql:///mlflow?host=/var/run/postgresql", 2.0) is None  # a Unix socket
+
+
 def test_preflight_fails_fast_on_an_unreachable_s3_endpoint(store: dict) -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(PreflightError, match=rf"S3 endpoint {url} is unreachable"):

@@ -16,7 +16,7 @@ from pathlib import Path
 from cpcsam.config import Params
 from cpcsam.errors import CpcSamError
 from cpcsam.redact import redact
-from operations.tracking import database_problem, is_remote_uri, resolve_tracking_uri, tracking_config
+from operations.tracking import DATABASE_PORTS, database_problem, is_remote_uri, resolve_tracking_uri, tracking_config
 
 
 class PreflightError(CpcSamError):
@@ -58,7 +58,7 @@ def check_tracking(params: Params | None, timeout: float | None = None) -> str:
             "`make stack-up`, or point MLFLOW_TRACKING_URI / params tracking.uri at a running server "
             "(sqlite:///mlflow.db needs no server). Nothing was trained."
         )
-    if parsed.scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+    if parsed.scheme.split("+")[0] in DATABASE_PORTS:
         problem = database_problem(uri, timeout)
         if problem:
             raise PreflightError(f"MLflow store {shown}: its database does not answer ({problem}). Nothing was trained.")

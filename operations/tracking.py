@@ -120,10 +120,11 @@ def database_problem(uri: str, timeout: float) -> str | None:
     scheme = parsed.scheme.split("+")[0]
     if scheme not in DATABASE_PORTS or not parsed.hostname:
         return None
+    address = (parsed.hostname, parsed.port or DATABASE_PORTS[scheme])
     try:
-        socket.create_connection((parsed.hostname, parsed.port or DATABASE_PORTS[scheme]), timeout=timeout).close()
+        socket.create_connection(address, timeout=timeout).close()
     except OSError as exc:
-        return f"{parsed.hostname}:{parsed.port or DATABASE_PORTS[scheme]}: {exc.strerror or exc}"
+        return f"{address[0]}:{address[1]}: {exc.strerror or exc}"
     return None
 
 

@@ -57,7 +57,7 @@ def grow_state_dict(model: nn.Module, state: Mapping[str, Any]) -> tuple[dict[st
     grown = dict(state)
     added = []
     for key, value in model.state_dict().items():
-        if key not in grown and prefixes and key.startswith(prefixes):
+        if key not in grown and key.startswith(prefixes):  # startswith(()) is False: nothing to grow
             grown[key] = value.detach().clone()
             added.append(key)
     return grown, added
@@ -68,8 +68,4 @@ def mask_upscale_factor(model: nn.Module) -> int:
     return 4 * 2 ** len(refine_stage_prefixes(model))
 
 
-def count_refine_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for m in model.modules() if isinstance(m, ResidualUpsample) for p in m.parameters())
-
-
-__all__ = ["ResidualUpsample", "count_refine_parameters", "grow_state_dict", "mask_upscale_factor", "refine_stage_prefixes"]
+__all__ = ["ResidualUpsample", "grow_state_dict", "mask_upscale_factor", "refine_stage_prefixes"]

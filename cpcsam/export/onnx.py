@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpcsam.export.attention import chunked_global_attention
 from cpcsam.export.runtime import DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 
@@ -279,7 +280,9 @@ def export_image_encoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_O
     """Export the image encoder for one preprocessed image [1, 3, S, S]."""
     path = Path(path)
     example = torch.zeros(1, 3, model.image_size, model.image_size)
-    with torch.no_grad():
+    with torch.no_grad(), chunked_global_attention(model.sam.image_encoder) as chunked:
+        if chunked:
+            logger.info("image encoder: %d global-attention blocks exported in query bands (memory)", chunked)
         _export(ImageEncoderOnnxModel(model).eval(), (example,), path, list(ENCODER_GRAPH.inputs),
                 list(ENCODER_GRAPH.outputs), {}, opset, ENCODER_GRAPH.role)
     logger.info("exported image encoder to %s (%.1f MB)", path, path.stat().st_size / 1e6)

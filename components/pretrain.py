@@ -6,7 +6,8 @@
   default names the shipped `checkpoints/sam_small_generalist.pth`): the checkpoint is loaded with
   strict key checks (so a wrong file fails here, not mid-training) and placed at `sam.pth`.
 - `model.checkpoint: null`: SAM is pretrained from scratch on the procedural corpus
-  (`cpcsam.training.pretrain`, `pretrain:` section), resumable from `<out>/checkpoints`.
+  (`cpcsam.training.pretrain`, `pretrain:` section), resumable from `<out>/checkpoints`; with
+  `pretrain.distributed.nproc_per_node` > 1 on that many processes under torchrun.
 Writes `sam.pth` (segment-anything state-dict format) and `metrics.json`; wall time goes to
 `timing.json`, which is not a DVC out, so the outs are byte-reproducible.
 """
@@ -55,13 +56,18 @@ def work(params, args, run) -> str:
         metrics = adopt_checkpoint(str(params.model.checkpoint), params.model, out)
         message = f"pretrain: using checkpoint {metrics['checkpoint']} ({metrics['type']}) -> {out / 'sam.pth'}"
     else:
-        from cpcsam.training.device import apply_threads
+        from cpcsam.training.device import apply_threads, resolve_device
+        from cpcsam.training.distributed import process_group
         from cpcsam.training.pretrain import pretrain_sam
 
         cfg = params.seeded("pretrain")
         apply_threads(cfg.threads)
-        run.log_params({"pretrain.effective_seed": cfg.seed})
-        _, metrics = pretrain_sam(params.model, cfg, out / "sam.pth", metric_logger=run, checkpoint_dir=out / "checkpoints")
+        with process_group(cfg.distributed.backend, resolve_device(cfg.device)) as world:
+            run.log_params({"pretrain.effective_seed": cfg.seed, "pretrain.processes": world.size})
+            _, metrics = pretrain_sam(params.model, cfg, out / "sam.pth", metric_logger=run,
+                                      checkpoint_dir=out / "checkpoints")
+            if not world.is_main:
+                return "pretrain: done (rank 0 writes the outputs)"
         run.log_metrics({f"final_{k}": v for k, v in metrics["final"].items()})
         message = (f"pretrain: {metrics['steps']} steps, mask IoU {metrics['first']['mask_iou']:.2f} -> "
                    f"{metrics['final']['mask_iou']:.2f}, held-out box@0 IoU {metrics['val_box_iou']} -> {out / 'sam.pth'}")
@@ -70,8 +76,17 @@ def work(params, args, run) -> str:
     return message
 
 
+def processes(params) -> int:
+    """torchrun workers for the stage: `pretrain.distributed` when it pretrains, one to adopt a checkpoint."""
+    return 1 if params.model.checkpoint else params.pretrain.distributed.nproc_per_node
+
+
+def resume_hint(args) -> str:
+    return f"Running the stage again resumes from the latest checkpoint in {Path(args.out) / 'checkpoints'}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("pretrain", __doc__, add_arguments, work, argv)
+    return stage_main("pretrain", __doc__, add_arguments, work, argv, processes=processes, failure_hint=resume_hint)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,26 @@ class ModelConfig(Section):
 # ---------------------------------------------------------------------------------------------
 
 
+class DistributedConfig(Section):
+    """Data-parallel training over several processes (`cpcsam.training.distributed`).
+
+    `nproc_per_node` > 1: the stage (`components.train`, `components.pretrain`) re-launches itself
+    under torchrun with that many processes on this machine (one per GPU on CUDA); 1 is a plain process with no
+    process group. `backend`: auto = nccl on CUDA, gloo on the CPU. Neither changes what is
+    learned (the global batch is the single-process one), so neither is in the run fingerprint:
+    a run resumes with another number of processes.
+    """
+
+    SECTION: ClassVar[str] = "train.distributed"
+
+    nproc_per_node: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class PretrainDistributedConfig(DistributedConfig):
+    SECTION: ClassVar[str] = "pretrain.distributed"
+
+
 class PretrainConfig(Section):
     """SAM trained from scratch on the procedural corpus (SA-1B stand-in, `cpcsam.training.pretrain`)."""
 
@@ -326,6 +346,7 @@ class PretrainConfig(Section):
     val_images: int = Field(64, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     threads: int = Field(1, ge=0)  # torch intra-op threads (0 = torch default); see `apply_threads`
+    distributed: PretrainDistributedConfig = PretrainDistributedConfig()
 
     _kinds = field_validator("kinds")(classmethod(lambda cls, v: _kind_probs(v)))
 
@@ -392,22 +413,6 @@ class EmbedConfig(Section):
 
     batch_size: int = Field(4, ge=1)
     device: Device = "auto"
-
-
-class DistributedConfig(Section):
-    """Data-parallel training over several processes (`cpcsam.training.distributed`).
-
-    `nproc_per_node` > 1: `python -m components.train` re-launches itself under torchrun with
-    that many processes on this machine (one per GPU on CUDA); 1 is a plain process with no
-    process group. `backend`: auto = nccl on CUDA, gloo on the CPU. Neither changes what is
-    learned (the global batch is the single-process one), so neither is in the run fingerprint:
-    a run resumes with another number of processes.
-    """
-
-    SECTION: ClassVar[str] = "train.distributed"
-
-    nproc_per_node: int = Field(1, ge=1)
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
 TrainMode = Literal["bilevel", "lora-only", "full-finetune"]

@@ -34,11 +34,23 @@ import numpy as np
 import torch
 
 from cpcsam.config import ModelConfig, PretrainConfig, coerce
+from cpcsam.errors import ConfigError
 from cpcsam.files import torch_save_atomic, write_json_atomic
 from cpcsam.prompts.perturb import pad_prompt, prompt_from_mask
 from cpcsam.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cpcsam.training.corpus import CorpusConfig, render_scene
 from cpcsam.training.device import resolve_device
+from cpcsam.training.distributed import (
+    SINGLE,
+    World,
+    all_gather_objects,
+    all_reduce_gradients,
+    broadcast_module,
+    current_world,
+    global_sum,
+    rank_device,
+    shard_range,
+)
 from cpcsam.training.errors import NonFiniteLossError
 from cpcsam.training.losses import balanced_seg_loss_logits, iou_prediction_loss, mask_iou, seg_loss_logits
 from cpcsam.training.metric_logger import MetricLogger, NullLogger
@@ -60,11 +72,14 @@ class CorpusBatch:
 
 
 def corpus_batch(
-    seed: int, first_index: int, cfg: PretrainConfig, image_size: int, lowres: int, sigma: float | None = None
+    seed: int, first_index: int, cfg: PretrainConfig, image_size: int, lowres: int, sigma: float | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> CorpusBatch:
     """Scenes `first_index .. first_index + batch_images - 1` with one random prompt per object.
 
     `sigma=None` draws each object's prompt noise from U(0, sigma_max); validation passes 0.
+    `shard=(start, stop)`: only those scenes of the batch (a rank's share); each scene is a pure
+    function of `(seed, scene)`, so the shards of all ranks are the single-process batch.
     """
     from cpcsam.modeling.transforms import mask_to_model, preprocess_image
 
@@ -72,8 +87,9 @@ def corpus_batch(
     kinds = list(cfg.kinds)
     probs = np.array([cfg.kinds[k] for k in kinds], np.float64)
     inputs, index, coords, labels, targets = [], [], [], [], []
-    for b in range(cfg.batch_images):
-        scene = first_index + b
+    start, stop = shard if shard is not None else (0, cfg.batch_images)
+    for b in range(stop - start):
+        scene = first_index + start + b
         if cfg.corpus_scenes and sigma is None:  # a finite corpus (validation scenes stay distinct)
             scene %= cfg.corpus_scenes
         image, masks = render_scene(seed, scene, corpus)
@@ -102,29 +118,45 @@ def corpus_batch(
 
 
 def corrective_clicks(
-    logits: torch.Tensor, targets: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, scale: float, gen: torch.Generator
+    logits: torch.Tensor, targets: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, scale: float,
+    gen: torch.Generator, world: World = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One click per prompt in its error region, written into the first padding slot.
 
     A missed object pixel gives a positive click, a wrongly taken background pixel a negative
     one (SAM's iterative sampling); prompts with no free slot or no error stay as they are.
+
+    The clicks are drawn one after the other from `gen`, in the order of the global batch. Under
+    several processes each rank holds a contiguous share of it, so it first skips the draws of
+    the ranks before it and afterwards those of the ranks after it (the counts are gathered):
+    every click, and the generator's state after the round, is the single process's.
     """
     coords, labels = coords.clone(), labels.clone()
     pred = logits.detach() > 0
     truth = targets >= 0.5
     error = (pred ^ truth).flatten(1)
     width = logits.shape[-1]
+    free_slots = (labels == LABEL_PAD).any(dim=1) & error.any(dim=1)
+    counts = all_gather_objects(int(free_slots.sum()), world)
+    _skip_draws(gen, sum(counts[: world.rank]))
     for n in range(logits.shape[0]):
+        if not bool(free_slots[n]):
+            continue
         free = (labels[n] == LABEL_PAD).nonzero()
         where = error[n].nonzero()
-        if len(free) == 0 or len(where) == 0:
-            continue
         pick = int(where[torch.randint(len(where), (1,), generator=gen)].item())
         y, x = divmod(pick, width)
         slot = int(free[0])
         coords[n, slot] = torch.tensor([(x + 0.5) * scale, (y + 0.5) * scale])
         labels[n, slot] = LABEL_POSITIVE if bool(truth[n].flatten()[pick]) else LABEL_NEGATIVE
+    _skip_draws(gen, sum(counts[world.rank + 1 :]))
     return coords, labels
+
+
+def _skip_draws(gen: torch.Generator, count: int) -> None:
+    """Advance `gen` past `count` click draws (one `randint` consumes the same state for any bound)."""
+    for _ in range(count):
+        torch.randint(1, (1,), generator=gen)
 
 
 def _decode(model: Any, embeddings: torch.Tensor, batch: CorpusBatch, coords: torch.Tensor, labels: torch.Tensor):
@@ -158,13 +190,23 @@ def pretrain_sam(
 
     With `checkpoint_dir`, resumes from its latest checkpoint and writes one every
     `cfg.checkpoint_every` steps. Writes `sam.state_dict()` to `out_path` atomically when given.
+
+    Inside a process group (`cpcsam.training.distributed`, torchrun) each rank renders its share
+    of the batch's scenes; its loss is its objects' share of the global mean and the gradients
+    are summed over ranks before clipping, so the step is the single process's on the same
+    batch. Rank 0 alone validates and writes checkpoints and outputs; every rank resumes from
+    the same checkpoint, with any number of processes.
     """
     from tqdm import tqdm
 
     from cpcsam.modeling import CPCSAM, build_sam
 
     metric_logger = metric_logger or NullLogger()
-    device = resolve_device(cfg.device)
+    world = current_world()
+    if cfg.batch_images < world.size:
+        raise ConfigError(f"pretrain.batch_images ({cfg.batch_images}) is smaller than the number of processes "
+                          f"({world.size}): every process needs at least one scene per step")
+    device = rank_device(resolve_device(cfg.device), world)
     torch.manual_seed(cfg.seed)
     sam = build_sam(coerce(ModelConfig, model_section, "model").model_copy(update={"checkpoint": None}))
     if cfg.init:  # a further phase: strict loading, except mask refinement stages the init lacks
@@ -173,6 +215,7 @@ def pretrain_sam(
     # CPCSAM in `fixed` mode is SAM itself (no CaPL parameters) with the same training entry
     # points as the trainer: the weights learn exactly the path that is fine-tuned later.
     model = CPCSAM(sam, {"mode": "fixed"}).to(device)
+    broadcast_module(model, world)  # same seed, same init on every rank; made certain, as DDP does
     model.train()
     params = list(model.sam.parameters())
     for p in params:
@@ -195,17 +238,21 @@ def pretrain_sam(
     lowres = model.mask_size
     scale = model.image_size / lowres
     clicks = torch.Generator().manual_seed(cfg.seed)
+    shard = shard_range(cfg.batch_images, world.rank, world.size)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
         if cfg.amp
         else contextlib.nullcontext()
     )
     started = time.perf_counter()
-    for step in tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", disable=not progress, initial=start, total=cfg.steps):
+    for step in tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", disable=not progress or not world.is_main, initial=start, total=cfg.steps):
         clicks.manual_seed(cfg.seed * 1_000_003 + step)
-        batch = corpus_batch(cfg.seed, (step - 1) * cfg.batch_images, cfg, model.image_size, lowres)
+        batch = corpus_batch(cfg.seed, (step - 1) * cfg.batch_images, cfg, model.image_size, lowres, shard=shard)
         inputs, targets = batch.inputs.to(device), batch.targets.to(device)
         batch.image_index = batch.image_index.to(device)
+        # This rank's objects' share of the global mean (exactly 1.0 in one process: same bits).
+        local = len(batch.image_index)
+        share = local / int(global_sum(torch.tensor(float(local)), world))
         with autocast:
             embeddings = model.encode_images(inputs)
             logits, iou_pred = _decode(model, embeddings, batch, batch.coords.to(device), batch.labels.to(device))
@@ -214,14 +261,17 @@ def pretrain_sam(
             first_iou = mask_iou(logits.detach(), targets).mean()
             loss = mask_loss + cfg.iou_loss_weight * iou_loss
             for _ in range(cfg.corrective_clicks):
-                coords, labels = corrective_clicks(logits, targets, batch.coords, batch.labels, scale, clicks)
+                coords, labels = corrective_clicks(logits, targets, batch.coords, batch.labels, scale, clicks, world)
                 logits, iou_pred = _decode(model, embeddings, batch, coords.to(device), labels.to(device))
                 loss = loss + seg_loss(logits, targets).mean()
                 loss = loss + cfg.iou_loss_weight * iou_prediction_loss(iou_pred, logits, targets)
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(f"pretrain step {step}: non-finite loss ({float(loss)}); nothing was written")
+        loss = loss * share
+        total = global_sum(loss.detach(), world)  # every rank takes the same NaN decision
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(f"pretrain step {step}: non-finite loss ({float(total)}); nothing was written")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        all_reduce_gradients(params, world)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
         scaler.step(optimizer)  # skipped (and the scale lowered) when float16 gradients overflowed
@@ -229,20 +279,20 @@ def pretrain_sam(
         scheduler.step()
         row = {
             "step": step,
-            "loss": float(loss.detach()),
-            "mask_loss": float(mask_loss.detach()),
-            "iou_loss": float(iou_loss.detach()),
-            "mask_iou": float(first_iou),
+            "loss": float(total),
+            "mask_loss": float(global_sum(mask_loss.detach() * share, world)),
+            "iou_loss": float(global_sum(iou_loss.detach() * share, world)),
+            "mask_iou": float(global_sum(first_iou * share, world)),
             "grad_norm": float(grad_norm),
             "lr": optimizer.param_groups[0]["lr"],
         }
-        if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+        if world.is_main and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
             row["val_box_iou"] = validate(model, cfg, cfg.val_images)
             logger.info("pretrain step %d: loss %.3f train IoU %.3f val box@0 IoU %.3f", step, row["loss"], row["mask_iou"], row["val_box_iou"])
         curve.append(row)
         if step % cfg.log_every == 0 or step == cfg.steps:
             metric_logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-        if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+        if world.is_main and checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
                 "sam": model.sam.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -269,7 +319,7 @@ def pretrain_sam(
         "final": {k: float(np.mean([r[k] for r in tail])) for k in ("loss", "mask_loss", "iou_loss", "mask_iou")},
         "val_box_iou": vals[-1] if vals else None,
     }
-    if out_path is not None:
+    if out_path is not None and world.is_main:
         save_sam_state_dict(model.sam, out_path)
         write_json_atomic(Path(out_path).with_name("curve.json"), curve, indent=None)
         # Wall time differs run to run: not in metrics.json (a DVC out that must be reproducible).

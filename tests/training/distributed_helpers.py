@@ -188,3 +188,51 @@ def spawn_cases(cases: list[dict[str, Any]], files: dict[str, Any], world_size: 
     mp.start_processes(_worker, args=(world_size, free_port(), cases, files, str(result)), nprocs=world_size,
                        start_method="spawn")
     return torch.load(result, weights_only=False)
+
+
+def pretrain_case(files: dict[str, Any], update: dict[str, Any], world: World,
+                  bug: str | None = None) -> dict[str, Any]:
+    """A few pretraining steps (`cpcsam.training.pretrain`) from the tiny project's SAM, float32:
+    the per-step curve, the weights after them, and whether every rank holds the same weights."""
+    from cpcsam.config import PretrainConfig
+    from cpcsam.training import pretrain
+
+    params = copy.deepcopy(files["params"])
+    cfg = PretrainConfig.from_params({**params["pretrain"], "steps": 3, "batch_images": 3, "val_every": 0,
+                                      "init": files["sam"], "mask_loss": "bce_dice", "corrective_clicks": 2, "prompt_slots": 9,
+                                      "optim": {"lr": 1e-3, "warmup_steps": 0}, **update})
+    saved = pretrain.all_reduce_gradients, pretrain._skip_draws
+    if bug == "no-gradient-all-reduce":  # each rank steps on its own scenes' gradient
+        pretrain.all_reduce_gradients = lambda params, world: None
+    elif bug == "no-click-skip":  # every rank draws its clicks from the start of the step's stream
+        pretrain._skip_draws = lambda gen, count: None
+    try:
+        sam, metrics = pretrain.pretrain_sam(params["model"], cfg, None, progress=False)
+    finally:
+        pretrain.all_reduce_gradients, pretrain._skip_draws = saved
+    weights = {n: t.detach().clone() for n, t in sam.state_dict().items()}
+    digests = all_gather_objects(_digest(weights), world)
+    return {"weights": weights, "first": metrics["first"], "final": metrics["final"],
+            "same_on_every_rank": len(set(digests)) == 1, "world": world.size}
+
+
+def _pretrain_worker(rank: int, world_size: int, port: int, cases: list[dict[str, Any]], files: dict[str, Any],
+                     result: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    with process_group("gloo", torch.device("cpu")) as world:
+        results = [pretrain_case(files, case.get("pretrain", {}), world, case.get("bug")) for case in cases]
+    if rank == 0:
+        torch.save(results, result)
+
+
+def spawn_pretrain_cases(cases: list[dict[str, Any]], files: dict[str, Any], world_size: int,
+                         tmp: Path) -> list[dict[str, Any]]:
+    """`pretrain_case` for each of `cases` on `world_size` gloo processes; rank 0's results."""
+    import torch.multiprocessing as mp
+
+    result = tmp / "pretrain.pt"
+    mp.start_processes(_pretrain_worker, args=(world_size, free_port(), cases, files, str(result)),
+                       nprocs=world_size, start_method="spawn")
+    return torch.load(result, weights_only=False)

@@ -146,6 +146,63 @@ def test_gradient_isolation_holds_with_two_processes(one_and_two) -> None:
     assert two["same_on_every_rank"]
 
 
+PRETRAIN_CASES: list[dict[str, Any]] = [
+    {"name": "pretrain"},
+    {"name": "planted: no gradient all-reduce", "bug": "no-gradient-all-reduce"},
+    {"name": "planted: clicks drawn from the start of the stream", "bug": "no-click-skip"},
+]
+
+
+@pytest.fixture(scope="module")
+def pretrain_one_and_two(tiny_project, tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """3 scenes per step over 2 ranks (2 + 1: uneven object counts), two corrective clicks per object."""
+    from distributed_helpers import pretrain_case, spawn_pretrain_cases
+
+    files = project_files(tiny_project)
+    one = pretrain_case(files, {}, World())
+    two = spawn_pretrain_cases(PRETRAIN_CASES, files, 2, tmp_path_factory.mktemp("pretrain"))
+    return {case["name"]: (one, result) for case, result in zip(PRETRAIN_CASES, two)}
+
+
+def _update_gap(one: dict, two: dict, init: dict) -> float:
+    """‖Δw₂ − Δw₁‖ / ‖Δw₁‖ over all weights: how far two processes' steps are from one process's."""
+    keys = [k for k in one["weights"] if one["weights"][k].is_floating_point()]
+    d1 = torch.cat([(one["weights"][k] - init[k]).flatten() for k in keys])
+    d2 = torch.cat([(two["weights"][k] - init[k]).flatten() for k in keys])
+    return float((d2 - d1).norm() / d1.norm())
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_as_one(pretrain_one_and_two, tiny_project) -> None:
+    """float32: the first step's loss (before any update, clicks included) to rounding; the
+    weights after three steps to Adam's amplified rounding (a sign flip on a ~0 gradient entry)."""
+    init = torch.load(tiny_project["sam_checkpoint"], weights_only=True)
+    one, two = pretrain_one_and_two["pretrain"]
+    assert one["world"] == 1 and two["world"] == 2 and two["same_on_every_rank"]
+    for key in ("loss", "mask_loss", "iou_loss", "mask_iou"):
+        assert abs(two["first"][key] - one["first"][key]) <= 1e-5 * max(1.0, abs(one["first"][key])), key
+    assert _update_gap(one, two, init) <= 0.01  # measured 0.0013; the planted bugs 0.5-0.9
+
+
+@pytest.mark.slow
+def test_the_pretrain_comparison_catches_planted_bugs(pretrain_one_and_two, tiny_project) -> None:
+    init = torch.load(tiny_project["sam_checkpoint"], weights_only=True)
+    one, unreduced = pretrain_one_and_two["planted: no gradient all-reduce"]
+    assert not unreduced["same_on_every_rank"] and _update_gap(one, unreduced, init) > 0.1
+    one, unskipped = pretrain_one_and_two["planted: clicks drawn from the start of the stream"]
+    assert abs(unskipped["first"]["loss"] - one["first"]["loss"]) > 1e-5
+
+
+def test_pretrain_refuses_fewer_scenes_than_processes(tiny_project, monkeypatch) -> None:
+    from cpcsam.config import PretrainConfig
+    from cpcsam.training import pretrain
+
+    monkeypatch.setattr(pretrain, "current_world", lambda: World(rank=0, size=3, local_rank=0))
+    cfg = PretrainConfig.from_params({**tiny_project["params"]["pretrain"], "batch_images": 2, "steps": 1})
+    with pytest.raises(ConfigError, match=r"pretrain.batch_images \(2\) is smaller than the number of processes \(3\)"):
+        pretrain.pretrain_sam(tiny_project["params"]["model"], cfg, None, progress=False)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.distributed.nprocs_per_node=2", "did you mean 'train.distributed.nproc_per_node'"),
     ("train.distributed.gpus=2", "unknown key 'train.distributed.gpus'; known keys: ['backend', 'nproc_per_node']"),

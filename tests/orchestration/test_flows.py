@@ -80,6 +80,7 @@ def test_unreachable_tracking_server_fails_the_flow_before_any_stage(toy: Path, 
 
 def test_two_runs_of_different_profiles_at_once_do_not_interfere(toy: Path, stack_env) -> None:
     """Two flow runs at the same time on one worker: each in its own worktree, each with its own params."""
+    import contextvars
     from concurrent.futures import ThreadPoolExecutor
 
     from flows.train import train
@@ -91,7 +92,10 @@ def test_two_runs_of_different_profiles_at_once_do_not_interfere(toy: Path, stac
     git(toy, "commit", "-qam", "a second profile")
     client = MlflowClient(stack_env.mlflow_url)
     with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(train, profile=p, overrides=[f"train.steps={v}"]) for p, v in (("toy", 7), ("other", 9))]
+        # Each thread runs in a copy of this context, where `stack_env` points Prefect at the stack's
+        # server: a bare thread would not see that setting and would start Prefect's temporary server.
+        runs = [pool.submit(contextvars.copy_context().run, train, profile=p, overrides=[f"train.steps={v}"])
+                for p, v in (("toy", 7), ("other", 9))]
         summaries = [r.result(timeout=600) for r in runs]
     assert summaries[0]["workspace"] != summaries[1]["workspace"]
     for summary, value in zip(summaries, (7, 9)):

@@ -76,14 +76,14 @@ def test_workloads_select_their_pods_and_reference_only_defined_config() -> None
 
 
 def test_services_reach_a_workload_port() -> None:
-    workloads = _by_kind("Deployment") + _by_kind("StatefulSet")
+    workloads = _by_kind("Deployment") + _by_kind("StatefulSet") + _by_kind("Job")
     for service in _by_kind("Service"):
         selector = service["spec"]["selector"]
         targets = [w for w in workloads if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
         assert targets, f"service {service['metadata']['name']} selects no workload"
         ports = {p["containerPort"] for w in targets for c in _containers(w) for p in c.get("ports", [])}
         for port in service["spec"]["ports"]:
-            assert port["targetPort"] in ports
+            assert port.get("targetPort", port["port"]) in ports  # targetPort defaults to port
 
 
 def test_mlflow_runs_on_postgres_and_s3_with_the_known_memory_settings() -> None:
@@ -134,7 +134,12 @@ def test_prefect_deployments_match_the_flows(prefect_yaml: str) -> None:
 
     doc = yaml.safe_load((ROOT / prefect_yaml).read_text())
     deployments = {d["name"]: d for d in doc["deployments"]}
-    assert set(deployments) == {"oceancoco", "deepsea-watch", "deepsea"}
+    gpu = {"oceancoco-gpu"} if "k8s" in prefect_yaml else set()  # the GPU pool exists on Kubernetes only
+    assert set(deployments) == {"oceancoco", "deepsea-watch", "deepsea"} | gpu
+    for name in gpu:
+        flows_name, _ = _flow_signature(deployments[name]["entrypoint"])
+        assert flows_name == "train"
+        deployments.pop(name)
     flows = {}
     for dep in deployments.values():
         name, params = _flow_signature(dep["entrypoint"])
@@ -180,3 +185,104 @@ def test_dvc_remote_templates() -> None:
     section = aws[aws["core"]["remote"].join(["'remote \"", "\"'"])]
     assert section["url"].startswith("s3://") and "endpointurl" not in section
     assert "/config.local" in (ROOT / ".dvc" / ".gitignore").read_text()
+
+
+# ---- schema validation (kubernetes-validate: the Kubernetes OpenAPI schemas, offline) -------------
+
+K8S_VERSION = "1.31.0"
+
+
+def _validate(doc: dict) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # strict: unknown fields are errors
+
+
+def test_every_manifest_passes_the_kubernetes_schema() -> None:
+    import kubernetes_validate
+
+    docs = _manifests()
+    assert {"Job", "PersistentVolumeClaim"} <= {d["kind"] for d in docs}
+    for doc in docs:
+        _validate(doc)
+    # the check bites: a misspelt field and a wrong type are refused
+    (job,) = _by_kind("Job")
+    broken = json.loads(json.dumps(job))
+    broken["spec"]["completion"] = broken["spec"].pop("completions")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(broken)
+    broken = json.loads(json.dumps(job))
+    broken["spec"]["parallelism"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(broken)
+
+
+def _rendered_job(job_variables: dict) -> dict:
+    """The flow-run Job the Kubernetes worker submits: the base job template rendered with Prefect's
+    own templating (defaults, then the deployment's job variables), then the two rewrites the
+    worker makes (prefect-kubernetes): `env` mapping → list of name/value, `command` string → args."""
+    import shlex
+
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((K8S / "work-pool-base-job-template.json").read_text())
+    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    values.update(job_variables)
+    values.update({"name": "train-oceancoco", "command": "prefect flow-run execute"})
+    config = apply_values(template["job_configuration"], values)
+    job = config["job_manifest"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    container["env"] = [{"name": k, "value": v} for k, v in container["env"].items()]
+    container["args"] = shlex.split(container["args"])
+    return job
+
+
+@pytest.mark.parametrize("deployment", ["oceancoco", "oceancoco-gpu"])
+def test_the_work_pool_renders_each_deployment_to_a_valid_job(deployment: str) -> None:
+    doc = yaml.safe_load((K8S / "prefect.yaml").read_text())
+    (dep,) = [d for d in doc["deployments"] if d["name"] == deployment]
+    job = _rendered_job(dep["work_pool"].get("job_variables", {}))
+    _validate(job)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    overrides = dict(o.split("=", 1) for o in dep["parameters"]["overrides"])
+    # one training process per GPU the pod gets
+    assert gpus == int(overrides.get("train.distributed.nproc_per_node", 0))
+    if gpus:
+        assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+        assert dep["work_pool"]["name"] == "cpcsam-k8s"
+    else:
+        assert pod["nodeSelector"] == {} and pod["tolerations"] == []
+    shm = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_multinode_job_agrees_with_itself_and_with_the_train_stage() -> None:
+    (job,) = _by_kind("Job")
+    (service,) = [s for s in _by_kind("Service") if s["metadata"]["name"] == job["spec"]["template"]["spec"]["subdomain"]]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    script = container["args"][0]
+    lines = script.split("torchrun", 1)[1].split("\n")
+    last = next(i for i, line in enumerate(lines) if not line.rstrip().endswith("\\"))  # continuation lines
+    torchrun = " ".join(line.strip().rstrip("\\") for line in lines[: last + 1])
+    flags = dict(re.findall(r"--([\w-]+)=(\S+)", torchrun))
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == int(flags["nnodes"])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == int(flags["nproc-per-node"])
+    assert flags["node-rank"] == '"${JOB_COMPLETION_INDEX}"'
+    host, port = flags["rdzv-endpoint"].rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"  # pod 0 behind the headless Service
+    assert service["spec"]["clusterIP"] == "None" and int(port) == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert flags["rdzv-backend"] == "c10d"
+    # the training command is the train stage's, for the variant it pulls and pushes
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["cmd"].replace("${item}", "cpcsam")
+    assert stage.replace("python ", "", 1) in " ".join(torchrun.split())
+    assert "dvc pull --with-deps train@cpcsam" in script and "dvc push train@cpcsam" in script
+    claims = {c["metadata"]["name"] for c in _by_kind("PersistentVolumeClaim")}
+    mounts = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["checkpoints"]["persistentVolumeClaim"]["claimName"] in claims
+    (claim,) = _by_kind("PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every node reads the checkpoint on resume

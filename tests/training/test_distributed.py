@@ -358,6 +358,33 @@ def test_stage_relaunches_under_torchrun_rank_0_writes(tiny_project, tmp_path, m
     assert len(client.search_runs([e.experiment_id for e in experiments], "tags.mlflow.runName = 'embed'")) == 2
 
 
+@pytest.mark.slow
+def test_two_nodes_rendezvous_over_c10d_and_train_as_one_process(tiny_project, tmp_path) -> None:
+    """Two torchrun "nodes" (one process each, --node-rank 0/1) joined by the c10d rendezvous on a TCP
+    endpoint, as infra/k8s/train-multinode.yaml runs them on two pods: the same training as one process."""
+    from distributed_helpers import free_port
+
+    work = _workdir(tiny_project, tmp_path, steps=4)
+    stage = ["-m", "components.train", *_stage_args(tiny_project, work, "two", "--variant", "lora_only")]
+    assert train.main(_stage_args(tiny_project, work, "one", "--variant", "lora_only")) == 0
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                               "--rdzv-id=test-two-nodes", "--max-restarts=0", *stage],
+                              cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert "[rank 1]" in outputs[0][1] + outputs[1][1]
+    one, two = (pd.read_csv(work / d / "curve.csv") for d in ("one", "two"))
+    assert list(one["step"]) == list(two["step"]) == [1, 2, 3, 4]
+    assert (one["loss_lower"] - two["loss_lower"]).abs().max() <= 1e-5 * one["loss_lower"].abs().max()
+    w1, w2 = _trainable(work / "one" / "model.pt"), _trainable(work / "two" / "model.pt")
+    assert w1.keys() == w2.keys() and w1
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-4
+
+
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

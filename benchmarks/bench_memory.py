@@ -53,10 +53,10 @@ def run_child(backend: str, root: Path, entities: int, size: tuple[int, int], th
     import numpy as np
     import torch
 
-    from cpcsam.predict import EntityPrompt, OnnxBackend, TorchBackend, segment_image
+    from cpcsam.predict import EntityPrompt, make_backend, segment_image
 
     torch.set_num_threads(threads)
-    engine = OnnxBackend(root / "onnx", "cpu", threads) if backend == "onnx" else TorchBackend(root / "model.pt", "cpu")
+    engine = make_backend(backend, root / "onnx", root / "model.pt", "cpu", threads)
     rng = np.random.default_rng(0)
     h, w = size
     pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)

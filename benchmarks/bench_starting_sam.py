@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from cpcsam.config import load_config
     from cpcsam.data import read_image
-    from cpcsam.evaluation.engine import TorchEngine
+    from cpcsam.inference import Predictor
     from cpcsam.evaluation.protocols import EvalConfig, Protocol, evaluate_models, image_records
     from cpcsam.evaluation.references import FilledBox, GrabCut
     from cpcsam.modeling import CPCSAM, build_sam
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             engines["grabcut"] = GrabCut()
         for path in args.sam:
             sam = build_sam(params.model.model_copy(update={"checkpoint": path}))
-            engines[Path(path).name] = TorchEngine(CPCSAM(sam, {"mode": "fixed"}))
+            engines[Path(path).name] = Predictor.from_model(CPCSAM(sam, {"mode": "fixed"}))
         started = time.perf_counter()
         metrics, _ = evaluate_models(engines, images, classes["base"], classes["target"], cfg,
                                      lambda im: np.array(read_image(im.uri)), headline_model="filled_box",

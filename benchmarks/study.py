@@ -69,7 +69,7 @@ def paired_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> d
 def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str], split: str, out: Path) -> dict:
     from cpcsam.data import load_classes, load_manifest, read_image
     from cpcsam.data.ingest import run_ingest
-    from cpcsam.evaluation.engine import TorchEngine
+    from cpcsam.inference import Predictor
     from cpcsam.evaluation.protocols import Protocol, image_records
     from cpcsam.evaluation.references import FilledBox
     from cpcsam.modeling import CPCSAM, build_sam
@@ -97,7 +97,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     result["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), images, [p for p in protocols if p.kind == "box"],
                                                             target, eval_seed)}
     start = CPCSAM(build_sam(params.model.model_copy(update={"checkpoint": sam_path})), {"mode": "fixed"})
-    result["models"]["sam"] = {"-": score(TorchEngine(start))}
+    result["models"]["sam"] = {"-": score(Predictor.from_model(start))}
     for variant in variants:
         result["models"][variant] = {}
         for seed in seeds:
@@ -107,7 +107,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
             trainer = prepare_training(train, model, params.perturb, manifest, prompts, sam_path, None)
             summary = trainer.run(resume=False, progress=False)
             seconds = time.perf_counter() - started
-            result["models"][variant][str(seed)] = score(TorchEngine(trainer.model.eval()))
+            result["models"][variant][str(seed)] = score(Predictor.from_model(trainer.model.eval()))
             result["budget"][variant] = summary["budget"]
             result["seconds"].setdefault(variant, []).append(seconds)
             print(f"{profile} {variant} seed {seed}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)

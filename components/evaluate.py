@@ -39,18 +39,18 @@ def trained_model_path(variant: str, trained: str | Path = TRAINED) -> Path:
 
 def load_models(params, trained: str | Path = TRAINED, sam_path: str = PRETRAINED_SAM) -> dict[str, Any]:
     """{name: model} to evaluate: the starting SAM, every trained variant, the prompt-only references."""
-    from cpcsam.evaluation.engine import TorchEngine
+    from cpcsam.inference import Predictor
     from cpcsam.evaluation.references import reference_engines
     from cpcsam.modeling import CPCSAM, build_sam, load_cpcsam
 
     cfg = params.evaluate
     sam = build_sam(params.model.model_copy(update={"checkpoint": sam_path}))
-    engines: dict[str, Any] = {"sam": TorchEngine(CPCSAM(sam, {"mode": "fixed"}).eval(), cfg.batch_entities)}
+    engines: dict[str, Any] = {"sam": Predictor.from_model(CPCSAM(sam, {"mode": "fixed"}).eval(), cfg.batch_entities)}
     for variant in params.variants:
         path = trained_model_path(variant, trained)
         if not path.is_file():
             raise CheckpointError(f"{path}: the trained {variant!r} model is missing; run its train stage (dvc repro)")
-        engines[variant] = TorchEngine(load_cpcsam(str(path)), cfg.batch_entities)
+        engines[variant] = Predictor.from_model(load_cpcsam(str(path)), cfg.batch_entities)
     if cfg.references:
         engines.update(reference_engines())
     return engines

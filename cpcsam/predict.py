@@ -22,8 +22,8 @@ Outputs under `out_dir`: `masks/<image>/<k>_<class>.png` (0/255), `predictions.j
 images, categories, annotations with compressed RLE `segmentation` and `score` = predicted IoU),
 `overlays/<image>.png`, `summary.json` (processed images and failures).
 
-Backends: `onnx` (default; `image_encoder.onnx` + `decoder_capl.onnx` from the export stage) or
-`torch` (the trained `model.pt`, LoRA merged, same wrapper modules the export traced).
+Backends (`cpcsam.inference`): `onnx` (default; `image_encoder.onnx` + `decoder_capl.onnx` from the
+export stage) or `torch` (the trained `model.pt`, LoRA merged: the path the evaluation scores).
 
 Bad input fails only its image, with a message that names it: an unreadable image, a prompt
 outside the image, a malformed entity, a class without support (automatic mode). Problems with the
@@ -178,70 +178,17 @@ def _prompt_key(uri: str, prompts: Mapping[str, Any]) -> str | None:
 # ---- backends ----------------------------------------------------------------------------------
 
 
-class OnnxBackend:
-    """The exported graphs in onnxruntime."""
+def make_backend(backend: str, onnx_dir: str | os.PathLike, model_path: str | os.PathLike, device: str,
+                 threads: int | None = None):
+    """A `cpcsam.inference.Predictor` over the exported graphs (`onnx`) or the trained model (`torch`)."""
+    from cpcsam.export.runtime import onnx_predictor
+    from cpcsam.inference import Predictor, TorchBackend
 
-    def __init__(self, onnx_dir: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
-        """`threads`: onnxruntime intra-op threads per session (None: its default, all cores)."""
-        from cpcsam.export.runtime import OnnxDecoder, OnnxImageEncoder
-
-        onnx_dir = Path(onnx_dir)
-        self.encoder = OnnxImageEncoder(onnx_dir / "image_encoder.onnx", device, threads)
-        self.decoder = OnnxDecoder(onnx_dir / "decoder_capl.onnx", device, threads)
-        self.image_size = self.encoder.image_size
-        self.providers = {"image_encoder": self.encoder.info.providers, "decoder": self.decoder.info.providers}
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        return self.encoder(x)
-
-    def decode(self, embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray, size: tuple[int, int]):
-        out = self.decoder(embedding, coords, labels, size)
-        return out["masks"][:, 0], out["iou_predictions"][:, 0]
-
-
-class TorchBackend:
-    """The trained model in PyTorch, LoRA merged, through the same wrappers the export traces."""
-
-    def __init__(self, model_path: str | os.PathLike, device: str = "cpu") -> None:
-        from cpcsam.export.onnx import DecoderOnnxModel, ImageEncoderOnnxModel, prepare_for_export
-        from cpcsam.modeling import load_cpcsam
-
-        model = prepare_for_export(load_cpcsam(str(model_path)))
-        self.device = torch.device("cuda" if device == "cuda" else "cpu")
-        self.encoder = ImageEncoderOnnxModel(model).to(self.device).eval()
-        self.decoder = DecoderOnnxModel(model).to(self.device).eval()
-        self.image_size = int(model.image_size)
-        self.mask_input_size = 4 * int(model.embedding_size[0])  # the prompt encoder's dense input, not the output
-        self.providers = {"torch": [str(self.device)]}
-
-    @torch.no_grad()
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        return self.encoder(torch.from_numpy(x).to(self.device)).cpu().numpy()
-
-    @torch.no_grad()
-    def decode(self, embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray, size: tuple[int, int]):
-        n = coords.shape[0]
-        args = [torch.from_numpy(np.asarray(a, np.float32)).to(self.device) for a in (embedding, coords, labels)]
-        masks, scores, _ = self.decoder(*args, torch.zeros(n, 1, self.mask_input_size, self.mask_input_size, device=self.device),
-                                        torch.zeros(n, device=self.device),
-                                        torch.tensor(size, dtype=torch.float32, device=self.device))
-        return masks[:, 0].cpu().numpy(), scores[:, 0].cpu().numpy()
-
-
-def make_backend(backend: str, onnx_dir: str | os.PathLike, model_path: str | os.PathLike, device: str):
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")
     if backend == "onnx":
-        return OnnxBackend(onnx_dir, device)
-    return TorchBackend(model_path, device)
-
-
-def _preprocess(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    from cpcsam.modeling.transforms import preprocess_image, resized_shape
-
-    h, w = image.shape[:2]
-    x = preprocess_image(np.array(image), image_size)[None].numpy()  # a writable copy for torch
-    return x, resized_shape(h, w, image_size)
+        return onnx_predictor(onnx_dir, device, threads)
+    return Predictor(TorchBackend.from_file(model_path, device))
 
 
 def segment_image(
@@ -267,21 +214,20 @@ def segment_image(
 
     auto = auto if auto is not None else AutoConfig.from_params(None, "auto prompts")
     h, w = pixels.shape[:2]
-    x, input_size = _preprocess(pixels, engine.image_size)
-    embedding = engine.encode(x)
+    encoded = engine.encode(pixels)
     rows_c, rows_l = [], []
     for ent in entities:
         if ent.automatic:
-            ap = auto_prompt(torch.from_numpy(embedding[0]), (prototypes or {})[ent.class_name], engine.image_size,
-                             input_size, auto)
+            ap = auto_prompt(encoded.embedding[0], (prototypes or {})[ent.class_name], engine.image_size,
+                             encoded.input_size, auto)
             rows_c.append(ap.coords)
             rows_l.append(ap.labels)
         else:
             rows_c.append(coords_to_model(ent.coords, (h, w), engine.image_size).numpy())
             rows_l.append(ent.labels)
     coords, labels = pad_points(rows_c, rows_l)
-    logits, scores = engine.decode(embedding, coords, labels.astype(np.float32), (h, w))  # the graph's dtype
-    return logits > threshold, scores
+    out = engine.decode(encoded, torch.from_numpy(coords)[:, None], torch.from_numpy(labels)[:, None])
+    return out.masks > threshold, out.iou_predictions
 
 
 def rle_annotation(mask: np.ndarray) -> dict[str, Any]:
@@ -346,14 +292,13 @@ def support_prototypes(backend, support_json: str | os.PathLike, per_class: int 
                 break
         if uri is None:
             raise DataError(f"{where}: support image {info['file_name']!r} not found next to it or in images/")
-        pixels = read_image(uri)
-        x, input_size = _preprocess(pixels, backend.image_size)
-        emb = torch.from_numpy(backend.encode(x))[0]
+        encoded = backend.encode(read_image(uri))
+        emb = encoded.embedding[0].cpu()
         grid = (int(emb.shape[-2]), int(emb.shape[-1]))
         for ann in by_image[image_id]:
             rle = rle_from_annotation(ann["segmentation"], int(info["height"]), int(info["width"]))
             mask = decode_mask(rle_counts_str(rle), int(info["height"]), int(info["width"]))
-            feat = masked_average(emb, mask_to_grid(mask, input_size, backend.image_size, grid))
+            feat = masked_average(emb, mask_to_grid(mask, encoded.input_size, backend.image_size, grid))
             if feat is not None:
                 feats.setdefault(cats[int(ann["category_id"])], []).append(feat)
     return class_prototypes(feats)

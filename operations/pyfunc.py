@@ -41,7 +41,7 @@ blow-up). A request without the `image` or `prompts` column is refused by MLflow
 schema check (HTTP 400). The whole request is refused when one row is bad.
 
 Artifacts: `export` — the export stage's folder (`image_encoder.onnx`, `decoder_capl.onnx`,
-`parity.json`, any external weights), run by `cpcsam.predict.OnnxBackend` (CUDA when onnxruntime
+`parity.json`, any external weights), run by `cpcsam.export.runtime.onnx_predictor` (CUDA when onnxruntime
 has it, see `cpcsam.export.runtime`); `classes` (optional) — the ingest stage's `classes.json`.
 Without a class table any class name is accepted (the graphs do not take the class).
 
@@ -155,14 +155,14 @@ class CpcSamModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from cpcsam.data import load_classes
-        from cpcsam.predict import OnnxBackend
+        from cpcsam.export.runtime import onnx_predictor
 
         cfg = {**DEFAULT_CONFIG, **(context.model_config or {})}
         for key, env in CONFIG_ENV.items():
             if os.environ.get(env):
                 cfg[key] = os.environ[env]
         self.config = cfg
-        self.engine = OnnxBackend(context.artifacts["export"], str(cfg["device"]), int(cfg["threads"]) or None)
+        self.engine = onnx_predictor(context.artifacts["export"], str(cfg["device"]), int(cfg["threads"]) or None)
         path = context.artifacts.get("classes")
         self.classes = [c["name"] for c in load_classes(path)["classes"]] if path else None
         logger.info("CPC-SAM pyfunc on %s; classes: %s", self.engine.providers,

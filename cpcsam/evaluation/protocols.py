@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from cpcsam.errors import ConfigError
-from cpcsam.evaluation.engine import EncodedImage, TorchEngine
+from cpcsam.inference import EncodedImage, Predictor
 from cpcsam.evaluation.metrics import ClassScores
 from cpcsam.evaluation.references import REFERENCE_MODELS, PromptOnlyReference
 from cpcsam.config import AutoConfig, EvaluateConfig
@@ -191,7 +191,7 @@ class ModelResult:
     auto_missing: list[str]  # target classes with no prototype (no support instance)
 
 
-def support_prototypes(engine: TorchEngine, support: Sequence[ImageRecord], classes: Iterable[str],
+def support_prototypes(engine: Predictor, support: Sequence[ImageRecord], classes: Iterable[str],
                        load_image: Callable[[ImageRecord], np.ndarray]) -> dict[str, torch.Tensor]:
     """Per-class prototypes from the support images' ground truth, with this model's encoder."""
     wanted = set(classes)
@@ -210,7 +210,7 @@ def support_prototypes(engine: TorchEngine, support: Sequence[ImageRecord], clas
 
 
 def evaluate_model(
-    engine: TorchEngine,
+    engine: Predictor,
     images: Sequence[ImageRecord],
     base: Sequence[str],
     target: Sequence[str],
@@ -254,7 +254,7 @@ def evaluate_model(
     return ModelResult(summaries, overlays, missing)
 
 
-def _score_auto(engine: TorchEngine, enc: EncodedImage, im: ImageRecord, target: Sequence[str],
+def _score_auto(engine: Predictor, enc: EncodedImage, im: ImageRecord, target: Sequence[str],
                 prototypes: Mapping[str, torch.Tensor], auto_cfg: AutoConfig, scores: ClassScores,
                 threshold: float) -> None:
     present = sorted({e.class_name for e in im.entities} & set(target) & set(prototypes))
@@ -278,7 +278,7 @@ def _score_auto(engine: TorchEngine, enc: EncodedImage, im: ImageRecord, target:
 
 
 def evaluate_models(
-    engines: Mapping[str, TorchEngine],
+    engines: Mapping[str, Predictor],
     images: Sequence[ImageRecord],
     base: Sequence[str],
     target: Sequence[str],

@@ -7,7 +7,7 @@
   no learning).
 
 Both answer only prompts with a box; on points-only protocols they are absent from the table
-rather than scored as empty masks. They implement `encode`/`predict` like `TorchEngine`, so the
+rather than scored as empty masks. They implement `encode`/`predict` like `cpcsam.inference.Predictor`, so the
 evaluation loop treats them as models.
 """
 

@@ -1,8 +1,8 @@
 """Parity of the exported graphs with PyTorch: the numbers the export stage stands or falls on.
 
 For each case (one image, its entities' prompts) both paths run end to end, image → full-size
-logits: PyTorch (`ImageEncoderOnnxModel` + `DecoderOnnxModel`, eager) and onnxruntime (the two
-exported graphs). The decoder alone is also compared on the *same* embedding, so a failure can be
+logits, through the one inference object (`cpcsam.inference.Predictor`): PyTorch (the path the
+evaluation scores) and onnxruntime (the two exported graphs). The decoder alone is also compared on the *same* embedding, so a failure can be
 told apart: encoder drift versus a decoder/CaPL export problem.
 
 The verdict is scale-aware, on the end-to-end full-size masks (what users run), fp32, per entity:
@@ -37,10 +37,9 @@ import torch
 
 from cpcsam.errors import ConfigError
 from cpcsam.evaluation.metrics import iou
-from cpcsam.export.onnx import DecoderOnnxModel, ImageEncoderOnnxModel
 from cpcsam.export.runtime import OnnxDecoder, OnnxImageEncoder
+from cpcsam.inference import Decoded, OnnxBackend, Predictor, TorchBackend
 from cpcsam.modeling import CPCSAM
-from cpcsam.modeling.transforms import preprocess_image
 
 MAX_ABS_LOGIT_DIFF = 1e-4  # atol of the logit check
 LOGIT_RTOL = 1e-3
@@ -117,7 +116,7 @@ def compare_logits(ref: np.ndarray, out: np.ndarray, tol: Tolerances) -> dict[st
 
 
 def compare_masks(ref: np.ndarray, out: np.ndarray, tol: Tolerances) -> dict[str, Any]:
-    """Binary masks (logit > 0) of [N, 1, H, W] logits: the smallest per-entity IoU, and the flips.
+    """Binary masks (logit > 0) of N entities' logits ([N, ...]): the smallest per-entity IoU, and the flips.
 
     A pixel whose reference probability is within `max_abs_prob_diff` of 0.5 counts as agreeing
     whichever side onnxruntime puts it: the probabilities may differ that much, so either side
@@ -126,7 +125,8 @@ def compare_masks(ref: np.ndarray, out: np.ndarray, tol: Tolerances) -> dict[str
     """
     min_iou, flipped = 1.0, 0
     band = 2.0 * tol.max_abs_prob_diff  # |σ(x) − 0.5| = |tanh(x/2)| / 2
-    for r, o in zip(np.asarray(ref, np.float32)[:, 0], np.asarray(out, np.float32)[:, 0]):
+    n = len(ref)
+    for r, o in zip(np.asarray(ref, np.float32).reshape(n, -1), np.asarray(out, np.float32).reshape(n, -1)):
         ref_pos, out_pos = r > 0, o > 0
         undecided = np.abs(np.tanh(0.5 * r)) <= band
         min_iou = min(min_iou, iou(ref_pos, np.where(undecided, ref_pos, out_pos)))
@@ -166,6 +166,10 @@ def verdict(numbers: dict[str, Any], tol: Tolerances) -> list[str]:
     return failures
 
 
+def _outputs(decoded: Decoded) -> list[np.ndarray]:
+    return [decoded.masks, decoded.iou_predictions, decoded.low_res_masks]
+
+
 def check_parity(
     model: CPCSAM,
     encoder: OnnxImageEncoder,
@@ -183,33 +187,28 @@ def check_parity(
     if not cases:
         raise ValueError("check_parity: no cases")
     tol = Tolerances(max_abs_logit_diff, logit_rtol, max_abs_prob_diff, min_mask_iou)
-    torch_encoder = ImageEncoderOnnxModel(model).eval()
-    torch_decoder = DecoderOnnxModel(model).eval()
+    # Both sides are `Predictor`s: the PyTorch one is the code path the evaluation scores.
+    reference = Predictor(TorchBackend(model))
+    exported = Predictor(OnnxBackend(encoder, decoder))
     rows = []
     for case in cases:
         h, w = case.image.shape[:2]
-        x = preprocess_image(case.image, model.image_size)[None]
-        coords = torch.from_numpy(np.asarray(case.point_coords, np.float32))
-        labels = torch.from_numpy(np.asarray(case.point_labels, np.float32))
+        coords = torch.from_numpy(np.asarray(case.point_coords, np.float32))[:, None]  # K' = 1
+        labels = torch.from_numpy(np.asarray(case.point_labels, np.int64))[:, None]
         n = coords.shape[0]
-        mask_in = torch.zeros(n, 1, *[4 * s for s in model.embedding_size])
-        has_mask = torch.zeros(n)
-        size = torch.tensor([h, w], dtype=torch.float32)
-        with torch.no_grad():
-            emb = torch_encoder(x)
-            ref = [t.numpy() for t in torch_decoder(emb, coords, labels, mask_in, has_mask, size)]
-        onnx_emb = encoder(x.numpy())
-        outputs = decoder(onnx_emb, coords.numpy(), labels.numpy(), (h, w))
-        end_to_end = [outputs["masks"], outputs["iou_predictions"], outputs["low_res_masks"]]
-        same_emb = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (h, w))
-        decoder_only = [same_emb["masks"], same_emb["iou_predictions"], same_emb["low_res_masks"]]
+        torch_image = reference.encode(case.image)
+        onnx_image = exported.encode(case.image)
+        ref = _outputs(reference.decode(torch_image, coords, labels))
+        end_to_end = _outputs(exported.decode(onnx_image, coords, labels))
+        decoder_only = _outputs(exported.decode(torch_image, coords, labels))  # the same embedding
+        emb, onnx_emb = torch_image.embedding.cpu().numpy(), onnx_image.embedding.numpy()
         e2e = _compare(ref, end_to_end, tol)
         rows.append({
             "case": case.name,
             "image_size": [h, w],
             "num_entities": int(n),
-            "num_points": int(coords.shape[1]),
-            "max_abs_embedding_diff": float(np.abs(onnx_emb - emb.numpy()).max()),
+            "num_points": int(coords.shape[2]),
+            "max_abs_embedding_diff": float(np.abs(onnx_emb - emb).max()),
             "end_to_end": e2e,
             "decoder_only": _compare(ref, decoder_only, tol),
             "failures": verdict(e2e, tol),

@@ -172,6 +172,16 @@ def check_graph(session: Any, path: str | Path, spec: GraphSpec) -> None:
         )
 
 
+def onnx_predictor(onnx_dir: str | Path, device: str = "auto", threads: int | None = None):
+    """A `cpcsam.inference.Predictor` over the export stage's `image_encoder.onnx` + `decoder_capl.onnx`;
+    `threads`: onnxruntime intra-op threads per session (None: its default, all cores)."""
+    from cpcsam.inference import OnnxBackend, Predictor
+
+    onnx_dir = Path(onnx_dir)
+    return Predictor(OnnxBackend(OnnxImageEncoder(onnx_dir / "image_encoder.onnx", device, threads),
+                                 OnnxDecoder(onnx_dir / "decoder_capl.onnx", device, threads)))
+
+
 class OnnxImageEncoder:
     """The exported image encoder: preprocessed [1, 3, S, S] float32 → embedding [1, C, h, w]."""
 

@@ -1,0 +1,192 @@
+"""One inference object for every consumer: evaluation, `predict`, serving and the export's parity check.
+
+A `Predictor` owns the geometry (an image → the square model frame and back: `encode`, the
+full-size logits of `decode`) and delegates the two networks to a backend:
+
+- `TorchBackend`: a trained CPC-SAM in PyTorch, LoRA folded into the weights. An entity may carry
+  K' prompt variants [N, K', P]: they are calibrated together (the task causal module's context
+  is the mean over the K' groups, as in training), decoded, and their logits averaged (test-time
+  calibration). Averaging the low-resolution logits before upsampling equals averaging the
+  full-size ones (upsampling and cropping are linear), and is K' times cheaper.
+- `OnnxBackend`: the two exported graphs in onnxruntime. The exported decoder calibrates one
+  prompt per entity, so it takes K' = 1 only and says so otherwise.
+
+Both return the same `Decoded` for the same inputs, which is what the parity check compares: the
+PyTorch side of that check is the very code path the evaluation scores, so a passing export is
+the model that was measured. Prompt padding lives in `cpcsam.prompts.perturb` (`pad_points`);
+`pad_prompts` lays N entities × K' variants out on top of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from cpcsam.errors import ConfigError
+from cpcsam.modeling.transforms import coords_to_model, postprocess_masks, preprocess_image, resized_shape
+from cpcsam.prompts.perturb import Prompt, pad_points
+
+
+@dataclass
+class EncodedImage:
+    embedding: torch.Tensor  # [1, C, h, w] (CPU for the ONNX backend)
+    orig_size: tuple[int, int]  # (H, W)
+    input_size: tuple[int, int]  # (h, w) of the resized image inside the square model frame
+
+
+@dataclass
+class Decoded:
+    """N entities' outputs: full-size logits, predicted IoU, low-resolution logits (float32)."""
+
+    masks: np.ndarray  # [N, H, W]
+    iou_predictions: np.ndarray  # [N]
+    low_res_masks: np.ndarray  # [N, m, m]
+
+
+def pad_prompts(prompts: Sequence[Sequence[Prompt]], orig_size: tuple[int, int], image_size: int):
+    """N entities × K' variants of `Prompt` (original pixels) → coords [N, K', P, 2] (model frame), labels [N, K', P].
+
+    P is the largest prompt's size; shorter prompts are padded with label −1 (not-a-point).
+    """
+    n, k = len(prompts), max(len(v) for v in prompts)
+    for i, variants in enumerate(prompts):
+        if len(variants) != k:
+            raise ValueError(f"entity {i}: {len(variants)} prompt variants, expected {k}")
+    flat = [q for variants in prompts for q in variants]
+    coords, labels = pad_points([q.coords for q in flat], [q.labels for q in flat])
+    coords, labels = coords.reshape(n, k, -1, 2), labels.reshape(n, k, -1)
+    model_coords = coords_to_model(coords, orig_size, image_size)
+    return model_coords, torch.from_numpy(labels)
+
+
+class Backend(Protocol):
+    image_size: int
+    providers: dict[str, list[str]]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+               orig_size: tuple[int, int]) -> Decoded: ...
+
+
+class TorchBackend:
+    """A CPC-SAM in PyTorch (eval mode, no grad); `batch_entities` bounds the decoder batch (N·K')."""
+
+    def __init__(self, model: Any, batch_entities: int = 32, device: str = "cpu") -> None:
+        from cpcsam.modeling import has_lora, merge_lora
+
+        if has_lora(model):
+            # Inference only: fold the adapters into the weights (same maths, no PEFT overhead).
+            model = merge_lora(copy.deepcopy(model))
+        self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        self.model = model.to(self.device).eval()
+        self.batch_entities = max(1, int(batch_entities))
+        self.image_size = int(self.model.image_size)
+        self.providers = {"torch": [str(self.device)]}
+
+    @classmethod
+    def from_file(cls, model_path: str | os.PathLike, device: str = "cpu") -> "TorchBackend":
+        from cpcsam.modeling import load_cpcsam
+
+        return cls(load_cpcsam(str(model_path)), device=device)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(x.to(self.device))
+
+    @torch.no_grad()
+    def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+               orig_size: tuple[int, int]) -> Decoded:
+        n, k, p = labels.shape
+        low_chunks, iou_chunks = [], []
+        per_chunk = max(1, self.batch_entities // k)
+        embedding = embedding.to(self.device)
+        for start in range(0, n, per_chunk):
+            c = coords[start : start + per_chunk].to(self.device, torch.float32)
+            lab = labels[start : start + per_chunk].to(self.device, torch.int64)
+            m = lab.shape[0]
+            sparse = self.model.embed_prompts(c.reshape(m * k, p, 2), lab.reshape(m * k, p))
+            sparse = self.model.calibrate_prompts(sparse.reshape(m, k, p, -1), lab)
+            index = torch.zeros(m * k, dtype=torch.long, device=self.device)
+            out = self.model.decode(embedding, index, sparse.reshape(m * k, p, -1))
+            low_chunks.append(out.low_res_logits.reshape(m, k, *out.low_res_logits.shape[-2:]).mean(dim=1))
+            iou_chunks.append(out.iou_pred.reshape(m, k).mean(dim=1))
+        low = torch.cat(low_chunks)
+        full = postprocess_masks(low[:, None], orig_size, self.image_size)[:, 0]
+        return Decoded(full.float().cpu().numpy(), torch.cat(iou_chunks).float().cpu().numpy(),
+                       low.float().cpu().numpy())
+
+
+class OnnxBackend:
+    """The exported graphs: one prompt per entity (K' = 1). `encoder` and `decoder` are
+    `cpcsam.export.runtime`'s `OnnxImageEncoder` and `OnnxDecoder` (`onnx_predictor` opens them
+    from the export stage's folder)."""
+
+    def __init__(self, encoder: Any, decoder: Any) -> None:
+        self.encoder, self.decoder = encoder, decoder
+        self.image_size = int(encoder.image_size)
+        self.providers = {"image_encoder": encoder.info.providers, "decoder": decoder.info.providers}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.encoder(x.cpu().numpy()))
+
+    def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+               orig_size: tuple[int, int]) -> Decoded:
+        if labels.shape[1] != 1:
+            raise ConfigError(f"the exported decoder calibrates one prompt per entity; got {labels.shape[1]} "
+                              "variants per entity (test-time calibration runs on the PyTorch backend)")
+        out = self.decoder(embedding.cpu().numpy(), coords[:, 0].cpu().numpy(),
+                           labels[:, 0].cpu().numpy().astype(np.float32), orig_size)  # the graph's dtype
+        return Decoded(out["masks"][:, 0], out["iou_predictions"][:, 0], out["low_res_masks"][:, 0])
+
+
+class Predictor:
+    """Image → embedding → N entities' full-size logits, over one backend (see the module docstring)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.image_size = int(backend.image_size)
+        self.providers = backend.providers
+
+    @classmethod
+    def from_model(cls, model: Any, batch_entities: int = 32, device: str = "cpu") -> "Predictor":
+        return cls(TorchBackend(model, batch_entities, device))
+
+    @property
+    def model(self) -> Any:
+        """The PyTorch model (LoRA merged) of a `TorchBackend`."""
+        if not isinstance(self.backend, TorchBackend):
+            raise AttributeError("an ONNX predictor has no PyTorch model")
+        return self.backend.model
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """RGB [H, W, 3] uint8 → the model's input [1, 3, S, S]."""
+        return preprocess_image(np.array(image), self.image_size)[None]  # a writable copy for torch
+
+    def encode(self, image: np.ndarray) -> EncodedImage:
+        h, w = image.shape[:2]
+        embedding = self.backend.encode(self.preprocess(image))
+        return EncodedImage(embedding, (h, w), resized_shape(h, w, self.image_size))
+
+    def decode(self, encoded: EncodedImage, coords: torch.Tensor, labels: torch.Tensor) -> Decoded:
+        """coords [N, K', P, 2] in the model frame, labels [N, K', P] → `Decoded` at the original size."""
+        if labels.shape[0] == 0:
+            return Decoded(np.zeros((0, *encoded.orig_size), np.float32), np.zeros(0, np.float32),
+                           np.zeros((0, 0, 0), np.float32))
+        return self.backend.decode(encoded.embedding, coords, labels, encoded.orig_size)
+
+    def predict(self, encoded: EncodedImage, prompts: Sequence[Sequence[Prompt]]) -> np.ndarray:
+        """Full-size logits [N, H, W] (float32) for N entities, each with K' ≥ 1 prompt variants (original pixels)."""
+        if not prompts:
+            return np.zeros((0, *encoded.orig_size), np.float32)
+        coords, labels = pad_prompts(prompts, encoded.orig_size, self.image_size)
+        return self.decode(encoded, coords, labels).masks
+
+    def predict_model_frame(self, encoded: EncodedImage, coords: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+        """As `predict`, with coords [N, K', P, 2] already in the model frame (e.g. automatic prompts)."""
+        return self.decode(encoded, coords, labels).masks

@@ -169,25 +169,35 @@ def run_cases(cases: list[dict[str, Any]], files: dict[str, Any], world: World =
     return [run_case(case, files, world) for case in cases]
 
 
-def _worker(rank: int, world_size: int, port: int, cases: list[dict[str, Any]], files: dict[str, Any],
+def run_pretrain_cases(cases: list[dict[str, Any]], files: dict[str, Any], world: World = SINGLE) -> list[dict[str, Any]]:
+    return [pretrain_case(files, case.get("pretrain", {}), world, case.get("bug")) for case in cases]
+
+
+def _worker(rank: int, world_size: int, port: int, runner: str, cases: list[dict[str, Any]], files: dict[str, Any],
             result: str) -> None:
+    """One rank: join a gloo group on `port`, run `cases` with the module function `runner`; rank 0 saves."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
     with process_group("gloo", torch.device("cpu")) as world:
-        results = run_cases(cases, files, world)
+        results = globals()[runner](cases, files, world)
     if rank == 0:
         torch.save(results, result)
 
 
-def spawn_cases(cases: list[dict[str, Any]], files: dict[str, Any], world_size: int, tmp: Path) -> list[dict[str, Any]]:
-    """Run `cases` on `world_size` gloo processes; rank 0's results."""
+def _spawn(runner: str, cases: list[dict[str, Any]], files: dict[str, Any], world_size: int,
+           tmp: Path) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
-    result = tmp / "spawned.pt"
-    mp.start_processes(_worker, args=(world_size, free_port(), cases, files, str(result)), nprocs=world_size,
+    result = tmp / f"{runner}.pt"
+    mp.start_processes(_worker, args=(world_size, free_port(), runner, cases, files, str(result)), nprocs=world_size,
                        start_method="spawn")
     return torch.load(result, weights_only=False)
+
+
+def spawn_cases(cases: list[dict[str, Any]], files: dict[str, Any], world_size: int, tmp: Path) -> list[dict[str, Any]]:
+    """Run `cases` on `world_size` gloo processes; rank 0's results."""
+    return _spawn("run_cases", cases, files, world_size, tmp)
 
 
 def pretrain_case(files: dict[str, Any], update: dict[str, Any], world: World,
@@ -216,23 +226,7 @@ def pretrain_case(files: dict[str, Any], update: dict[str, Any], world: World,
             "same_on_every_rank": len(set(digests)) == 1, "world": world.size}
 
 
-def _pretrain_worker(rank: int, world_size: int, port: int, cases: list[dict[str, Any]], files: dict[str, Any],
-                     result: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
-    torch.set_num_threads(1)
-    with process_group("gloo", torch.device("cpu")) as world:
-        results = [pretrain_case(files, case.get("pretrain", {}), world, case.get("bug")) for case in cases]
-    if rank == 0:
-        torch.save(results, result)
-
-
 def spawn_pretrain_cases(cases: list[dict[str, Any]], files: dict[str, Any], world_size: int,
                          tmp: Path) -> list[dict[str, Any]]:
     """`pretrain_case` for each of `cases` on `world_size` gloo processes; rank 0's results."""
-    import torch.multiprocessing as mp
-
-    result = tmp / "pretrain.pt"
-    mp.start_processes(_pretrain_worker, args=(world_size, free_port(), cases, files, str(result)),
-                       nprocs=world_size, start_method="spawn")
-    return torch.load(result, weights_only=False)
+    return _spawn("run_pretrain_cases", cases, files, world_size, tmp)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,11 +137,11 @@ def corrective_clicks(
     truth = targets >= 0.5
     error = (pred ^ truth).flatten(1)
     width = logits.shape[-1]
-    free_slots = (labels == LABEL_PAD).any(dim=1) & error.any(dim=1)
-    counts = all_gather_objects(int(free_slots.sum()), world)
+    clicked = (labels == LABEL_PAD).any(dim=1) & error.any(dim=1)  # a free slot and an error to click in
+    counts = all_gather_objects(int(clicked.sum()), world)
     _skip_draws(gen, sum(counts[: world.rank]))
     for n in range(logits.shape[0]):
-        if not bool(free_slots[n]):
+        if not bool(clicked[n]):
             continue
         free = (labels[n] == LABEL_PAD).nonzero()
         where = error[n].nonzero()
@@ -266,9 +267,12 @@ def pretrain_sam(
                 loss = loss + seg_loss(logits, targets).mean()
                 loss = loss + cfg.iou_loss_weight * iou_prediction_loss(iou_pred, logits, targets)
         loss = loss * share
-        total = global_sum(loss.detach(), world)  # every rank takes the same NaN decision
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(f"pretrain step {step}: non-finite loss ({float(total)}); nothing was written")
+        # One collective for the logged values; every rank takes the same NaN decision on the total.
+        total, mask_total, iou_total, iou_mean = global_sum(
+            torch.stack([loss.detach(), mask_loss.detach() * share, iou_loss.detach() * share, first_iou * share]), world
+        ).tolist()
+        if not math.isfinite(total):
+            raise NonFiniteLossError(f"pretrain step {step}: non-finite loss ({total}); nothing was written")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         all_reduce_gradients(params, world)
@@ -279,10 +283,10 @@ def pretrain_sam(
         scheduler.step()
         row = {
             "step": step,
-            "loss": float(total),
-            "mask_loss": float(global_sum(mask_loss.detach() * share, world)),
-            "iou_loss": float(global_sum(iou_loss.detach() * share, world)),
-            "mask_iou": float(global_sum(first_iou * share, world)),
+            "loss": total,
+            "mask_loss": mask_total,
+            "iou_loss": iou_total,
+            "mask_iou": iou_mean,
             "grad_norm": float(grad_norm),
             "lr": optimizer.param_groups[0]["lr"],
         }

@@ -157,13 +157,6 @@ class Predictor:
     def from_model(cls, model: Any, batch_entities: int = 32, device: str = "cpu") -> "Predictor":
         return cls(TorchBackend(model, batch_entities, device))
 
-    @property
-    def model(self) -> Any:
-        """The PyTorch model (LoRA merged) of a `TorchBackend`."""
-        if not isinstance(self.backend, TorchBackend):
-            raise AttributeError("an ONNX predictor has no PyTorch model")
-        return self.backend.model
-
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """RGB [H, W, 3] uint8 → the model's input [1, 3, S, S]."""
         return preprocess_image(np.array(image), self.image_size)[None]  # a writable copy for torch

@@ -2,7 +2,7 @@
 
     python benchmarks/study.py [--profiles oceancoco,trashcan] [--seeds 0,1,2]
         [--variants cpcsam,lora_only,full_finetune] [--split test] [--out reports/study]
-        [-S train.steps=200 ...]
+        [-S train.steps=200 ...] [-P trashcan:model.sizes.small.image_size=384 ...]
 
 For each data profile: ingest once, perturb once, then for every seed × variant train from the
 starting SAM of params.yaml (`model.checkpoint`) with the same budget (`train:` section, the
@@ -141,8 +141,10 @@ def report(results: list[dict], summaries: list[dict]) -> str:
     lines = ["# Study: CPC-SAM vs same-budget baselines", ""]
     for result, summary in zip(results, summaries):
         lines += [f"## {result['profile']} ({result['split']} split, {result['images']} images, "
-                  f"target classes {', '.join(result['target'])})", "",
-                  "Target-class Dice (mean over seeds; ± the seeds' standard deviation):", "",
+                  f"target classes {', '.join(result['target'])})", ""]
+        if result.get("overrides"):
+            lines += ["Parameters as params.yaml except " + ", ".join(f"`{o}`" for o in result["overrides"]) + ".", ""]
+        lines += ["Target-class Dice (mean over seeds; ± the seeds' standard deviation):", "",
                   "| protocol | " + " | ".join(result["models"]) + " |",
                   "| --- |" + " ---: |" * len(result["models"])]
         for protocol in result["protocols"]:
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("-P", "--profile-set", dest="profile_overrides", action="append", default=[],
+                        metavar="PROFILE:KEY=VALUE", help="an override for one profile only (after -S)")
     parser.add_argument("--profiles", default="oceancoco,trashcan")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="cpcsam,lora_only,full_finetune")
@@ -177,18 +181,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from cpcsam.config import load_config
 
-    params = load_config(args.params, args.overrides)
+    per_profile: dict[str, list[str]] = {}
+    for item in args.profile_overrides:
+        profile, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            parser.error(f"-P {item!r}: expected PROFILE:KEY=VALUE")
+        per_profile.setdefault(profile, []).append(override)
+    unknown = sorted(set(per_profile) - set(args.profiles.split(",")))
+    if unknown:
+        parser.error(f"-P names profiles not in --profiles: {', '.join(unknown)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     results, summaries = [], []
     rng = np.random.default_rng(0)
     for profile in args.profiles.split(","):
+        params = load_config(args.params, args.overrides + per_profile.get(profile, []))
         root = getattr(params.data.profiles.get(profile), "root", None)
         if root is not None and not str(root).startswith("s3://") and not Path(root).is_dir():
             print(f"study: skipping {profile}: {root} is absent", file=sys.stderr)
             continue
         results.append(run_profile(params, profile, seeds, args.variants.split(","), args.split, out))
+        results[-1]["overrides"] = args.overrides + per_profile.get(profile, [])
         summaries.append(summarise(results[-1], rng))
         (out / "study.json").write_text(json.dumps({"results": results, "summaries": summaries}))
     text = report(results, summaries)

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from cpcsam.config import ModelConfig, coerce
@@ -185,10 +186,43 @@ def build_sam(cfg: ModelConfig | Mapping[str, Any]) -> Sam:
     sam = build_sam_from_arch(resolve_arch(cfg))
     if cfg.checkpoint:
         state = read_state_dict(str(cfg.checkpoint))
+        state = adapt_input_size(state, sam, source=str(cfg.checkpoint))
         load_state_dict_strict(sam, state, source=str(cfg.checkpoint))
         logger.info("loaded SAM %s weights from %s", cfg.type, cfg.checkpoint)
     sam.eval()
     return sam
+
+
+def adapt_input_size(state: Mapping[str, Any], sam: Sam, source: str) -> dict[str, Any]:
+    """A checkpoint trained at another input size, resized to `sam`'s embedding grid.
+
+    Only two kinds of tensors depend on the grid: the encoder's absolute position embedding
+    [1, G, G, C] and the relative position tables [2G − 1, C/heads] of its global-attention
+    blocks (window blocks depend on the window, not the grid). They are interpolated as
+    segment-anything and ViTDet do at run time (bicubic for the embedding, linear for the tables),
+    so a model pretrained at 256² can be fine-tuned and run at 384² where small objects need the
+    finer grid. Everything else still has to match exactly (`check_state_dict`).
+    """
+    expected = sam.state_dict()
+    key = "image_encoder.pos_embed"
+    old, new = state.get(key), expected[key]
+    if not isinstance(old, torch.Tensor) or old.dim() != 4 or old.shape == new.shape or old.shape[3] != new.shape[3]:
+        return dict(state)  # same grid, or a mismatch `check_state_dict` reports
+    out = dict(state)
+    grid = tuple(new.shape[1:3])
+    out[key] = F.interpolate(old.permute(0, 3, 1, 2).float(), size=grid, mode="bicubic", align_corners=False
+                             ).permute(0, 2, 3, 1).to(old.dtype)
+    for name, table in expected.items():
+        if not name.endswith(("attn.rel_pos_h", "attn.rel_pos_w")):
+            continue
+        given = state.get(name)
+        if isinstance(given, torch.Tensor) and given.dim() == 2 and given.shape[1] == table.shape[1] \
+                and given.shape[0] != table.shape[0]:
+            out[name] = F.interpolate(given.T[None].float(), size=table.shape[0], mode="linear"
+                                      )[0].T.to(given.dtype)
+    logger.warning("%s: trained on a %dx%d embedding grid, resized to %dx%d (position embedding and "
+                   "global attention tables interpolated)", source, old.shape[1], old.shape[2], *grid)
+    return out
 
 
 def read_uri_bytes(uri: str) -> bytes:

@@ -118,3 +118,30 @@ def test_checkpoint_from_s3(s3_bucket):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sam.state_dict().items())
     with pytest.raises(CheckpointError, match="not found"):
         build_sam({"type": "small", "checkpoint": f"s3://{s3_bucket}/models/absent.pth"})
+
+
+def test_checkpoint_of_another_input_size_is_resized_to_the_grid(tmp_path, caplog):
+    """A 256² checkpoint (16² grid) runs at 384² (24² grid): the position tables are interpolated
+    along the right axes, everything else is loaded as saved."""
+    state = build_sam({"type": "small"}).state_dict()
+    ramp = torch.linspace(-1.0, 1.0, 16)
+    state["image_encoder.pos_embed"] = ramp[None, None, :, None].expand(1, 16, 16, 128).clone()  # varies along x only
+    global_table = "image_encoder.blocks.1.attn.rel_pos_h"  # block 1 is global; block 0 uses 8² windows
+    state[global_table] = torch.linspace(0.0, 3.0, 31)[:, None].expand(31, 32).clone()
+    path = tmp_path / "sam256.pth"
+    torch.save(state, path)
+
+    with caplog.at_level("WARNING"):
+        sam = build_sam({"type": "small", "checkpoint": str(path), "sizes": {"small": {"image_size": 384}}})
+    assert "16x16 embedding grid, resized to 24x24" in caplog.text
+    resized = sam.state_dict()
+    pos = resized["image_encoder.pos_embed"]
+    assert pos.shape == (1, 24, 24, 128)
+    assert torch.allclose(pos, pos[:, :1], atol=1e-6)  # still constant along y
+    assert bool((pos[0, 0, 1:, 0] > pos[0, 0, :-1, 0]).all())  # still increasing along x
+    table = resized[global_table]
+    assert table.shape == (47, 32)
+    assert bool((table[1:, 0] > table[:-1, 0]).all()) and 0.0 <= float(table[0, 0]) < float(table[-1, 0]) <= 3.0
+    assert torch.equal(resized["image_encoder.blocks.0.attn.rel_pos_h"], state["image_encoder.blocks.0.attn.rel_pos_h"])
+    assert torch.equal(resized["mask_decoder.iou_token.weight"], state["mask_decoder.iou_token.weight"])
+    assert sam.image_encoder(torch.zeros(1, 3, 384, 384)).shape == (1, 64, 24, 24)

@@ -249,6 +249,7 @@ def log_model(
     classes: str | os.PathLike | None = None,
     name: str = MODEL_NAME,
     tags: Mapping[str, str] | None = None,
+    threshold: float = 0.0,
 ):
     """Log the pyfunc model of `export_dir` as a logged model of run `run_id`, through `client`.
 
@@ -289,7 +290,7 @@ def log_model(
                 signature=signature(),
                 input_example=input_example(example_class),
                 pip_requirements=pip_requirements(),
-                model_config=dict(DEFAULT_CONFIG),
+                model_config={**DEFAULT_CONFIG, "threshold": float(threshold)},
                 metadata={"class_table": "classes.json" if classes is not None else "none (any class)"},
                 mlflow_model=Model(artifact_path=model.artifact_location, run_id=run_id,
                                    model_uuid=model.model_id, model_id=model.model_id),

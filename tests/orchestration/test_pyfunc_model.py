@@ -296,3 +296,17 @@ def test_mlflow_models_serve_answers_like_cpcsam_predict_and_survives_bad_reques
     status, answer = _post(server + "/invocations", good)  # still serving, same answer
     assert status == 200
     _assert_same_as_predict(answer["predictions"], expected)
+
+
+def test_the_logged_model_serves_with_the_threshold_it_was_logged_with(registered, expected):
+    """`log_model(threshold=)` (the registry passes `evaluate.threshold`) is the served mask threshold."""
+    import mlflow
+
+    client = tracking.make_client(registered["params"])
+    logged = pyfunc.log_model(client, registered["run_id"], registered["export"], classes=None, name="low-threshold",
+                              threshold=-4.0)
+    model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}", model_config={"device": "cpu", "threads": 1})
+    assert model.model_config["threshold"] == -4.0
+    rows = model.predict(pyfunc.request_frame([registered["image"].read_bytes()], [registered["entities"]]))
+    areas = rows["area"].tolist()
+    assert all(a >= e["area"] for a, e in zip(areas, expected)) and sum(areas) > sum(e["area"] for e in expected)

@@ -30,7 +30,11 @@ class RawImage:
 
 
 class PromptOnlyReference:
-    """Base of the reference rows: logits +1 inside the answer, -1 outside."""
+    """Base of the reference rows: logits +inf inside the answer, -inf outside.
+
+    A hard mask, so the same at any `evaluate.threshold` (with ±1 a threshold of −2, chosen for a
+    model, filled the whole frame and let every model beat the "box").
+    """
 
     name = "reference"
     needs_box = True
@@ -43,12 +47,12 @@ class PromptOnlyReference:
 
     def predict(self, encoded: RawImage, prompts: Sequence[Sequence[Prompt]]) -> np.ndarray:
         h, w = encoded.orig_size
-        out = np.full((len(prompts), h, w), -1.0, np.float32)
+        out = np.full((len(prompts), h, w), -np.inf, np.float32)
         for i, variants in enumerate(prompts):
             box = variants[0].box()
             if box is None:
                 raise ValueError(f"{self.name}: entity {i} has no box prompt")
-            out[i][self.segment(encoded.image, _clip_box(box, w, h), variants[0])] = 1.0
+            out[i][self.segment(encoded.image, _clip_box(box, w, h), variants[0])] = np.inf
         return out
 
     def segment(self, image: np.ndarray, box: tuple[int, int, int, int], prompt: Prompt) -> np.ndarray:

@@ -47,3 +47,21 @@ def test_grabcut_near_the_border_and_tiny_boxes():
     corner_mask, tiny_mask = reference.predict(encoded, [_prompt(corner), _prompt(tiny)]) > 0
     assert corner_mask[:30, :40].any() and not corner_mask[30:].any() and not corner_mask[:, 40:].any()
     assert tiny_mask.sum() == 2 and tiny_mask[100, 100:102].all()
+
+
+def test_a_reference_row_is_the_same_mask_at_any_evaluation_threshold():
+    """The evaluation thresholds every row at `evaluate.threshold`; a prompt-only answer must not move
+    with it (a threshold below the references' "outside" value once scored the whole frame)."""
+    from cpcsam.evaluation.protocols import EntityRecord, EvalConfig, ImageRecord, Protocol, evaluate_model
+
+    image, disc, _ = _scene()
+    record = ImageRecord("img", "unused", [EntityRecord("e0", "disc", disc)])
+    scores = {}
+    for threshold in (-3.0, 0.0, 3.0):
+        cfg = EvalConfig(protocols=[Protocol.parse("box@0")], threshold=threshold, overlay_images=0)
+        result = evaluate_model(FilledBox(), [record], ["disc"], [], [], cfg, lambda im: image, name="filled_box")
+        scores[threshold] = result.protocols["box@0"]["base"]["dice"]
+    box = np.zeros_like(disc)
+    ys, xs = np.nonzero(disc)
+    box[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] = True
+    assert scores[-3.0] == scores[0.0] == scores[3.0] == dice(box, disc)

@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOTSTRAP = 10_000
 
 
-def per_image_scores(engine: Any, images: list, protocols: list, target: set[str], seed: int) -> dict[str, list]:
-    """Per protocol, the target-class Dice of each image (mean over its target classes; None: none).
+def per_image_scores(engine: Any, images: list, protocols: list, target: set[str], seed: int,
+                     threshold: float = 0.0) -> dict[str, list]:
+    """Per protocol, the target-class Dice of each image (mean over its target classes; None: none),
+    masks being logits > `threshold` (`evaluate.threshold`, as the evaluate stage).
 
     One encoder pass per image serves every protocol.
     """
@@ -52,7 +54,7 @@ def per_image_scores(engine: Any, images: list, protocols: list, target: set[str
             scores = []
             for name in present:
                 idx = [j for j, n in enumerate(names) if n == name]
-                pred = np.logical_or.reduce([logits[j] > 0 for j in idx])
+                pred = np.logical_or.reduce([logits[j] > threshold for j in idx])
                 gt = np.logical_or.reduce([im.entities[j].mask for j in idx])
                 scores.append(dice(pred, gt))
             out[protocol.name].append(float(np.mean(scores)))
@@ -89,13 +91,13 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     sam_path = str(params.model.checkpoint)
 
     def score(engine) -> dict[str, list]:
-        return per_image_scores(engine, images, protocols, target, eval_seed)
+        return per_image_scores(engine, images, protocols, target, eval_seed, params.evaluate.threshold)
 
     result: dict[str, Any] = {"profile": profile, "split": split, "images": len(images), "target": sorted(target),
                               "base": classes["base"], "protocols": [p.name for p in protocols], "models": {},
                               "budget": {}, "seconds": {}}
     result["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), images, [p for p in protocols if p.kind == "box"],
-                                                            target, eval_seed)}
+                                                            target, eval_seed, params.evaluate.threshold)}
     start = CPCSAM(build_sam(params.model.model_copy(update={"checkpoint": sam_path})), {"mode": "fixed"})
     result["models"]["sam"] = {"-": score(Predictor.from_model(start))}
     for variant in variants:

@@ -89,15 +89,16 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     protocols = [Protocol.parse(f"{kind}@{s:g}") for kind in ("box", "points") for s in params.evaluate.sigmas]
     eval_seed = params.stage_seed("evaluate")
     sam_path = str(params.model.checkpoint)
+    threshold = params.evaluate.threshold
 
     def score(engine) -> dict[str, list]:
-        return per_image_scores(engine, images, protocols, target, eval_seed, params.evaluate.threshold)
+        return per_image_scores(engine, images, protocols, target, eval_seed, threshold)
 
     result: dict[str, Any] = {"profile": profile, "split": split, "images": len(images), "target": sorted(target),
                               "base": classes["base"], "protocols": [p.name for p in protocols], "models": {},
                               "budget": {}, "seconds": {}}
     result["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), images, [p for p in protocols if p.kind == "box"],
-                                                            target, eval_seed, params.evaluate.threshold)}
+                                                            target, eval_seed, threshold)}
     start = CPCSAM(build_sam(params.model.model_copy(update={"checkpoint": sam_path})), {"mode": "fixed"})
     result["models"]["sam"] = {"-": score(Predictor.from_model(start))}
     for variant in variants:
@@ -198,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     results, summaries = [], []
     rng = np.random.default_rng(0)
     for profile in args.profiles.split(","):
-        params = load_config(args.params, args.overrides + per_profile.get(profile, []))
+        overrides = args.overrides + per_profile.get(profile, [])
+        params = load_config(args.params, overrides)
         root = getattr(params.data.profiles.get(profile), "root", None)
         if root is not None and not str(root).startswith("s3://") and not Path(root).is_dir():
             print(f"study: skipping {profile}: {root} is absent", file=sys.stderr)
             continue
         results.append(run_profile(params, profile, seeds, args.variants.split(","), args.split, out))
-        results[-1]["overrides"] = args.overrides + per_profile.get(profile, [])
+        results[-1]["overrides"] = overrides
         summaries.append(summarise(results[-1], rng))
         (out / "study.json").write_text(json.dumps({"results": results, "summaries": summaries}))
     text = report(results, summaries)

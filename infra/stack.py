@@ -224,6 +224,14 @@ def pid_alive(pid: int) -> bool:
     return not (stat is not None and stat[0] == "Z")
 
 
+def _default_sigint() -> None:
+    """In a service's child process, before exec: Ctrl-C back to its default. A shell without job
+    control (`make stack-up &`, nohup, some CI runners) starts its commands with SIGINT ignored and
+    that is inherited through exec; a Python service started so never raises KeyboardInterrupt,
+    and `stop` would wait out both SIGINT steps (~13 s) before its SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any live (non-zombie) process is left in a process group: a service's children
     (MLflow's uvicorn, ...) can outlive its leader for a moment and still hold the port."""
@@ -437,6 +445,7 @@ class Stack:
             proc = subprocess.Popen(
                 svc.cmd, cwd=self.project, env={**self._base_env(), **svc.env}, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,  # own process group: stopped as a whole
+                preexec_fn=_default_sigint,
             )
         finally:
             log.close()

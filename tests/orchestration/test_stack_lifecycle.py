@@ -302,3 +302,23 @@ def test_down_is_idempotent_and_spares_strangers(tmp_path: Path) -> None:
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_service_started_with_sigint_ignored_still_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """A shell without job control (`make stack-up &`, nohup, CI runners) starts `up` with SIGINT
+    ignored; the services must not inherit that, or every `stop` waits out its SIGINT steps."""
+    st = _fake_stack(tmp_path)
+    (mlflow,) = [svc for svc in st.services() if svc.name == "mlflow"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pid = st.start(mlflow)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        os.killpg(pid, signal.SIGINT)  # one Ctrl-C, as `stop` sends first
+        deadline = time.monotonic() + 10
+        while stack_module.group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not stack_module.group_alive(pid), "the service ignored SIGINT (inherited from `up`)"
+    finally:
+        st.down()

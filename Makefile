@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml
 run: venv
 	$(VENV)/bin/cpcsam run
 
+# two xdist workers, one test file each at a time (tests/conftest.py queues the long files first);
+# TEST_WORKERS=0 runs everything in this one process
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: reliability
 reliability: venv  ## the fault-injection tests behind docs/RELIABILITY.md

@@ -90,6 +90,8 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     eval_seed = params.stage_seed("evaluate")
     sam_path = str(params.model.checkpoint)
     threshold = params.evaluate.threshold
+    if threshold == "auto":  # per model and seed it would need a calibration split of its own
+        raise SystemExit(f"{profile}: the study takes a numeric evaluate.threshold (chosen on validation), not 'auto'")
 
     def score(engine) -> dict[str, list]:
         return per_image_scores(engine, images, protocols, target, eval_seed, threshold)

@@ -16,6 +16,7 @@ bad input.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ MANIFEST = "data/ingest/manifest.parquet"
 CLASSES = "data/ingest/classes.json"
 PRETRAINED_SAM = "artifacts/pretrain/sam.pth"
 TRAINED = "artifacts/train"
+
+logger = logging.getLogger(__name__)
 
 
 def trained_model_path(variant: str, trained: str | Path = TRAINED) -> Path:
@@ -54,6 +57,34 @@ def load_models(params, trained: str | Path = TRAINED, sam_path: str = PRETRAINE
     if cfg.references:
         engines.update(reference_engines())
     return engines
+
+
+def calibrate_thresholds(params, engines: dict[str, Any], manifest, base: list[str], seed: int,
+                         load_image) -> tuple[dict[str, float], dict[str, Any]]:
+    """`evaluate.threshold: auto`: every model's own threshold on `evaluate.calibration.split`
+    (cpcsam.evaluation.calibration); the prompt-only references answer hard masks and keep theirs."""
+    from cpcsam.errors import ConfigError
+    from cpcsam.evaluation.calibration import calibrate_threshold
+    from cpcsam.evaluation.protocols import image_records
+    from cpcsam.evaluation.references import PromptOnlyReference
+
+    cal = params.evaluate.calibration
+    if not (manifest["split"] == cal.split).any():
+        raise ConfigError(f"evaluate.calibration.split: the manifest has no {cal.split!r} image to calibrate on")
+    images = image_records(manifest, [cal.split], 0, seed)
+    thresholds, report = {}, {}
+    for name, engine in engines.items():
+        if isinstance(engine, PromptOnlyReference):
+            continue
+        try:
+            found = calibrate_threshold(engine, images, base, cal.grid, seed, load_image, name)
+        except ValueError as err:
+            raise ConfigError(f"evaluate.calibration.split {cal.split!r}: {err}") from None
+        thresholds[name] = found.threshold
+        report[name] = found.as_dict()
+        logger.info("%s: threshold %g (base Dice on %s at box@0: %s)", name, found.threshold, cal.split,
+                    {t: None if d is None else round(d, 4) for t, d in found.base_dice.items()})
+    return thresholds, {"split": cal.split, "grid": list(cal.grid), "models": report}
 
 
 def write_outputs(out: Path, metrics: dict[str, Any], overlays: dict[str, dict[str, list[np.ndarray]]],
@@ -119,15 +150,22 @@ def work(params, args, run) -> str:
     torch.manual_seed(seed)
     apply_threads(cfg.threads)
     classes = load_classes(args.classes)
-    images = image_records(load_manifest(args.manifest), cfg.splits, cfg.max_images, seed)
     engines = load_models(params, args.trained, args.sam)
     started = time.perf_counter()
 
     def load_image(im):
         return np.array(read_image(im.uri))  # a writable copy (torch warns on read-only arrays)
 
+    manifest = load_manifest(args.manifest)
+    images = image_records(manifest, cfg.splits, cfg.max_images, seed)
+    thresholds, calibration = None, None
+    if cfg.threshold == "auto":
+        thresholds, calibration = calibrate_thresholds(params, engines, manifest, classes["base"], seed, load_image)
     metrics, overlays = evaluate_models(engines, images, classes["base"], classes["target"], eval_cfg, load_image,
-                                        headline_model=cfg.headline.model, headline_protocol=cfg.headline.protocol)
+                                        headline_model=cfg.headline.model, headline_protocol=cfg.headline.protocol,
+                                        thresholds=thresholds)
+    if calibration is not None:
+        metrics["calibration"] = calibration
     metrics["sources"] = {"sam": args.sam, **{v: str(trained_model_path(v, args.trained)) for v in params.variants}}
     out = Path(args.out)
     seconds = time.perf_counter() - started

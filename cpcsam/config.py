@@ -474,6 +474,24 @@ class TtaConfig(Section):
     protocols: list[str] = ["box@0.2"]  # which protocols get a +ttaK row (need a box)
 
 
+class ThresholdCalibration(Section):
+    """`evaluate.threshold: auto`: each model's logit threshold, chosen on `split` among `grid`
+    as the one that gives the best base-class Dice under exact box prompts (box@0). Base classes
+    only: the target classes stay unseen. (`cpcsam.evaluation.calibration`)"""
+
+    SECTION: ClassVar[str] = "evaluate.calibration"
+
+    split: SplitName = "val"
+    grid: list[float] = [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0]
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_not_empty(cls, grid: list[float]) -> list[float]:
+        if not grid:
+            raise ValueError("needs at least one threshold")
+        return sorted(set(grid))
+
+
 class AutoConfig(Section):
     """Automatic prompts for target classes (`cpcsam.prompts.auto`)."""
 
@@ -505,7 +523,8 @@ class EvaluateConfig(Section):
     tta: TtaConfig = TtaConfig()
     auto: AutoConfig = AutoConfig()
     support_fraction: float = Field(0.1, ge=0, le=1)
-    threshold: float = 0.0
+    threshold: float | Literal["auto"] = 0.0  # logit threshold of a mask; auto: per model, see calibration
+    calibration: ThresholdCalibration = ThresholdCalibration()
     batch_entities: int = Field(32, ge=1)
     threads: int = Field(1, ge=0)
     overlays: int = Field(4, ge=0)
@@ -523,6 +542,9 @@ class EvaluateConfig(Section):
         for key, name, allowed in checks:
             if name not in allowed:
                 raise ValueError(f"{key}: {name!r} is not a protocol of this run ({sorted(allowed)}; see kinds, sigmas)")
+        if self.threshold == "auto" and self.calibration.split in self.splits:
+            raise ValueError(f"calibration.split: {self.calibration.split!r} is also evaluated (splits: {self.splits}); "
+                             "a threshold chosen on the images it is judged on is tuned on test")
         return self
 
 

@@ -163,10 +163,14 @@ def register_candidate(
             if key in run.data.tags:
                 tags[key] = run.data.tags[key]
         # The model: a pyfunc around the whole export folder (ONNX graphs, external weights, parity report).
-        # Served with the mask threshold it was evaluated with (`evaluate.threshold`).
+        # Served with the mask threshold it was evaluated with: its own under `evaluate.threshold:
+        # auto` (the headline says which), else `evaluate.threshold`.
+        threshold = (gate.get("candidate") or {}).get("threshold")
+        if threshold is None:
+            threshold = tracking.param_value(params, "evaluate", "threshold")
         model = pyfunc.log_model(client, run_id, export_dir, classes, name=MODEL_ARTIFACT_PATH,
                                  tags={k: v for k, v in tags.items() if k != "cpcsam.headline"},
-                                 threshold=tracking.param_value(params, "evaluate", "threshold") or 0.0)
+                                 threshold=float(threshold) if isinstance(threshold, (int, float)) else 0.0)
         tags["cpcsam.model_id"] = model.model_id
         verdict = "passed the gate" if passed else "REJECTED by the gate"
         # The source is the logged model's artifact location: a `models:/<model_id>` source would be

@@ -23,7 +23,7 @@ import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -178,7 +178,7 @@ class EvalConfig:
             tta_sigma=cfg.tta.sigma,
             support_fraction=cfg.support_fraction,
             auto=cfg.auto,
-            threshold=cfg.threshold,
+            threshold=0.0 if cfg.threshold == "auto" else cfg.threshold,  # auto: per model (evaluate_models)
             overlay_images=cfg.overlays,
             overlay_protocol=cfg.overlay_protocol,
         )
@@ -286,8 +286,12 @@ def evaluate_models(
     load_image: Callable[[ImageRecord], np.ndarray],
     headline_model: str = "cpcsam",
     headline_protocol: str = "box@0.1",
+    thresholds: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, list[np.ndarray]]]]:
-    """All models on all protocols: the `metrics.json` dict and the overlay masks per model."""
+    """All models on all protocols: the `metrics.json` dict and the overlay masks per model.
+
+    `thresholds`: a model's own mask threshold instead of `cfg.threshold` (`evaluate.threshold:
+    auto`); each model's entry and the headline then say which one it was scored at."""
     support = choose_support(images, target, cfg.support_fraction, cfg.seed) if any(
         p.kind == "auto" for p in cfg.protocols) else []
     metrics: dict[str, Any] = {
@@ -301,7 +305,8 @@ def evaluate_models(
 
     def run(name: str) -> tuple[ModelResult, float]:
         started = time.perf_counter()
-        result = evaluate_model(engines[name], images, base, target, support, cfg, load_image, name)
+        own = cfg if name not in (thresholds or {}) else replace(cfg, threshold=float(thresholds[name]))
+        result = evaluate_model(engines[name], images, base, target, support, own, load_image, name)
         return result, time.perf_counter() - started
 
     # The prompt-only references need no model and no torch: GrabCut (OpenCV releases the GIL)
@@ -316,6 +321,8 @@ def evaluate_models(
     for name in engines:  # the engines' order, whatever finished first
         result, seconds = done[name]
         metrics["models"][name] = {"protocols": result.protocols}
+        if thresholds and name in thresholds:
+            metrics["models"][name]["threshold"] = float(thresholds[name])
         if result.auto_missing:
             metrics["models"][name]["auto_classes_without_prototype"] = result.auto_missing
         overlays[name] = result.overlays
@@ -333,6 +340,7 @@ def headline_numbers(metrics: Mapping[str, Any], model: str, protocol: str) -> d
     if protocol not in protocols:
         raise ConfigError(f"evaluate.headline.protocol: {protocol!r} is not a protocol of this run ({sorted(protocols)})")
     s = protocols[protocol]
+    own_threshold = metrics["models"][model].get("threshold")
     references = {
         name: {"target_dice": entry["protocols"][protocol]["target"]["dice"],
                "base_dice": entry["protocols"][protocol]["base"]["dice"]}
@@ -349,6 +357,7 @@ def headline_numbers(metrics: Mapping[str, Any], model: str, protocol: str) -> d
         "target_iou": s["target"]["iou"],
         "base_iou": s["base"]["iou"],
         "label_map_miou": s.get("label_map_miou"),
+        **({"threshold": own_threshold} if own_threshold is not None else {}),
     }
 
 

@@ -57,6 +57,11 @@ def markdown_table(metrics: Mapping[str, Any]) -> str:
             f"Gating numbers: model `{head.get('model')}`, protocol `{head.get('protocol')}`: target Dice "
             f"{_fmt(head.get('target_dice'))}, base Dice {_fmt(head.get('base_dice'))}."
         )
+    calibration = metrics.get("calibration")
+    if calibration:
+        chosen = ", ".join(f"{model} {entry['threshold']:g}" for model, entry in calibration["models"].items())
+        notes.append(f"Mask thresholds (`evaluate.threshold: auto`, best base-class Dice at box@0 on the "
+                     f"{calibration['split']} split): {chosen}; the prompt-only references answer hard masks.")
     return "\n".join(lines + notes) + "\n"
 
 

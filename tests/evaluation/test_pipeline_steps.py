@@ -110,3 +110,34 @@ def test_bad_inputs_exit_2_with_one_line(workspace, capsys, monkeypatch):
                                     "--classes", str(root / "ingest/classes.json"), "--out", str(root / "e3")]
     assert evaluate_step.main(typo) == 2
     assert "unknown key 'evaluate.sigma'; did you mean 'evaluate.sigmas'" in capsys.readouterr().err
+
+
+def test_threshold_auto_scores_each_model_at_its_own_validation_threshold(workspace, capsys, monkeypatch):
+    """`evaluate.threshold: auto` picks each model's threshold on the val split and scores the test
+    split with it: the numbers are those of a run at that fixed threshold, model by model."""
+    monkeypatch.setenv("CPCSAM_TRACKING", "off")
+    root, params = workspace
+    data = ["--manifest", str(root / "ingest/manifest.parquet"), "--classes", str(root / "ingest/classes.json"),
+            "-S", "evaluate.references=false", "-S", "evaluate.auto.enabled=false", "-S", "evaluate.tta.k=1"]
+    common = _common(root, params) + FAST + data + ["-S", "evaluate.splits=[test]"]
+    grid = "[-40.0, -2.0, 0.0, 40.0]"  # ±40: (almost) the whole frame / nothing, never the best
+    assert evaluate_step.main(common + ["-S", "evaluate.threshold=auto", "-S", f"evaluate.calibration.grid={grid}",
+                                        "--out", str(root / "eval_auto")]) == 0
+    metrics = json.loads((root / "eval_auto" / "metrics.json").read_text())
+    chosen = {name: entry["threshold"] for name, entry in metrics["calibration"]["models"].items()}
+    assert set(chosen) == {"sam", "cpcsam"} and metrics["calibration"]["split"] == "val"
+    assert all(t in (-2.0, 0.0) for t in chosen.values()), chosen
+    assert metrics["headline"]["threshold"] == chosen["cpcsam"]
+    assert "Mask thresholds (`evaluate.threshold: auto`" in (root / "eval_auto" / "table.md").read_text()
+    for name, threshold in chosen.items():
+        assert metrics["models"][name]["threshold"] == threshold
+        out = root / f"eval_fixed_{name}"
+        assert evaluate_step.main(common + ["-S", f"evaluate.threshold={threshold}", "--out", str(out)]) == 0
+        fixed = json.loads((out / "metrics.json").read_text())
+        assert fixed["models"][name]["protocols"] == metrics["models"][name]["protocols"]
+        assert "threshold" not in fixed["models"][name] and "calibration" not in fixed
+
+    # calibrating on a split that is also evaluated is refused before any work
+    args = common + ["-S", "evaluate.threshold=auto", "-S", "evaluate.splits=[val, test]", "--out", str(root / "x")]
+    assert evaluate_step.main(args) == 2
+    assert "a threshold chosen on the images it is judged on is tuned on test" in capsys.readouterr().err

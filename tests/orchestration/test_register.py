@@ -100,3 +100,27 @@ def test_missing_gate_or_model_is_a_clear_error(setup) -> None:
     gate.write_text('{"passed": true}')
     with pytest.raises(DataError, match="no exported"):
         register.register_candidate("run", params, gate, tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("candidate, param, served", [
+    ({"target_dice": 0.6, "threshold": -3.0}, "auto", -3.0),  # evaluate.threshold: auto
+    ({"target_dice": 0.6}, -1.5, -1.5),
+])
+def test_the_model_is_logged_with_the_threshold_it_was_scored_at(setup, candidate, param, served) -> None:
+    """Under `evaluate.threshold: auto` the headline (gate.json's candidate) names the model's own
+    threshold; otherwise it is `evaluate.threshold`. The served model_config carries it."""
+    import mlflow
+    import yaml
+
+    params, tmp_path, export = setup
+    params = {**params, "evaluate": {"threshold": param}}
+    gate = tmp_path / "gate.json"
+    gate.write_text(json.dumps({"passed": True, "reasons": [], "candidate": candidate}))
+    with tracking.pipeline_run(params, run_name="pipeline") as run:
+        result = register.register_candidate(run.run_id, params, gate, export)
+    client = tracking.make_client(params)
+    version = client.get_model_version(result.model_name, result.version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source}/MLmodel", dst_path=str(tmp_path),
+                                                tracking_uri=tracking.resolve_tracking_uri(params))
+    config = yaml.safe_load(Path(local).read_text())["flavors"]["python_function"]["config"]
+    assert config["threshold"] == served

@@ -72,6 +72,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     from cpcsam.data import load_classes, load_manifest, read_image
     from cpcsam.data.ingest import run_ingest
     from cpcsam.inference import Predictor
+    from cpcsam.evaluation.calibration import calibrate_threshold
     from cpcsam.evaluation.protocols import Protocol, image_records
     from cpcsam.evaluation.references import FilledBox
     from cpcsam.modeling import CPCSAM, build_sam
@@ -90,19 +91,29 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     eval_seed = params.stage_seed("evaluate")
     sam_path = str(params.model.checkpoint)
     threshold = params.evaluate.threshold
-    if threshold == "auto":  # per model and seed it would need a calibration split of its own
-        raise SystemExit(f"{profile}: the study takes a numeric evaluate.threshold (chosen on validation), not 'auto'")
+    calibration = params.evaluate.calibration
+    if threshold == "auto" and calibration.split == split:
+        raise SystemExit(f"{profile}: evaluate.calibration.split is the study's split {split!r}; choose another")
+    calibration_images = image_records(manifest, [calibration.split]) if threshold == "auto" else []
+    thresholds: dict[str, dict[str, float]] = {}
 
-    def score(engine) -> dict[str, list]:
-        return per_image_scores(engine, images, protocols, target, eval_seed, threshold)
+    def score(engine, model: str, run: str) -> dict[str, list]:
+        """Target Dice per image; under `evaluate.threshold: auto` at this model's (and seed's) own
+        threshold, chosen on the calibration split's base classes as the evaluate stage does."""
+        own = threshold
+        if threshold == "auto":
+            own = calibrate_threshold(engine, calibration_images, classes["base"], calibration.grid, eval_seed,
+                                      lambda im: np.array(read_image(im.uri)), model).threshold
+            thresholds.setdefault(model, {})[run] = own
+        return per_image_scores(engine, images, protocols, target, eval_seed, own)
 
     result: dict[str, Any] = {"profile": profile, "split": split, "images": len(images), "target": sorted(target),
                               "base": classes["base"], "protocols": [p.name for p in protocols], "models": {},
-                              "budget": {}, "seconds": {}}
+                              "budget": {}, "seconds": {}, "thresholds": thresholds}
     result["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), images, [p for p in protocols if p.kind == "box"],
-                                                            target, eval_seed, threshold)}
+                                                            target, eval_seed, 0.0)}  # hard masks: any threshold
     start = CPCSAM(build_sam(params.model.model_copy(update={"checkpoint": sam_path})), {"mode": "fixed"})
-    result["models"]["sam"] = {"-": score(Predictor.from_model(start))}
+    result["models"]["sam"] = {"-": score(Predictor.from_model(start), "sam", "-")}
     for variant in variants:
         result["models"][variant] = {}
         for seed in seeds:
@@ -112,7 +123,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
             trainer = prepare_training(train, model, params.perturb, manifest, prompts, sam_path, None)
             summary = trainer.run(resume=False, progress=False)
             seconds = time.perf_counter() - started
-            result["models"][variant][str(seed)] = score(Predictor.from_model(trainer.model.eval()))
+            result["models"][variant][str(seed)] = score(Predictor.from_model(trainer.model.eval()), variant, str(seed))
             result["budget"][variant] = summary["budget"]
             result["seconds"].setdefault(variant, []).append(seconds)
             print(f"{profile} {variant} seed {seed}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
@@ -164,6 +175,11 @@ def report(results: list[dict], summaries: list[dict]) -> str:
         for iv in summary["intervals"]:
             lines.append(f"| {iv['protocol']} | {iv['versus']} | {100 * iv['mean']:+.1f} | "
                          f"[{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}] |")
+        if result.get("thresholds"):
+            lines += ["", "Mask thresholds (`evaluate.threshold: auto`, chosen per model and seed on the base classes "
+                      "of the calibration split): " + "; ".join(
+                          f"{model} " + ", ".join(f"{t:g}" for t in runs.values())
+                          for model, runs in result["thresholds"].items()) + "."]
         lines += ["", "Budget per variant: " + "; ".join(
             f"{v}: {b['steps']} steps, {b['images_per_step']:.1f} images/step, {b['trainable_parameters']:,} trainable, "
             f"{np.mean(result['seconds'][v]):.0f} s" for v, b in result["budget"].items()), ""]
@@ -185,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from cpcsam.config import load_config
+    from cpcsam.errors import ConfigError
 
     per_profile: dict[str, list[str]] = {}
     for item in args.profile_overrides:
@@ -202,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     for profile in args.profiles.split(","):
         overrides = args.overrides + per_profile.get(profile, [])
-        params = load_config(args.params, overrides)
+        try:
+            params = load_config(args.params, overrides)
+        except ConfigError as err:  # one line, as the pipeline's steps
+            parser.exit(2, f"study: {err}\n")
         root = getattr(params.data.profiles.get(profile), "root", None)
         if root is not None and not str(root).startswith("s3://") and not Path(root).is_dir():
             print(f"study: skipping {profile}: {root} is absent", file=sys.stderr)

@@ -95,6 +95,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     if threshold == "auto" and calibration.split == split:
         raise SystemExit(f"{profile}: evaluate.calibration.split is the study's split {split!r}; choose another")
     calibration_images = image_records(manifest, [calibration.split]) if threshold == "auto" else []
+    calibration_pixels = {im.image_id: np.array(read_image(im.uri)) for im in calibration_images}  # read once
     thresholds: dict[str, dict[str, float]] = {}
 
     def score(engine, model: str, run: str) -> dict[str, list]:
@@ -103,7 +104,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
         own = threshold
         if threshold == "auto":
             own = calibrate_threshold(engine, calibration_images, classes["base"], calibration.grid, eval_seed,
-                                      lambda im: np.array(read_image(im.uri)), model).threshold
+                                      lambda im: calibration_pixels[im.image_id], model).threshold
             thresholds.setdefault(model, {})[run] = own
         return per_image_scores(engine, images, protocols, target, eval_seed, own)
 

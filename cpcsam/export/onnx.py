@@ -104,12 +104,22 @@ class DecoderOnnxModel(nn.Module):
         self.model = model
         self.image_size = int(model.image_size)
 
-    def _mask_prompt_delta(self, mask_input: Tensor, has_mask_input: Tensor) -> Tensor:
-        """has·(mask_downscaling(mask) − no_mask_embed): what turns SAM's "no mask" dense prompt into the mask's."""
+    def _images_with_mask_prompts(self, image_embeddings: Tensor, mask_input: Tensor,
+                                  has_mask_input: Tensor) -> tuple[Tensor, Tensor]:
+        """(images [1 + M, C, h, w], image_index [N]) for N entities of which M have a mask prompt.
+
+        SAM adds an entity's mask prompt to the image tokens (mask_downscaling(mask) in place of
+        `no_mask_embed`). `decode` shares the first block's image-side work between the entities
+        of an image, so an entity with a mask prompt gets an image of its own: the embedding plus
+        mask_downscaling(mask) − no_mask_embed; entities without one all read image 0. The masked
+        entities are picked with NonZero in the graph, so unmasked calls pay nothing for them.
+        """
         pe = self.model.sam.prompt_encoder
-        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        flag = has_mask_input.to(mask_input.dtype).reshape(-1, 1, 1, 1)
-        return flag * (pe.mask_downscaling(mask_input) - no_mask)
+        flag = (has_mask_input > 0).to(torch.int64)  # N
+        masked = torch.nonzero(flag).flatten()  # M
+        delta = pe.mask_downscaling(mask_input[masked]) - pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        images = torch.cat([image_embeddings, image_embeddings + delta], dim=0)
+        return images, flag * torch.cumsum(flag, dim=0)  # the k-th masked entity reads image k
 
     def forward(
         self,
@@ -123,18 +133,8 @@ class DecoderOnnxModel(nn.Module):
         labels = point_labels.to(torch.int64)
         sparse = self.model.embed_prompts(point_coords, labels)  # N x P x C
         sparse = self.model.calibrate_prompts(sparse.unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
-        image_index = torch.zeros_like(labels[:, 0])  # every entity reads image 0
-        delta = self._mask_prompt_delta(mask_input, has_mask_input)
-
-        def add_mask_prompt(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            src, pos_src, tokens = args
-            return src + delta, pos_src, tokens
-
-        handle = self.model.sam.mask_decoder.transformer.register_forward_pre_hook(add_mask_prompt)
-        try:
-            out = self.model.decode(image_embeddings, image_index, sparse)
-        finally:
-            handle.remove()
+        images, image_index = self._images_with_mask_prompts(image_embeddings, mask_input, has_mask_input)
+        out = self.model.decode(images, image_index, sparse)
         masks = postprocess_masks_traceable(out.low_res_logits, orig_im_size, self.image_size)
         return masks, out.iou_pred, out.low_res_logits
 

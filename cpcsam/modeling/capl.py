@@ -75,7 +75,12 @@ class CalibratedAttention(nn.Module):
         x = x.transpose(1, 2)
         return x.reshape(b, n_tokens, n_heads * c_per_head)  # B x N_tokens x C
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_index: Tensor | None = None,
+                kv_index: Tensor | None = None) -> Tensor:
+        """`q_index` / `kv_index` [N]: the queries / keys and values are given once per image
+        ([B, ·, C]); each is projected once and its rows gathered per entity after the projection
+        (row i of a linear map does not depend on the other rows, so this equals projecting the
+        gathered inputs, at 1/N of the cost for N entities on one image)."""
         q = self.q_proj(q)
         k = self.k_proj(k)
         v = self.v_proj(v)
@@ -83,6 +88,10 @@ class CalibratedAttention(nn.Module):
         q = self._separate_heads(q, self.num_heads)
         k = self._separate_heads(k, self.num_heads)
         v = self._separate_heads(v, self.num_heads)
+        if q_index is not None:
+            q = q[q_index]
+        if kv_index is not None:
+            k, v = k[kv_index], v[kv_index]
 
         _, _, _, c_per_head = q.shape
         attn = q @ k.permute(0, 1, 3, 2)  # B x N_heads x N_queries x N_keys

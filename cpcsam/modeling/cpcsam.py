@@ -25,6 +25,7 @@ from cpcsam.modeling.capl import (
     cross_attention_sites,
     wrap_cross_attention,
 )
+from cpcsam.modeling.two_way import two_way_transformer
 
 # In SAM's decoder the output tokens are [iou token, mask token 0 (single mask), mask tokens 1..3].
 SINGLE_MASK_TOKEN = 1
@@ -119,23 +120,27 @@ class CPCSAM(nn.Module):
         """Task causal module (or soft prompt, or identity, by mode): [N, K, P, C] → [N, K, P, C]."""
         return self.capl.calibrate_prompts(sparse, labels)
 
-    def decode(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor) -> DecoderOutput:
+    def decode(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor,
+               share_image_side: bool = True) -> DecoderOutput:
         """Masks for N entities: image_embeddings [B, C, h, w], image_index [N] (which image), sparse [N, P, C].
 
         The mask decoder's `predict_masks`, with the images gathered per entity (SAM repeats one
         image for all prompts) and the entity calibration applied to the cross attention. No dense
-        mask prompt: `no_mask_embed` everywhere.
+        mask prompt: `no_mask_embed` everywhere. The transformer's first block projects each image
+        once for all its entities (`two_way`); the outputs are the same bits as SAM's transformer
+        on per-entity copies, which `share_image_side=False` runs instead — the gradients are
+        summed in another order there, and the pretraining keeps that order so that its shipped
+        result stays reproducible to the byte (checkpoints/README.md).
         """
         decoder = self.sam.mask_decoder
         n = sparse.shape[0]
         _, c, h, w = image_embeddings.shape
         tokens, dense, image_pe = self._transformer_inputs(sparse)
-        src = image_embeddings[image_index] + dense
-        pos_src = image_pe.expand(n, -1, -1, -1)
+        image = (image_embeddings + dense).flatten(2).transpose(1, 2)  # B x HW x C, one per image
+        image_pe = image_pe.flatten(2).transpose(1, 2)  # 1 x HW x C
 
         if self.capl.entity is not None:
-            image_with_pe = (image_embeddings + dense + image_pe).flatten(2).transpose(1, 2)  # B x HW x C
-            biases, l1 = self.capl.entity(tokens, image_with_pe, image_index)
+            biases, l1 = self.capl.entity(tokens, image + image_pe, image_index)
         else:
             biases = {}
             l1 = sparse.new_zeros(())
@@ -146,7 +151,11 @@ class CPCSAM(nn.Module):
             for path, module in attention.items():
                 module.logit_bias = biases.get(path)
             final.keep_attn = True
-            hs, src = decoder.transformer(src, pos_src, tokens)
+            if share_image_side:
+                hs, src = two_way_transformer(decoder.transformer, image, image_pe, image_index, tokens)
+            else:
+                per_entity = image_embeddings[image_index] + dense
+                hs, src = decoder.transformer(per_entity, self.sam.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1), tokens)
             final_attn = final.last_attn  # N x heads x T x HW
         finally:  # never leave a bias behind for the next call
             for module in attention.values():
@@ -194,7 +203,7 @@ class CPCSAM(nn.Module):
         if self.capl.entity is None:
             return {}
         tokens, dense, image_pe = self._transformer_inputs(sparse)
-        image_with_pe = (image_embeddings + dense + image_pe).flatten(2).transpose(1, 2)
+        image_with_pe = (image_embeddings + dense).flatten(2).transpose(1, 2) + image_pe.flatten(2).transpose(1, 2)
         return self.capl.entity(tokens, image_with_pe, image_index).biases
 
     def _transformer_inputs(self, sparse: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -103,6 +103,21 @@ def test_mask_input_flag(exported, decoder):
     assert np.abs(without - plain).max() <= 1e-4
 
 
+def test_mask_prompts_on_some_entities_only(exported, decoder):
+    """Entities with a mask prompt get their own image tokens; the others still share image 0's."""
+    emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(8))
+    coords, labels = _prompts(4, 3, seed=8)
+    mask = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(9)) * 5
+    feeds = {"image_embeddings": emb.numpy(), "point_coords": coords.numpy(), "point_labels": labels.numpy(),
+             "mask_input": mask.numpy(), "has_mask_input": np.array([0, 1, 0, 1], np.float32),
+             "orig_im_size": np.array([100, 100], np.float32)}
+    mixed = dict(zip(decoder.output_names, decoder.session.run(None, feeds)))["low_res_masks"]
+    without = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100))["low_res_masks"]
+    with_mask = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100), mask_input=mask.numpy())["low_res_masks"]
+    assert np.abs(mixed[[0, 2]] - without[[0, 2]]).max() <= 1e-5
+    assert np.abs(mixed[[1, 3]] - with_mask[[1, 3]]).max() <= 1e-5
+
+
 def test_parity_report_end_to_end(exported, decoder):
     model, enc_path, _ = exported
     rng = np.random.default_rng(0)

@@ -195,6 +195,26 @@ def test_decode_n_entities_from_b_images_matches_one_at_a_time(small_sam):
     torch.testing.assert_close(out.attn_map.flatten(1).amax(1), torch.ones(6))
 
 
+def test_shared_first_block_is_sams_transformer_on_per_entity_copies(small_sam):
+    """The first block projects each image once: same bits forward, same gradients up to rounding."""
+    model = CPCSAM(small_sam, {"mode": "causal"})
+    randomize(model.capl, std=0.1)
+    emb, _, coords, labels = _inputs(model, n=6, p=4, b=2, seed=3)
+    index = torch.tensor([1, 0, 1, 1, 0, 1])
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        out = model.decode(emb, index, model.embed_prompts(coords, labels), share_image_side=share)
+        (out.low_res_logits.square().mean() + out.iou_pred.sum()).backward()
+        grads.append(({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, out))
+    (shared_grads, shared), (copied_grads, copied) = grads
+    assert torch.equal(shared.low_res_logits, copied.low_res_logits)
+    assert torch.equal(shared.iou_pred, copied.iou_pred)
+    assert shared_grads.keys() == copied_grads.keys()
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], copied_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_decode_leaves_no_state_behind(small_sam):
     """The bias and the kept attention are cleared after each call (also when the call fails)."""
     model = CPCSAM(small_sam, {"mode": "causal"})

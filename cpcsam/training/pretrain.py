@@ -297,6 +297,10 @@ def pretrain_sam(
         curve.append(row)
         if step % cfg.log_every == 0 or step == cfg.steps:
             metric_logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            if world.is_main and not progress:  # no bar (a long run logging to a file): a line instead
+                per_step = (time.perf_counter() - started) / (step - start)
+                logger.info("pretrain step %d/%d: loss %.3f train IoU %.3f, %.2f s/step, %.0f min left", step,
+                            cfg.steps, total, iou_mean, per_step, per_step * (cfg.steps - step) / 60)
         if world.is_main and checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
                 "sam": model.sam.state_dict(),

@@ -35,3 +35,13 @@ def test_mask_loss_switches_the_loss(tiny_project) -> None:
     # Same weights, same batch: only the loss function differs.
     assert plain["first"]["mask_iou"] == balanced["first"]["mask_iou"]
     assert abs(plain["first"]["mask_loss"] - balanced["first"]["mask_loss"]) > 1e-3
+
+
+def test_without_a_progress_bar_every_log_every_steps_logs_a_line(tiny_project, caplog) -> None:
+    """A long run writing to a file (`make generalist`) says how far it is between validations."""
+    cfg = _cfg(tiny_project, steps=4, log_every=2)
+    with caplog.at_level("INFO", logger="cpcsam.training.pretrain"):
+        pretrain_sam(tiny_project["params"]["model"], cfg, None, progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain step ")]
+    assert [line.split(":")[0] for line in lines] == ["pretrain step 2/4", "pretrain step 4/4"]
+    assert all("s/step" in line and "min left" in line for line in lines)

@@ -135,9 +135,8 @@ class CPCSAM(nn.Module):
         decoder = self.sam.mask_decoder
         n = sparse.shape[0]
         _, c, h, w = image_embeddings.shape
-        tokens, dense, image_pe = self._transformer_inputs(sparse)
-        image = (image_embeddings + dense).flatten(2).transpose(1, 2)  # B x HW x C, one per image
-        image_pe = image_pe.flatten(2).transpose(1, 2)  # 1 x HW x C
+        tokens, dense, dense_pe = self._transformer_inputs(sparse)
+        image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
 
         if self.capl.entity is not None:
             biases, l1 = self.capl.entity(tokens, image + image_pe, image_index)
@@ -155,7 +154,7 @@ class CPCSAM(nn.Module):
                 hs, src = two_way_transformer(decoder.transformer, image, image_pe, image_index, tokens)
             else:
                 per_entity = image_embeddings[image_index] + dense
-                hs, src = decoder.transformer(per_entity, self.sam.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1), tokens)
+                hs, src = decoder.transformer(per_entity, dense_pe.expand(n, -1, -1, -1), tokens)
             final_attn = final.last_attn  # N x heads x T x HW
         finally:  # never leave a bias behind for the next call
             for module in attention.values():
@@ -202,9 +201,9 @@ class CPCSAM(nn.Module):
         """
         if self.capl.entity is None:
             return {}
-        tokens, dense, image_pe = self._transformer_inputs(sparse)
-        image_with_pe = (image_embeddings + dense).flatten(2).transpose(1, 2) + image_pe.flatten(2).transpose(1, 2)
-        return self.capl.entity(tokens, image_with_pe, image_index).biases
+        tokens, dense, dense_pe = self._transformer_inputs(sparse)
+        image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
+        return self.capl.entity(tokens, image + image_pe, image_index).biases
 
     def _transformer_inputs(self, sparse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """tokens [N, T, C] = [iou, mask tokens, prompts]; the no-mask dense embedding; the image PE."""
@@ -214,6 +213,11 @@ class CPCSAM(nn.Module):
         tokens = torch.cat((output_tokens, sparse), dim=1)
         dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return tokens, dense, self.sam.prompt_encoder.get_dense_pe()
+
+
+def _image_tokens(image_embeddings: Tensor, dense: Tensor, dense_pe: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, C, h, w] embeddings + dense prompt → image tokens [B, HW, C] (one per image); PE → [1, HW, C]."""
+    return (image_embeddings + dense).flatten(2).transpose(1, 2), dense_pe.flatten(2).transpose(1, 2)
 
 
 # ---- parameter groups (the bi-level trainer optimises them separately) -----------------------------

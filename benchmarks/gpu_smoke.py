@@ -165,7 +165,7 @@ def onnx_section(config: str, device, workdir: Path, repeats: int) -> dict[str, 
 
     probe = Probe(device)
     x = np.zeros((1, 3, size, size), np.float32)
-    embedding = encoder(x)
+    features = encoder(x)  # the embedding, and the entity module's keys
     result = {
         "providers": parity["providers"],
         "parity": "passed" if parity["passed"] else "FAILED: " + "; ".join(parity["failures"][:3]),
@@ -176,7 +176,8 @@ def onnx_section(config: str, device, workdir: Path, repeats: int) -> dict[str, 
         coords = np.tile(np.array([[[100, 100], [300, 300], [200, 200]]], np.float32), (n, 1, 1))
         labels = np.tile(np.array([[2, 3, 1]], np.float32), (n, 1))
         result[f"decoder onnxruntime ms ({n} entities)"] = probe.p50_ms(
-            lambda: decoder(embedding, coords, labels, (size, size)), repeats)
+            lambda: decoder(features["image_embeddings"], coords, labels, (size, size),
+                            entity_keys=features.get("entity_keys")), repeats)
     torch_model = model.to(device)
     images = torch.zeros(1, 3, size, size, device=device)
     with torch.no_grad():

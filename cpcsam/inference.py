@@ -37,6 +37,7 @@ class EncodedImage:
     embedding: torch.Tensor  # [1, C, h, w] (CPU for the ONNX backend)
     orig_size: tuple[int, int]  # (H, W)
     input_size: tuple[int, int]  # (h, w) of the resized image inside the square model frame
+    entity_keys: torch.Tensor | None = None  # [1, S·H, r, HW]: CaPL's entity keys (mode `causal` only)
 
 
 @dataclass
@@ -68,10 +69,12 @@ class Backend(Protocol):
     image_size: int
     providers: dict[str, list[str]]
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Preprocessed image → (embedding, the entity module's keys or None): the per-image work."""
+        ...
 
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-               orig_size: tuple[int, int]) -> Decoded: ...
+               orig_size: tuple[int, int], entity_keys: torch.Tensor | None = None) -> Decoded: ...
 
 
 class TorchBackend:
@@ -96,16 +99,19 @@ class TorchBackend:
         return cls(load_cpcsam(str(model_path)), device=device)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(x.to(self.device))
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embedding = self.model.encode_images(x.to(self.device))
+        return embedding, self.model.entity_keys(embedding)
 
     @torch.no_grad()
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-               orig_size: tuple[int, int]) -> Decoded:
+               orig_size: tuple[int, int], entity_keys: torch.Tensor | None = None) -> Decoded:
         n, k, p = labels.shape
         low_chunks, iou_chunks = [], []
         per_chunk = max(1, self.batch_entities // k)
         embedding = embedding.to(self.device)
+        if entity_keys is not None:
+            entity_keys = entity_keys.to(self.device)
         for start in range(0, n, per_chunk):
             c = coords[start : start + per_chunk].to(self.device, torch.float32)
             lab = labels[start : start + per_chunk].to(self.device, torch.int64)
@@ -113,7 +119,7 @@ class TorchBackend:
             sparse = self.model.embed_prompts(c.reshape(m * k, p, 2), lab.reshape(m * k, p))
             sparse = self.model.calibrate_prompts(sparse.reshape(m, k, p, -1), lab)
             index = torch.zeros(m * k, dtype=torch.long, device=self.device)
-            out = self.model.decode(embedding, index, sparse.reshape(m * k, p, -1))
+            out = self.model.decode(embedding, index, sparse.reshape(m * k, p, -1), entity_keys=entity_keys)
             low_chunks.append(out.low_res_logits.reshape(m, k, *out.low_res_logits.shape[-2:]).mean(dim=1))
             iou_chunks.append(out.iou_pred.reshape(m, k).mean(dim=1))
         low = torch.cat(low_chunks)
@@ -128,20 +134,28 @@ class OnnxBackend:
     from the export stage's folder)."""
 
     def __init__(self, encoder: Any, decoder: Any) -> None:
+        from cpcsam.export.runtime import check_pair
+
+        check_pair(encoder, decoder)
         self.encoder, self.decoder = encoder, decoder
         self.image_size = int(encoder.image_size)
         self.providers = {"image_encoder": encoder.info.providers, "decoder": decoder.info.providers}
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.encoder(x.cpu().numpy()))
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from cpcsam.export.runtime import ENTITY_KEYS
+
+        out = self.encoder(x.cpu().numpy())
+        keys = out.get(ENTITY_KEYS)
+        return torch.from_numpy(out["image_embeddings"]), None if keys is None else torch.from_numpy(keys)
 
     def decode(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-               orig_size: tuple[int, int]) -> Decoded:
+               orig_size: tuple[int, int], entity_keys: torch.Tensor | None = None) -> Decoded:
         if labels.shape[1] != 1:
             raise ConfigError(f"the exported decoder calibrates one prompt per entity; got {labels.shape[1]} "
                               "variants per entity (test-time calibration runs on the PyTorch backend)")
         out = self.decoder(embedding.cpu().numpy(), coords[:, 0].cpu().numpy(),
-                           labels[:, 0].cpu().numpy().astype(np.float32), orig_size)  # the graph's dtype
+                           labels[:, 0].cpu().numpy().astype(np.float32), orig_size,  # the graph's dtype
+                           entity_keys=None if entity_keys is None else entity_keys.cpu().numpy())
         return Decoded(out["masks"][:, 0], out["iou_predictions"][:, 0], out["low_res_masks"][:, 0])
 
 
@@ -163,15 +177,15 @@ class Predictor:
 
     def encode(self, image: np.ndarray) -> EncodedImage:
         h, w = image.shape[:2]
-        embedding = self.backend.encode(self.preprocess(image))
-        return EncodedImage(embedding, (h, w), resized_shape(h, w, self.image_size))
+        embedding, entity_keys = self.backend.encode(self.preprocess(image))
+        return EncodedImage(embedding, (h, w), resized_shape(h, w, self.image_size), entity_keys)
 
     def decode(self, encoded: EncodedImage, coords: torch.Tensor, labels: torch.Tensor) -> Decoded:
         """coords [N, K', P, 2] in the model frame, labels [N, K', P] → `Decoded` at the original size."""
         if labels.shape[0] == 0:
             return Decoded(np.zeros((0, *encoded.orig_size), np.float32), np.zeros(0, np.float32),
                            np.zeros((0, 0, 0), np.float32))
-        return self.backend.decode(encoded.embedding, coords, labels, encoded.orig_size)
+        return self.backend.decode(encoded.embedding, coords, labels, encoded.orig_size, encoded.entity_keys)
 
     def predict(self, encoded: EncodedImage, prompts: Sequence[Sequence[Prompt]]) -> np.ndarray:
         """Full-size logits [N, H, W] (float32) for N entities, each with K' ≥ 1 prompt variants (original pixels)."""

@@ -300,7 +300,8 @@ def test_an_onnx_graph_that_is_not_ours_is_refused_listing_what_was_expected(mod
     with pytest.raises(CheckpointError) as info:
         OnnxImageEncoder(foreign, "cpu")
     assert str(info.value).startswith(f"{foreign}: not a CPC-SAM image_encoder graph exported by cpcsam.export: "
-                                      "expected inputs ['image'], outputs ['image_embeddings'] and metadata "
+                                      "expected inputs ['image'], outputs ['image_embeddings'] (+ outputs "
+                                      "['entity_keys'] with CaPL's entity module) and metadata "
                                       "cpcsam_graph='image_encoder'; this file has inputs ['x'], outputs ['y'], "
                                       "cpcsam_graph=None")
     # our names without our marker (a look-alike, or an export from before the marker): refused too

@@ -20,15 +20,19 @@ or where the official export is wrong:
   `int(tensor)`, which the tracer freezes to the example's numbers (STACK.md). Here the crop
   bounds stay tensors (`orig_im_size`-driven arithmetic), so the tracer records them as graph
   computations; the export tests compare several aspect ratios against PyTorch.
-- The mask prompt enters where SAM adds it, the decoder's image tokens (`src`), through a
-  forward pre-hook on the decoder transformer: `CPCSAM.decode` has no dense-prompt argument and
-  is not ours to change, and the entity calibration keeps reading the image embedding alone.
-  With `has_mask_input = 0` the hook adds exact zeros.
+- The entity module's image-side keys are per-image work, so the encoder graph computes them
+  beside the embedding (output `entity_keys`) and the decoder graph takes them as an input:
+  a decoder call projects no image position for CaPL, at any N. The two graphs of a model
+  without the entity module (CaPL modes other than `causal`) have no `entity_keys`.
+- The mask prompt enters where SAM adds it, the decoder's image tokens: an entity with a mask
+  prompt gets an image of its own (`_images_with_mask_prompts`), so the entities without one
+  still share the first block's image-side work. The entity keys read the image embedding alone,
+  as in training (which has no mask prompts).
 - Single-mask output (mask token 0), as CPC-SAM is trained; no multimask selection.
 
-Inputs (float32 unless said): `image_embeddings` [1, C, h, w]; `point_coords` [N, P, 2] in the
-model-input frame (x, y); `point_labels` [N, P] (−1, 0, 1, 2, 3); `mask_input` [N, 1, 4h, 4w];
-`has_mask_input` [N]; `orig_im_size` [2] (H, W). Outputs: `masks` [N, 1, H, W] full-size logits,
+Decoder inputs (float32 unless said): `image_embeddings` [1, C, h, w]; `point_coords` [N, P, 2] in
+the model-input frame (x, y); `point_labels` [N, P] (−1, 0, 1, 2, 3); `mask_input` [N, 1, 4h, 4w];
+`has_mask_input` [N]; `orig_im_size` [2] (H, W); `entity_keys` [1, S·H, r, hw] (mode `causal`). Outputs: `masks` [N, 1, H, W] full-size logits,
 `iou_predictions` [N, 1], `low_res_masks` [N, 1, m, m] (m = 4h, ×2 per mask refinement stage).
 
 Each graph carries the metadata property `cpcsam_graph` (`image_encoder` / `decoder_capl`), which
@@ -129,42 +133,55 @@ class DecoderOnnxModel(nn.Module):
         mask_input: Tensor,
         has_mask_input: Tensor,
         orig_im_size: Tensor,
+        entity_keys: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """`entity_keys`: the encoder graph's output, for a model with the entity module (one
+        image's keys, [1, S·H, r, hw]: they serve every entity, masked or not)."""
         labels = point_labels.to(torch.int64)
         sparse = self.model.embed_prompts(point_coords, labels)  # N x P x C
         sparse = self.model.calibrate_prompts(sparse.unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
         images, image_index = self._images_with_mask_prompts(image_embeddings, mask_input, has_mask_input)
-        out = self.model.decode(images, image_index, sparse)
+        if entity_keys is None:  # eager use: the keys of the (unmasked) image, as the encoder graph computes them
+            entity_keys = self.model.entity_keys(image_embeddings)
+        out = self.model.decode(images, image_index, sparse, entity_keys=entity_keys)
         masks = postprocess_masks_traceable(out.low_res_logits, orig_im_size, self.image_size)
         return masks, out.iou_pred, out.low_res_logits
 
 
 class ImageEncoderOnnxModel(nn.Module):
-    """The (LoRA-merged) image encoder: preprocessed [1, 3, S, S] → embedding [1, C, h, w]."""
+    """The (LoRA-merged) image encoder: preprocessed [1, 3, S, S] → embedding [1, C, h, w], and
+    the entity module's keys [1, S·H, r, hw] if the model has one."""
 
     def __init__(self, model: CPCSAM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor) -> Tensor:
-        return self.model.encode_images(image)
+    def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        embedding = self.model.encode_images(image)
+        keys = self.model.entity_keys(embedding)
+        # contiguous: the decoder graph reads them as a plain [1, S·H, r, hw] input
+        return embedding if keys is None else (embedding, keys.contiguous())
 
 
 def decoder_example_inputs(model: CPCSAM, num_entities: int = 2, num_points: int = 3) -> tuple[Tensor, ...]:
-    """Example inputs for tracing (any values: nothing in the graph depends on them)."""
+    """Example inputs for tracing (any values: nothing in the graph depends on them); they end
+    with `entity_keys` when the model has the entity module."""
     c = model.sam.prompt_encoder.embed_dim
     h, w = model.embedding_size
     gen = torch.Generator().manual_seed(0)
     coords = torch.rand(num_entities, num_points, 2, generator=gen) * model.image_size
     labels = torch.tensor([[2, 3, 1][i % 3] for i in range(num_points)], dtype=torch.float32).repeat(num_entities, 1)
-    return (
-        torch.randn(1, c, h, w, generator=gen),
+    embedding = torch.randn(1, c, h, w, generator=gen)
+    inputs = (
+        embedding,
         coords,
         labels,
         torch.randn(num_entities, 1, 4 * h, 4 * w, generator=gen),
         torch.ones(num_entities),
         torch.tensor([float(model.image_size) * 0.75, float(model.image_size)]),
     )
+    keys = model.entity_keys(embedding)
+    return inputs if keys is None else (*inputs, keys.contiguous())
 
 
 def _log_sigmoid_symbolic(g, x):
@@ -269,22 +286,25 @@ def export_decoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) 
         "iou_predictions": {0: "num_entities"},
         "low_res_masks": {0: "num_entities"},
     }
+    spec = DECODER_GRAPH
+    inputs = list(spec.inputs) + (list(spec.entity_inputs) if model.capl.entity is not None else [])
     with torch.no_grad():
-        _export(wrapper, decoder_example_inputs(model), path, list(DECODER_GRAPH.inputs), list(DECODER_GRAPH.outputs),
-                dynamic, opset, DECODER_GRAPH.role)
+        _export(wrapper, decoder_example_inputs(model), path, inputs, list(spec.outputs), dynamic, opset, spec.role)
     logger.info("exported decoder + CaPL to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 
 
 def export_image_encoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Export the image encoder for one preprocessed image [1, 3, S, S]."""
+    """Export the image encoder (and the entity module's keys) for one preprocessed image [1, 3, S, S]."""
     path = Path(path)
     example = torch.zeros(1, 3, model.image_size, model.image_size)
     with torch.no_grad(), chunked_global_attention(model.sam.image_encoder) as chunked:
         if chunked:
             logger.info("image encoder: %d global-attention blocks exported in query bands (memory)", chunked)
-        _export(ImageEncoderOnnxModel(model).eval(), (example,), path, list(ENCODER_GRAPH.inputs),
-                list(ENCODER_GRAPH.outputs), {}, opset, ENCODER_GRAPH.role)
+        spec = ENCODER_GRAPH
+        outputs = list(spec.outputs) + (list(spec.entity_outputs) if model.capl.entity is not None else [])
+        _export(ImageEncoderOnnxModel(model).eval(), (example,), path, list(spec.inputs), outputs, {}, opset,
+                spec.role)
     logger.info("exported image encoder to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 

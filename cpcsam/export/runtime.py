@@ -10,6 +10,8 @@ raises when CUDA does not load.
 and output names must be ours and the model must carry the metadata property `cpcsam_graph`
 (`GRAPH_MARKER`) naming its role; any other ONNX file (another model, the two graphs swapped, an
 export from before the marker) is refused with a `CheckpointError` that lists what was expected.
+The graphs of a model with CaPL's entity module carry its per-image keys (`ENTITY_KEYS`) from the
+encoder to the decoder; `check_pair` refuses an encoder and a decoder that disagree on them.
 """
 
 from __future__ import annotations
@@ -35,17 +37,27 @@ GRAPH_MARKER = "cpcsam_graph"  # metadata_props key `cpcsam.export.onnx` writes:
 @dataclass(frozen=True)
 class GraphSpec:
     """What one of our exported graphs looks like from outside: its role (the `GRAPH_MARKER`
-    value) and its input and output names, in order."""
+    value) and its input and output names, in order. `entity_inputs` / `entity_outputs` follow
+    them in the graphs of a model with an entity causal module (CaPL mode `causal`) and only there."""
 
     role: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    entity_inputs: tuple[str, ...] = ()
+    entity_outputs: tuple[str, ...] = ()
+
+    def accepts(self, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> bool:
+        return (inputs, outputs) in {(self.inputs, self.outputs),
+                                     (self.inputs + self.entity_inputs, self.outputs + self.entity_outputs)}
 
 
+# The entity causal module's keys, [1, S·H, r, HW]: per-image work, so the encoder graph computes
+# them and the decoder graph takes them (`cpcsam.modeling.capl.EntityCausalModule.image_keys`).
+ENTITY_KEYS = "entity_keys"
 DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
 DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
-ENCODER_GRAPH = GraphSpec("image_encoder", ("image",), ("image_embeddings",))
-DECODER_GRAPH = GraphSpec("decoder_capl", tuple(DECODER_INPUTS), tuple(DECODER_OUTPUTS))
+ENCODER_GRAPH = GraphSpec("image_encoder", ("image",), ("image_embeddings",), entity_outputs=(ENTITY_KEYS,))
+DECODER_GRAPH = GraphSpec("decoder_capl", tuple(DECODER_INPUTS), tuple(DECODER_OUTPUTS), entity_inputs=(ENTITY_KEYS,))
 
 
 @dataclass
@@ -163,12 +175,28 @@ def check_graph(session: Any, path: str | Path, spec: GraphSpec) -> None:
     inputs = tuple(i.name for i in session.get_inputs())
     outputs = tuple(o.name for o in session.get_outputs())
     marker = session.get_modelmeta().custom_metadata_map.get(GRAPH_MARKER)
-    if (inputs, outputs, marker) != (spec.inputs, spec.outputs, spec.role):
+    if not spec.accepts(inputs, outputs) or marker != spec.role:
+        extra = [f"{kind} {list(names)}" for kind, names in (("inputs", spec.entity_inputs),
+                                                              ("outputs", spec.entity_outputs)) if names]
+        extra = f" (+ {' and '.join(extra)} with CaPL's entity module)" if extra else ""
         raise CheckpointError(
             f"{path}: not a CPC-SAM {spec.role} graph exported by cpcsam.export: expected inputs {list(spec.inputs)}, "
-            f"outputs {list(spec.outputs)} and metadata {GRAPH_MARKER}={spec.role!r}; this file has inputs "
+            f"outputs {list(spec.outputs)}{extra} and metadata {GRAPH_MARKER}={spec.role!r}; this file has inputs "
             f"{list(inputs)}, outputs {list(outputs)}, {GRAPH_MARKER}={marker!r}. Use the export stage's "
             "image_encoder.onnx / decoder_capl.onnx (re-export with `dvc repro export` if they predate the marker)"
+        )
+
+
+def check_pair(encoder: "OnnxImageEncoder", decoder: "OnnxDecoder") -> None:
+    """Raise `CheckpointError` unless the two graphs come from the same kind of model: a decoder
+    with an entity module needs the keys its encoder computes, and an encoder that computes them
+    belongs to such a decoder."""
+    if encoder.has_entity_keys != decoder.needs_entity_keys:
+        has = "computes" if encoder.has_entity_keys else "does not compute"
+        needs = "needs" if decoder.needs_entity_keys else "does not take"
+        raise CheckpointError(
+            f"{encoder.info.path} {has} {ENTITY_KEYS!r} but {decoder.info.path} {needs} them: the two graphs come "
+            "from different exports (use one export stage's image_encoder.onnx and decoder_capl.onnx together)"
         )
 
 
@@ -179,20 +207,25 @@ def onnx_predictor(onnx_dir: str | Path, device: str = "auto", threads: int | No
 
     onnx_dir = Path(onnx_dir)
     return Predictor(OnnxBackend(OnnxImageEncoder(onnx_dir / "image_encoder.onnx", device, threads),
-                                 OnnxDecoder(onnx_dir / "decoder_capl.onnx", device, threads)))
+                                 OnnxDecoder(onnx_dir / "decoder_capl.onnx", device, threads)))  # checks the pair
 
 
 class OnnxImageEncoder:
-    """The exported image encoder: preprocessed [1, 3, S, S] float32 → embedding [1, C, h, w]."""
+    """The exported image encoder: preprocessed [1, 3, S, S] float32 → embedding [1, C, h, w], and
+    the entity module's keys [1, S·H, r, HW] when the model has one (`has_entity_keys`)."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> None:
         self.session, self.info = create_session(path, device, threads, spin)
         check_graph(self.session, path, ENCODER_GRAPH)
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.has_entity_keys = ENTITY_KEYS in self.output_names
         self.image_size = int(self.session.get_inputs()[0].shape[-1])
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(image, dtype=np.float32)})[0]
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """{`image_embeddings`: [1, C, h, w], and `entity_keys` if the graph computes them}."""
+        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(image, dtype=np.float32)})
+        return dict(zip(self.output_names, outputs))
 
 
 class OnnxDecoder:
@@ -203,6 +236,7 @@ class OnnxDecoder:
         check_graph(self.session, path, DECODER_GRAPH)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.needs_entity_keys = ENTITY_KEYS in self.input_names
         mask_input = next(i for i in self.session.get_inputs() if i.name == "mask_input")
         self.low_res_size = int(mask_input.shape[-1])
 
@@ -213,8 +247,10 @@ class OnnxDecoder:
         point_labels: np.ndarray,
         orig_im_size: tuple[int, int],
         mask_input: np.ndarray | None = None,
+        entity_keys: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run on one image's embedding [1, C, h, w] and N entities' prompts [N, P, 2] / [N, P].
+        """Run on one image's embedding [1, C, h, w] and N entities' prompts [N, P, 2] / [N, P];
+        `entity_keys`: the image's keys from the encoder graph (required if `needs_entity_keys`).
 
         Coordinates are in the model-input frame. Returns `masks` [N, 1, H, W] (full-size logits),
         `iou_predictions` [N, 1] and `low_res_masks` [N, 1, m, m] (m = 4h, ×2 per mask refinement stage).
@@ -231,5 +267,10 @@ class OnnxDecoder:
             "has_mask_input": np.full((n,), 1.0 if has_mask else 0.0, np.float32),
             "orig_im_size": np.asarray(orig_im_size, dtype=np.float32),
         }
+        if self.needs_entity_keys:
+            if entity_keys is None:
+                raise ConfigError(f"{self.info.path}: this decoder calibrates with CaPL's entity module and needs "
+                                  f"the image's {ENTITY_KEYS!r} from the matching image_encoder.onnx")
+            feeds[ENTITY_KEYS] = np.ascontiguousarray(entity_keys, dtype=np.float32)
         outputs = self.session.run(None, feeds)
         return dict(zip(self.output_names, outputs))

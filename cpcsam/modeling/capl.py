@@ -218,15 +218,31 @@ class EntityCausalModule(nn.Module):
         self.query_head = _zero_init(nn.Linear(hidden, width))  # q = 0 at init → C = 1
         self.key_proj = nn.Linear(dim, width, bias=False)
 
-    def forward(self, tokens: Tensor, image_with_pe: Tensor, image_index: Tensor) -> EntityCalibration:
-        """tokens [N, T, C] (as they enter the transformer), image_with_pe [B, HW, C], image_index [N]."""
-        n, t, _ = tokens.shape
+    @property
+    def groups(self) -> int:
+        """S·H: one low-rank key/query pair per cross-attention site and head."""
+        return len(self.sites) * self.num_heads
+
+    def image_keys(self, image_with_pe: Tensor) -> Tensor:
+        """k for every site and head: image_with_pe [B, HW, C] → [B, S·H, r, HW].
+
+        The keys depend on the image alone, so they are computed once per image; the exported
+        encoder graph computes them beside the embedding (`cpcsam.export.onnx`), as SAM puts all
+        per-image work in the encoder. The layout is the right operand of q·k, so that no decoder
+        call transposes them.
+        """
         b, hw, _ = image_with_pe.shape
-        groups = len(self.sites) * self.num_heads
-        q = self.query_head(self.query_trunk(tokens)).reshape(n, t, groups, self.rank).transpose(1, 2)
-        # Project each image once, then pick each entity's image (cheaper than N projections).
-        k = self.key_proj(image_with_pe).reshape(b, hw, groups, self.rank).transpose(1, 2)[image_index]
-        s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.rank))  # N x S·H x T x HW
+        return self.key_proj(image_with_pe).reshape(b, hw, self.groups, self.rank).permute(0, 2, 3, 1)
+
+    def forward(self, tokens: Tensor, keys: Tensor, image_index: Tensor) -> EntityCalibration:
+        """tokens [N, T, C] (as they enter the transformer), keys [B, S·H, r, HW] (`image_keys`),
+        image_index [N]. With one image (B = 1) its keys serve every entity by broadcasting: no
+        per-entity copy (the exported decoder always gets one image's keys)."""
+        n, t, _ = tokens.shape
+        hw = keys.shape[-1]
+        q = self.query_head(self.query_trunk(tokens)).reshape(n, t, self.groups, self.rank).transpose(1, 2)
+        k = keys if keys.shape[0] == 1 else keys[image_index]
+        s = (q @ k) * (1.0 / math.sqrt(self.rank))  # N x S·H x T x HW
         # log(2σ(s)) written as log 2 + logσ(s): finite for any s (log(2·sigmoid) hits −inf below
         # s ≈ −104 in float32, and a row of −inf makes the softmax NaN); exactly 0 at s = 0.
         log_gate = (F.logsigmoid(s) + _LOG2).reshape(n, len(self.sites), self.num_heads, t, hw)

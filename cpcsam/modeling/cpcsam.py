@@ -121,7 +121,7 @@ class CPCSAM(nn.Module):
         return self.capl.calibrate_prompts(sparse, labels)
 
     def decode(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor,
-               share_image_side: bool = True) -> DecoderOutput:
+               share_image_side: bool = True, entity_keys: Tensor | None = None) -> DecoderOutput:
         """Masks for N entities: image_embeddings [B, C, h, w], image_index [N] (which image), sparse [N, P, C].
 
         The mask decoder's `predict_masks`, with the images gathered per entity (SAM repeats one
@@ -130,16 +130,21 @@ class CPCSAM(nn.Module):
         once for all its entities (`two_way`); the outputs are the same bits as SAM's transformer
         on per-entity copies, which `share_image_side=False` runs instead — the gradients are
         summed in another order there, and the pretraining keeps that order so that its shipped
-        result stays reproducible to the byte (checkpoints/README.md).
+        result stays reproducible to the byte (checkpoints/README.md). `entity_keys`: the images'
+        `entity_keys`, when the caller has them already (the exported decoder gets them from the
+        encoder graph); computed here otherwise.
         """
         decoder = self.sam.mask_decoder
         n = sparse.shape[0]
         _, c, h, w = image_embeddings.shape
-        tokens, dense, dense_pe = self._transformer_inputs(sparse)
+        tokens = self._tokens(sparse)
+        dense, dense_pe = self._dense_prompt()
         image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
 
         if self.capl.entity is not None:
-            biases, l1 = self.capl.entity(tokens, image + image_pe, image_index)
+            if entity_keys is None:
+                entity_keys = self.entity_keys(image_embeddings)
+            biases, l1 = self.capl.entity(tokens, entity_keys, image_index)
         else:
             biases = {}
             l1 = sparse.new_zeros(())
@@ -193,6 +198,14 @@ class CPCSAM(nn.Module):
         """Same as `decode` (so that hooks and `torch.onnx.export` see a module call)."""
         return self.decode(image_embeddings, image_index, sparse)
 
+    def entity_keys(self, image_embeddings: Tensor) -> Tensor | None:
+        """The entity causal module's keys of each image, [B, S·H, r, HW] (None unless mode is
+        `causal`): per-image work, which the exported encoder graph does beside the embedding."""
+        if self.capl.entity is None:
+            return None
+        image, image_pe = _image_tokens(image_embeddings, *self._dense_prompt())
+        return self.capl.entity.image_keys(image + image_pe)
+
     def entity_calibration(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor) -> dict[str, Tensor]:
         """The log-gates log C that `decode` adds to each cross attention (for tests and plots).
 
@@ -201,18 +214,19 @@ class CPCSAM(nn.Module):
         """
         if self.capl.entity is None:
             return {}
-        tokens, dense, dense_pe = self._transformer_inputs(sparse)
-        image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
-        return self.capl.entity(tokens, image + image_pe, image_index).biases
+        return self.capl.entity(self._tokens(sparse), self.entity_keys(image_embeddings), image_index).biases
 
-    def _transformer_inputs(self, sparse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """tokens [N, T, C] = [iou, mask tokens, prompts]; the no-mask dense embedding; the image PE."""
+    def _tokens(self, sparse: Tensor) -> Tensor:
+        """The transformer's tokens [N, T, C] = [iou, mask tokens, prompts]."""
         decoder = self.sam.mask_decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
-        tokens = torch.cat((output_tokens, sparse), dim=1)
-        dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        return tokens, dense, self.sam.prompt_encoder.get_dense_pe()
+        return torch.cat((output_tokens, sparse), dim=1)
+
+    def _dense_prompt(self) -> tuple[Tensor, Tensor]:
+        """The no-mask dense embedding [1, C, 1, 1] and the image PE [1, C, h, w]."""
+        pe = self.sam.prompt_encoder
+        return pe.no_mask_embed.weight.reshape(1, -1, 1, 1), pe.get_dense_pe()
 
 
 def _image_tokens(image_embeddings: Tensor, dense: Tensor, dense_pe: Tensor) -> tuple[Tensor, Tensor]:

@@ -50,7 +50,9 @@ def test_vit_b_decoder_graph_matches_pytorch(vit_b_model, tmp_path):
         coords = torch.cat([boxes, point], dim=1)
         labels = torch.tensor([[2.0, 3.0, 1.0]]).repeat(n, 1)
         size = (1200, 1800)
-        out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), size)
+        with torch.no_grad():
+            keys = model.entity_keys(emb).contiguous().numpy()
+        out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), size, entity_keys=keys)
         with torch.no_grad():
             ref = DecoderOnnxModel(model)(
                 emb, coords, labels, torch.zeros(n, 1, 256, 256), torch.zeros(n), torch.tensor(size, dtype=torch.float32)
@@ -70,6 +72,11 @@ def test_vit_b_encoder_graph_matches_pytorch(vit_b_model, tmp_path):
     image = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(3))
     out = encoder(image.numpy())
     with torch.no_grad():
-        ref = model.encode_images(image).numpy()
-    assert out.shape == ref.shape == (1, 256, 64, 64)
-    assert np.abs(out - ref).max() <= 1e-3 * max(1.0, float(np.abs(ref).max()))
+        ref = model.encode_images(image)
+        ref_keys = model.entity_keys(ref).numpy()
+        ref = ref.numpy()
+    assert out["image_embeddings"].shape == ref.shape == (1, 256, 64, 64)
+    assert np.abs(out["image_embeddings"] - ref).max() <= 1e-3 * max(1.0, float(np.abs(ref).max()))
+    # The entity module's keys (5 sites x 8 heads, rank 8, per position) come out of the encoder graph too.
+    assert out["entity_keys"].shape == ref_keys.shape == (1, 40, 8, 4096)
+    assert np.abs(out["entity_keys"] - ref_keys).max() <= 1e-3 * max(1.0, float(np.abs(ref_keys).max()))

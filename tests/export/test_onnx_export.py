@@ -26,6 +26,12 @@ def decoder(exported):
     return OnnxDecoder(exported[2], device="cpu")
 
 
+def _keys(model, emb) -> np.ndarray:
+    """What the encoder graph computes beside the embedding: the decoder graph's `entity_keys`."""
+    with torch.no_grad():
+        return model.entity_keys(emb).contiguous().numpy()
+
+
 def _run_torch(model, emb, coords, labels, size, mask=None):
     n = coords.shape[0]
     has = torch.zeros(n) if mask is None else torch.ones(n)
@@ -55,7 +61,7 @@ def test_one_graph_matches_pytorch_for_many_shapes(exported, decoder, n, p, size
     emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(n * 10 + p))
     coords, labels = _prompts(n, p, seed=p)
     ref = _run_torch(model, emb, coords, labels, size)
-    out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), size)
+    out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), size, entity_keys=_keys(model, emb))
     assert out["masks"].shape == (n, 1, *size)
     assert np.abs(out["masks"] - ref[0]).max() <= 1e-4
     assert np.abs(out["low_res_masks"] - ref[2]).max() <= 1e-4
@@ -72,7 +78,7 @@ def test_graph_contains_calibration_and_merged_lora(exported, decoder, calibrate
     merged = exported[0]
     emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(5))
     coords, labels = _prompts(3, 4, seed=3)
-    out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (200, 300))["low_res_masks"]
+    out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (200, 300), entity_keys=_keys(merged, emb))["low_res_masks"]
     # Unmerged model (PEFT adapters live) gives the same numbers: merging kept LoRA's effect.
     with_adapters = _run_torch(calibrated_model, emb, coords, labels, (200, 300))[2]
     assert np.abs(out - with_adapters).max() <= 1e-4
@@ -91,8 +97,10 @@ def test_mask_input_flag(exported, decoder):
     emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(6))
     coords, labels = _prompts(2, 3, seed=6)
     mask = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(7)) * 5
-    without = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100))["low_res_masks"]
-    with_mask = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100), mask_input=mask.numpy())["low_res_masks"]
+    keys = _keys(model, emb)
+    without = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100), entity_keys=keys)["low_res_masks"]
+    with_mask = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100), mask_input=mask.numpy(),
+                        entity_keys=keys)["low_res_masks"]
     assert np.abs(with_mask - _run_torch(model, emb, coords, labels, (100, 100), mask)[2]).max() <= 1e-4
     assert np.abs(with_mask - without).max() > 1e-3
     # has_mask_input = 0 is exactly the no-mask path of CPCSAM.decode.
@@ -106,14 +114,16 @@ def test_mask_input_flag(exported, decoder):
 def test_mask_prompts_on_some_entities_only(exported, decoder):
     """Entities with a mask prompt get their own image tokens; the others still share image 0's."""
     emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(8))
+    keys = _keys(exported[0], emb)
     coords, labels = _prompts(4, 3, seed=8)
     mask = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(9)) * 5
     feeds = {"image_embeddings": emb.numpy(), "point_coords": coords.numpy(), "point_labels": labels.numpy(),
              "mask_input": mask.numpy(), "has_mask_input": np.array([0, 1, 0, 1], np.float32),
-             "orig_im_size": np.array([100, 100], np.float32)}
+             "orig_im_size": np.array([100, 100], np.float32), "entity_keys": keys}
     mixed = dict(zip(decoder.output_names, decoder.session.run(None, feeds)))["low_res_masks"]
-    without = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100))["low_res_masks"]
-    with_mask = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100), mask_input=mask.numpy())["low_res_masks"]
+    without = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100), entity_keys=keys)["low_res_masks"]
+    with_mask = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100), mask_input=mask.numpy(),
+                        entity_keys=keys)["low_res_masks"]
     assert np.abs(mixed[[0, 2]] - without[[0, 2]]).max() <= 1e-5
     assert np.abs(mixed[[1, 3]] - with_mask[[1, 3]]).max() <= 1e-5
 
@@ -196,7 +206,8 @@ def test_extreme_calibration_keeps_parity(calibrated_model, tmp_path):
         sparse = model.embed_prompts(coords, labels.long())
         biases = model.entity_calibration(emb, torch.zeros(3, dtype=torch.long), sparse)
     assert min(float(b.min()) for b in biases.values()) < -1000  # far beyond any floor
-    out = OnnxDecoder(path, device="cpu")(emb.numpy(), coords.numpy(), labels.numpy(), (200, 300))
+    out = OnnxDecoder(path, device="cpu")(emb.numpy(), coords.numpy(), labels.numpy(), (200, 300),
+                                          entity_keys=_keys(model, emb))
     ref = _run_torch(model, emb, coords, labels, (200, 300))
     assert np.isfinite(out["masks"]).all()
     assert np.abs(out["masks"] - ref[0]).max() <= 1e-4
@@ -265,3 +276,39 @@ def test_large_logits_pass_the_scale_aware_check(exported, calibrated_model, tmp
     # rtol = 0 is the old absolute check: it fails this healthy model, and says why.
     absolute = check_parity(model, encoder, decoder, cases[:1], logit_rtol=0.0)
     assert not absolute["passed"] and absolute["failures"][0].startswith("big0: logits:")
+
+
+def test_entity_keys_come_from_the_encoder_graph_and_the_graphs_are_paired(exported, decoder, tmp_path):
+    """The entity module's keys are per-image work: the encoder graph outputs them, the decoder graph
+    requires them, and graphs of a model without the entity module have neither side of them."""
+    import copy
+
+    from cpcsam.errors import CheckpointError, ConfigError
+    from cpcsam.export.onnx import export_decoder, export_image_encoder
+    from cpcsam.inference import OnnxBackend
+
+    model, enc_path, _ = exported
+    encoder = OnnxImageEncoder(enc_path, "cpu")
+    image = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(11))
+    out = encoder(image.numpy())
+    with torch.no_grad():
+        emb = model.encode_images(image)
+    assert sorted(out) == ["entity_keys", "image_embeddings"]
+    assert np.abs(out["entity_keys"] - _keys(model, emb)).max() <= 1e-4
+    coords, labels = _prompts(2, 3, seed=11)
+    with pytest.raises(ConfigError, match=f"{decoder.info.path}: .* needs the image's 'entity_keys'"):
+        decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100))
+
+    task_only = copy.deepcopy(model)
+    task_only.capl.entity = None  # the `task` ablation's graphs
+    plain_encoder = OnnxImageEncoder(export_image_encoder(task_only, tmp_path / "enc.onnx"), "cpu")
+    plain_decoder = OnnxDecoder(export_decoder(task_only, tmp_path / "dec.onnx"), "cpu")
+    assert not plain_encoder.has_entity_keys and not plain_decoder.needs_entity_keys
+    assert sorted(plain_encoder(image.numpy())) == ["image_embeddings"]
+    plain = plain_decoder(emb.numpy(), coords.numpy(), labels.numpy(), (100, 100))["low_res_masks"]
+    assert np.abs(plain - _run_torch(task_only, emb, coords, labels, (100, 100))[2]).max() <= 1e-4
+    # Graphs of the two exports do not mix: refused, naming both files.
+    for enc, dec in ((encoder, plain_decoder), (plain_encoder, decoder)):
+        with pytest.raises(CheckpointError, match="come from different exports") as info:
+            OnnxBackend(enc, dec)
+        assert enc.info.path in str(info.value) and dec.info.path in str(info.value)

@@ -247,3 +247,24 @@ def test_nothing_is_pinned_to_a_device(small_sam):
     emb, index, coords, labels = _inputs(model)
     out = model.decode(emb.to("meta"), index.to("meta"), model.embed_prompts(coords.to("meta"), labels.to("meta")))
     assert all(t.device.type == "meta" for t in out)
+
+
+def test_one_images_entity_keys_serve_all_entities_as_per_entity_copies_would(small_sam):
+    """With one image (B = 1) the entity module broadcasts its keys instead of copying them per
+    entity; the gates are the same bits as with the keys gathered per entity."""
+    model = CPCSAM(small_sam, {"mode": "causal"})
+    randomize(model.capl, std=0.1)
+    gen = torch.Generator().manual_seed(4)
+    emb = torch.randn(1, 64, 16, 16, generator=gen)
+    coords = torch.rand(5, 3, 2, generator=gen) * 256
+    labels = torch.tensor([[2, 3, 1]] * 5)
+    index = torch.zeros(5, dtype=torch.long)
+    with torch.no_grad():
+        tokens = model._tokens(model.embed_prompts(coords, labels))
+        keys = model.entity_keys(emb)
+        broadcast = model.capl.entity(tokens, keys, index)
+        gathered = model.capl.entity(tokens, torch.cat([keys, torch.zeros_like(keys)]), index)  # B = 2: gathered
+    assert broadcast.biases.keys() == gathered.biases.keys()
+    for path, bias in broadcast.biases.items():
+        assert torch.equal(bias, gathered.biases[path]), path
+    assert torch.equal(broadcast.l1, gathered.l1)

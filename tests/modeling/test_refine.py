@@ -103,7 +103,9 @@ def test_refined_decoder_exports_with_parity(tmp_path):
     emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(2))
     coords, labels = random_prompts(3, 4, 256, torch.Generator().manual_seed(3))
     labels = labels.float()
-    out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (270, 480))
+    with torch.no_grad():
+        keys = model.entity_keys(emb).contiguous().numpy()
+    out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (270, 480), entity_keys=keys)
     with torch.no_grad():
         ref = DecoderOnnxModel(model)(
             emb, coords, labels, torch.zeros(3, 1, 64, 64), torch.zeros(3), torch.tensor([270.0, 480.0])

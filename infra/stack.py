@@ -25,6 +25,7 @@ to 127.0.0.1, telemetry is off, PID files live in `<state>/pids/`, logs in `<sta
 | CPCSAM_PREFECT_PORT | 4200 | Prefect API + UI |
 | CPCSAM_WORKER_HEALTH_PORT | 8765 | the worker's health endpoint |
 | CPCSAM_WORK_POOL | cpcsam-process | the process work pool of infra/prefect.yaml |
+| CPCSAM_WORKER_POLL_SECONDS | 2 | how often the worker asks for scheduled runs (Prefect's default: 10) |
 | CPCSAM_STACK_DATABASE | unset | a PostgreSQL server for both stores, see below |
 | CPCSAM_MLFLOW_BACKEND_URI | sqlite:///<project>/mlflow.db | MLflow's store alone (wins over CPCSAM_STACK_DATABASE) |
 | CPCSAM_MLFLOW_ARTIFACTS | <project>/mlruns | e.g. s3://cpcsam-mlflow/artifacts (served through the server) |
@@ -314,6 +315,10 @@ class Stack:
     prefect_port: int = int(os.environ.get("CPCSAM_PREFECT_PORT", 4200))
     worker_health_port: int = int(os.environ.get("CPCSAM_WORKER_HEALTH_PORT", 8765))
     work_pool: str = os.environ.get("CPCSAM_WORK_POOL", "cpcsam-process")
+    # A run waits for the worker's next poll before it starts: half of this on average. Prefect's
+    # default (10 s) is made for many workers on a remote server; one local worker polling every
+    # 2 s costs a small API call, and a deployment run or an event-triggered one starts at once.
+    worker_poll_seconds: float = float(os.environ.get("CPCSAM_WORKER_POLL_SECONDS", 2))
     external_s3: bool = os.environ.get("CPCSAM_S3_EXTERNAL", "") in {"1", "true", "yes"}
     mlflow_backend: str | None = os.environ.get("CPCSAM_MLFLOW_BACKEND_URI")
     mlflow_artifacts: str | None = os.environ.get("CPCSAM_MLFLOW_ARTIFACTS")
@@ -395,7 +400,8 @@ class Stack:
             [_exe("prefect"), "worker", "start", "--pool", self.work_pool, "--type", "process", "--with-healthcheck"],
             f"http://{HOST}:{self.worker_health_port}/health",
             env={**self.client_env(), "PREFECT_WORKER_WEBSERVER_HOST": HOST,
-                 "PREFECT_WORKER_WEBSERVER_PORT": str(self.worker_health_port)},
+                 "PREFECT_WORKER_WEBSERVER_PORT": str(self.worker_health_port),
+                 "PREFECT_WORKER_QUERY_SECONDS": str(self.worker_poll_seconds)},
             port=self.worker_health_port,
         ))
         return out

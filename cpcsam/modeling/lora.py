@@ -10,11 +10,9 @@ apart from PEFT's `base_layer.` level). CaPL lives outside `sam` and is never to
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Mapping
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from cpcsam.config import LoraConfig, coerce
@@ -30,8 +28,26 @@ LORA_TARGETS: dict[str, str] = {
 }
 
 
+def _adapter_layer_type() -> type | None:
+    """PEFT's adapter layer base class, or None if PEFT was never imported in this process.
+
+    Importing PEFT takes over a second (it imports transformers), in every stage process. A model
+    can only hold PEFT layers once `apply_lora` has imported PEFT, so until then there is none to
+    look for: stages that never build LoRA (pretraining, the embedding cache) never pay for it.
+    """
+    module = sys.modules.get("peft.tuners.tuners_utils")
+    return None if module is None else module.BaseTunerLayer
+
+
+def _adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    layer_type = _adapter_layer_type()
+    if layer_type is None:
+        return []
+    return [(name, m) for name, m in _unwrap(model).named_modules() if isinstance(m, layer_type)]
+
+
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, BaseTunerLayer) for m in _unwrap(model).modules())
+    return bool(_adapter_layers(model))
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig | Mapping[str, Any] | None = None) -> nn.Module:
@@ -43,6 +59,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | Mapping[str, Any] | None = No
     sam = _unwrap(model)
     if has_lora(sam):
         raise ConfigError("apply_lora: the model already carries LoRA adapters")
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
     pattern = "|".join(f"(?:{LORA_TARGETS[t]})" for t in cfg.targets)
     config = PeftLoraConfig(
         r=cfg.rank,
@@ -54,7 +73,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | Mapping[str, Any] | None = No
     inject_adapter_in_model(config, sam)
     for name, param in sam.named_parameters():
         param.requires_grad_("lora_" in name)
-    n_layers = sum(isinstance(m, BaseTunerLayer) for m in sam.modules())
+    n_layers = len(_adapter_layers(sam))
     logger.info("LoRA rank %d on %d layers (%s)", cfg.rank, n_layers, ", ".join(cfg.targets))
     return model
 
@@ -66,8 +85,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     `Sam`'s) loads into a plain segment-anything `Sam` with strict keys. Returns `model`.
     """
     sam = _unwrap(model)
-    tuner_paths = [name for name, m in sam.named_modules() if isinstance(m, BaseTunerLayer)]
-    for path in tuner_paths:
+    for path, _ in _adapter_layers(sam):
         parent_path, _, child = path.rpartition(".")
         parent = sam.get_submodule(parent_path) if parent_path else sam
         layer = getattr(parent, child)

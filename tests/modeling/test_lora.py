@@ -121,3 +121,22 @@ def test_lora_on_a_plain_sam_and_encoder_only(small_sam):
     apply_lora(small_sam, {"targets": ["image_encoder_qkv"]})
     names = [n for n, m in small_sam.named_modules() if isinstance(m, BaseTunerLayer)]
     assert names and all(n.startswith("image_encoder.") for n in names)
+
+
+def test_models_without_lora_never_import_peft():
+    """PEFT (which imports transformers) costs a stage process over a second: pretraining and the
+    embedding cache build SAM without adapters and must not pay for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cpcsam.modeling import build_cpcsam, has_lora, merge_lora\n"
+        "model = build_cpcsam({'type': 'small', 'capl': {'mode': 'fixed'}}, with_lora=False)\n"
+        "assert not has_lora(model) and merge_lora(model) is model\n"
+        "assert 'peft' not in sys.modules, 'peft was imported'\n"
+        "model = build_cpcsam({'type': 'small', 'capl': {'mode': 'fixed'}}, with_lora=True)\n"
+        "assert has_lora(model) and 'peft' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -201,7 +201,8 @@ def test_retrain_picks_up_new_s3_data_once(pipeline: dict, stack_env, tmp_path: 
     n_objects = _upload(batch, "cpcsam-incoming", "deepsea/batch-001/")
     extra = {k: tiny[k] for k in ("split", "roles") if k in tiny}
 
-    kwargs = dict(bucket="cpcsam-incoming", prefix="deepsea/", profile_extra=extra, train_overrides=PASS_GATE,
+    kwargs = dict(bucket="cpcsam-incoming", prefix="deepsea/", profile_extra=extra,
+                  train_overrides=[*PASS_GATE, "variants=[cpcsam]"],  # the data path is under test
                   push=True, wait_timeout_s=1200)
     first = retrain(**kwargs)
 
@@ -314,7 +315,7 @@ def test_a_flow_run_survives_a_prefect_server_restart(pipeline: dict, stack, sta
     env = {**os.environ, **stack.client_env(), "PREFECT_HOME": str(stack.prefect_home)}
     proc = subprocess.run(
         [prefect, "deployment", "run", "train/oceancoco", "--params",
-         json.dumps({"profile": "tiny", "overrides": [*FAST, "train.steps=30"]})],
+         json.dumps({"profile": "tiny", "overrides": [*FAST, "variants=[cpcsam]", "train.steps=30"]})],
         cwd=stack.project, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout + proc.stderr).group(1)
@@ -368,7 +369,8 @@ def test_a_worker_killed_during_train_resumes_in_the_next_run_to_the_same_weight
     and its model.pt equals the one of an uninterrupted `dvc repro` of the same stage, byte for byte."""
     import time
 
-    overrides = [*FAST, "train.steps=40", "train.checkpoint_every=5", "train.seed=17"]
+    # CPC-SAM alone: the resumed stage is under test, not the other variants.
+    overrides = [*FAST, "variants=[cpcsam]", "train.steps=40", "train.checkpoint_every=5", "train.seed=17"]
     shared = stack.project / ".workspaces" / ".checkpoints"
     before = set(shared.rglob("step_*.pt"))  # earlier runs' checkpoints (other overrides, other folders)
     prefect = str(Path(sys.executable).with_name("prefect"))
@@ -395,12 +397,16 @@ def test_a_worker_killed_during_train_resumes_in_the_next_run_to_the_same_weight
     assert first_step > 1, f"the next run trained from step {first_step}: it did not resume ({left})"
 
     # The uninterrupted reference: the same stage, same params, in a fresh copy with no checkpoints.
+    # Its upstream stages come from the project's run cache; the stage itself is forced to run.
     reference = tmp_path / "reference"
     git(stack.project, "worktree", "add", "--detach", "--quiet", str(reference), "HEAD")
     from flows.workspace import write_overrides
 
     write_overrides(reference / "params.yaml", ["data.profile=tiny", *overrides])
+    dvc(reference, "config", "--local", "cache.dir", str(stack.project / ".dvc" / "cache"))
     dvc(reference, "repro", "train@cpcsam")
+    shutil.rmtree(reference / "artifacts" / "checkpoints", ignore_errors=True)  # from scratch, whatever ran above
+    assert "Running stage 'train@cpcsam'" in dvc(reference, "repro", "--single-item", "--force", "train@cpcsam")
     expected = hashlib.md5((reference / "artifacts/train/cpcsam/model.pt").read_bytes()).hexdigest()
     with tempfile.TemporaryDirectory() as tmp:
         lock = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "config/dvc.lock", tmp)).read_text())

@@ -301,7 +301,7 @@ class Service:
         return any(Path(arg).name == exe for arg in argv[:2]) and all(a in argv for a in self.cmd[1:2])
 
 
-SERVICE_ORDER = ("s3", "mlflow", "prefect-server", "prefect-worker")  # start order; `down` stops in reverse
+SERVICE_ORDER = ("s3", "mlflow", "prefect-server", "prefect-worker")  # start order (the servers start together)
 
 
 @dataclass
@@ -579,9 +579,13 @@ class Stack:
             try:
                 if self.db is not None and not all(self.pid(n) for n in ("mlflow", "prefect-server")):
                     self.db.ensure_databases()  # before the servers that migrate them start
-                for name in ("s3", "mlflow", "prefect-server"):
-                    if name in services:
-                        pids[name] = self._ensure(services[name])
+                # The three servers do not need each other: all are launched, then each is waited for,
+                # so that their start-ups (imports, database migrations) overlap instead of adding up.
+                servers = [services[name] for name in ("s3", "mlflow", "prefect-server") if name in services]
+                launched = {svc.name: self._launch_unless_running(svc) for svc in servers}
+                for svc in servers:
+                    self._wait_healthy(svc, launched[svc.name])
+                    pids[svc.name] = launched[svc.name]
                 if "s3" in services:
                     self.create_buckets()
                 if deploy:
@@ -599,12 +603,18 @@ class Stack:
             return pids
 
     def _ensure(self, svc: Service) -> int:
-        """A service's PID: the running one, or a new one (recorded in self.started before waiting)."""
+        """A healthy service's PID: the running one, or a new one."""
+        pid = self._launch_unless_running(svc)
+        self._wait_healthy(svc, pid)
+        return pid
+
+    def _launch_unless_running(self, svc: Service) -> int:
+        """The running service's PID, or a newly launched one (recorded in self.started at once, so
+        that a failure while waiting for it stops it)."""
         pid = self.pid(svc.name)
         if pid is None:
             pid = self._launch(svc)
             self.started.append(svc.name)
-        self._wait_healthy(svc, pid)
         return pid
 
     def _rollback(self) -> tuple[list[str], list[str]]:
@@ -623,36 +633,45 @@ class Stack:
         a second SIGINT (a worker sometimes wants two), SIGTERM, then SIGKILL. Waits until the whole
         group is gone (so its port is free). True if it was running and is stopped; the PID file
         is removed unless the group would not die."""
-        pid = self.pid(name)
-        if pid is None:
-            self.pid_file(name).unlink(missing_ok=True)  # stale or absent
-            return False
+        return name in self._stop_together([name], timeout)
+
+    def _stop_together(self, names: list[str], timeout: float = 20.0) -> list[str]:
+        """`stop` for several services at once (their shutdowns overlap); returns those stopped."""
+        alive: dict[str, int] = {}
+        for name in names:
+            pid = self.pid(name)
+            if pid is None:
+                self.pid_file(name).unlink(missing_ok=True)  # stale or absent
+            else:
+                alive[name] = pid
+        running = list(alive)
         steps = ((signal.SIGINT, timeout / 3), (signal.SIGINT, timeout / 3), (signal.SIGTERM, timeout / 3),
                  (signal.SIGKILL, 5.0))
         for sig, wait in steps:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, sig)
+            for pid in alive.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, sig)
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if not group_alive(pid):
-                    self.pid_file(name).unlink(missing_ok=True)
-                    return True
+            while alive:
+                for name, pid in list(alive.items()):
+                    if not group_alive(pid):
+                        self.pid_file(name).unlink(missing_ok=True)
+                        del alive[name]
+                if not alive or time.monotonic() >= deadline:
+                    break
                 time.sleep(0.2)
-        if not group_alive(pid):
-            self.pid_file(name).unlink(missing_ok=True)
-            return True
-        return False
+            if not alive:
+                break
+        return [name for name in running if name not in alive]
 
     def down(self) -> list[str]:
-        """Stop every service with a PID file, worker first, S3 last. Idempotent: on a stopped
-        stack it stops nothing and removes stale PID files. Raises StackError if one would not die."""
+        """Stop every service with a PID file: the worker first (it talks to the others), then the
+        servers together. Idempotent: on a stopped stack it stops nothing and removes stale PID
+        files. Raises StackError if one would not die."""
         with self._locked():
-            stopped, failed = [], []
-            for name in reversed(SERVICE_ORDER):  # all of them, whatever CPCSAM_S3_EXTERNAL says now
-                if self.stop(name):
-                    stopped.append(name)
-                elif self.pid(name) is not None:
-                    failed.append(name)
+            first, *servers = reversed(SERVICE_ORDER)  # all of them, whatever CPCSAM_S3_EXTERNAL says now
+            stopped = self._stop_together([first]) + self._stop_together(servers)
+            failed = [name for name in SERVICE_ORDER if name not in stopped and self.pid(name) is not None]
             if failed:
                 raise StackError(f"would not stop: {', '.join(failed)} (PID files kept)", stopped=stopped)
             return stopped

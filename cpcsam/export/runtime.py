@@ -176,9 +176,9 @@ def check_graph(session: Any, path: str | Path, spec: GraphSpec) -> None:
     outputs = tuple(o.name for o in session.get_outputs())
     marker = session.get_modelmeta().custom_metadata_map.get(GRAPH_MARKER)
     if not spec.accepts(inputs, outputs) or marker != spec.role:
-        extra = [f"{kind} {list(names)}" for kind, names in (("inputs", spec.entity_inputs),
+        parts = [f"{kind} {list(names)}" for kind, names in (("inputs", spec.entity_inputs),
                                                               ("outputs", spec.entity_outputs)) if names]
-        extra = f" (+ {' and '.join(extra)} with CaPL's entity module)" if extra else ""
+        extra = f" (+ {' and '.join(parts)} with CaPL's entity module)" if parts else ""
         raise CheckpointError(
             f"{path}: not a CPC-SAM {spec.role} graph exported by cpcsam.export: expected inputs {list(spec.inputs)}, "
             f"outputs {list(spec.outputs)}{extra} and metadata {GRAPH_MARKER}={spec.role!r}; this file has inputs "

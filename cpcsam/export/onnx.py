@@ -286,10 +286,10 @@ def export_decoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) 
         "iou_predictions": {0: "num_entities"},
         "low_res_masks": {0: "num_entities"},
     }
-    spec = DECODER_GRAPH
-    inputs = list(spec.inputs) + (list(spec.entity_inputs) if model.capl.entity is not None else [])
+    inputs, outputs = DECODER_GRAPH.names(model.capl.entity is not None)
     with torch.no_grad():
-        _export(wrapper, decoder_example_inputs(model), path, inputs, list(spec.outputs), dynamic, opset, spec.role)
+        _export(wrapper, decoder_example_inputs(model), path, list(inputs), list(outputs), dynamic, opset,
+                DECODER_GRAPH.role)
     logger.info("exported decoder + CaPL to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 
@@ -301,10 +301,9 @@ def export_image_encoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_O
     with torch.no_grad(), chunked_global_attention(model.sam.image_encoder) as chunked:
         if chunked:
             logger.info("image encoder: %d global-attention blocks exported in query bands (memory)", chunked)
-        spec = ENCODER_GRAPH
-        outputs = list(spec.outputs) + (list(spec.entity_outputs) if model.capl.entity is not None else [])
-        _export(ImageEncoderOnnxModel(model).eval(), (example,), path, list(spec.inputs), outputs, {}, opset,
-                spec.role)
+        inputs, outputs = ENCODER_GRAPH.names(model.capl.entity is not None)
+        _export(ImageEncoderOnnxModel(model).eval(), (example,), path, list(inputs), list(outputs), {}, opset,
+                ENCODER_GRAPH.role)
     logger.info("exported image encoder to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 

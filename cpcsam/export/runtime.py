@@ -46,9 +46,14 @@ class GraphSpec:
     entity_inputs: tuple[str, ...] = ()
     entity_outputs: tuple[str, ...] = ()
 
+    def names(self, entity_module: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(input names, output names) of the graph of a model with or without the entity module."""
+        if entity_module:
+            return self.inputs + self.entity_inputs, self.outputs + self.entity_outputs
+        return self.inputs, self.outputs
+
     def accepts(self, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> bool:
-        return (inputs, outputs) in {(self.inputs, self.outputs),
-                                     (self.inputs + self.entity_inputs, self.outputs + self.entity_outputs)}
+        return (inputs, outputs) in {self.names(False), self.names(True)}
 
 
 # The entity causal module's keys, [1, S·H, r, HW]: per-image work, so the encoder graph computes

@@ -142,8 +142,8 @@ class CPCSAM(nn.Module):
         image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
 
         if self.capl.entity is not None:
-            if entity_keys is None:
-                entity_keys = self.entity_keys(image_embeddings)
+            if entity_keys is None:  # `entity_keys(image_embeddings)`, from the tokens already at hand
+                entity_keys = self.capl.entity.image_keys(image + image_pe)
             biases, l1 = self.capl.entity(tokens, entity_keys, image_index)
         else:
             biases = {}

@@ -53,7 +53,7 @@ def load_models(params, trained: str | Path = TRAINED, sam_path: str = PRETRAINE
         path = trained_model_path(variant, trained)
         if not path.is_file():
             raise CheckpointError(f"{path}: the trained {variant!r} model is missing; run its train stage (dvc repro)")
-        engines[variant] = Predictor.from_model(load_cpcsam(str(path)), cfg.batch_entities)
+        engines[variant] = Predictor.from_model(load_cpcsam(str(path), fold_lora=True), cfg.batch_entities)
     if cfg.references:
         engines.update(reference_engines())
     return engines

@@ -109,7 +109,7 @@ def work(params, args, run) -> str:
     cfg = params.export
     tol = tolerances(cfg)  # bad values fail before the export
     out = Path(args.out)
-    model = prepare_for_export(load_cpcsam(args.model))
+    model = prepare_for_export(load_cpcsam(args.model, fold_lora=True))
     write_sam_checkpoints(model, out)  # for segment-anything's own loaders and SamPredictor
     export_image_encoder(model, out / ENCODER, cfg.opset)
     export_decoder(model, out / DECODER, cfg.opset)

@@ -96,7 +96,7 @@ class TorchBackend:
     def from_file(cls, model_path: str | os.PathLike, device: str = "cpu") -> "TorchBackend":
         from cpcsam.modeling import load_cpcsam
 
-        return cls(load_cpcsam(str(model_path)), device=device)
+        return cls(load_cpcsam(str(model_path), fold_lora=True), device=device)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

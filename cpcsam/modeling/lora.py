@@ -96,4 +96,31 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["apply_lora", "merge_lora", "has_lora", "LORA_TARGETS"]
+_ADAPTER = "default"  # the adapter name `inject_adapter_in_model` gives
+
+
+def fold_lora_state(state: Mapping[str, Any], cfg: LoraConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict with PEFT LoRA keys → the plain state dict of the merged model, without PEFT.
+
+    What `apply_lora` + `load_state_dict` + `merge_lora` give, to the bit: PEFT merges a layer as
+    W + (B @ A) · (alpha / rank) (`LoraLayer.get_delta_weight`, no rsLoRA, float32). Inference
+    stages load models this way, because importing PEFT costs 1.3-4 s per process (it imports
+    transformers) and they never train.
+    """
+    cfg = coerce(LoraConfig, cfg, "model.lora")
+    scaling = cfg.alpha / cfg.rank
+    suffix_a = f".lora_A.{_ADAPTER}.weight"
+    out: dict[str, Any] = {}
+    layers = {key[: -len(suffix_a)] for key in state if key.endswith(suffix_a)}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue  # folded below
+        head, sep, tail = key.rpartition(".base_layer.")  # an adapted Linear's own weight and bias
+        out[f"{head}.{tail}" if sep and head in layers else key] = value
+    for layer in sorted(layers):
+        a, b = state[f"{layer}{suffix_a}"], state[f"{layer}.lora_B.{_ADAPTER}.weight"]
+        out[f"{layer}.weight"] = out[f"{layer}.weight"] + (b @ a) * scaling
+    return out
+
+
+__all__ = ["apply_lora", "merge_lora", "has_lora", "fold_lora_state", "LORA_TARGETS"]

@@ -8,7 +8,8 @@ File format (`torch.save` of a dict, loadable with `weights_only=True`):
      "state_dict": {...}}         # CPCSAM.state_dict(): `sam.*` (with PEFT keys) and `capl.*`
 
 `load_cpcsam` rebuilds the architecture from `model_cfg` (random init, no SAM checkpoint read),
-re-injects LoRA when the file has it, and loads the state dict with strict key and shape checks.
+re-injects LoRA when the file has it, and loads the state dict with strict key and shape checks;
+with `fold_lora=True` (inference) it folds the adapters into the weights instead, without PEFT.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cpcsam.modeling.build import build_sam, load_state_dict_strict, read_uri_by
 from cpcsam.modeling.cpcsam import CPCSAM
 from cpcsam.config import LoraConfig, ModelConfig, coerce
 from cpcsam.files import torch_load_weights, torch_save_atomic
-from cpcsam.modeling.lora import apply_lora, has_lora
+from cpcsam.modeling.lora import apply_lora, fold_lora_state, has_lora
 
 FORMAT = "cpcsam/1"
 
@@ -58,8 +59,10 @@ def save_cpcsam(path: str | Path, model: CPCSAM, model_cfg: ModelConfig | Mappin
     torch_save_atomic(payload, path)  # a killed save never leaves a truncated file behind
 
 
-def load_cpcsam(uri: str | Path, map_location: str | torch.device = "cpu") -> CPCSAM:
-    """Rebuild a CPC-SAM saved by `save_cpcsam` (local path or `s3://`), strict keys. Eval mode."""
+def load_cpcsam(uri: str | Path, map_location: str | torch.device = "cpu", fold_lora: bool = False) -> CPCSAM:
+    """Rebuild a CPC-SAM saved by `save_cpcsam` (local path or `s3://`), strict keys. Eval mode.
+
+    `fold_lora`: LoRA folded into plain weights (the bits `merge_lora` gives), for inference."""
     uri = str(uri)
     data = read_uri_bytes(uri)  # apart: an S3 outage must not read as a bad checkpoint
     payload = torch_load_weights(data, uri, "CPC-SAM file")  # a pickle with code is refused
@@ -68,8 +71,13 @@ def load_cpcsam(uri: str | Path, map_location: str | torch.device = "cpu") -> CP
         raise CheckpointError(f"{uri}: not a CPC-SAM file of format {FORMAT!r} (found {found!r})")
     cfg = ModelConfig.from_params({**payload["model_cfg"], "checkpoint": None}, f"{uri} model_cfg")
     model = CPCSAM(build_sam(cfg), cfg.capl)
+    state = payload["state_dict"]
     if payload.get("lora") is not None:
-        apply_lora(model, LoraConfig.from_params(payload["lora"], f"{uri} lora"))
-    load_state_dict_strict(model, payload["state_dict"], source=uri)
+        lora = LoraConfig.from_params(payload["lora"], f"{uri} lora")
+        if fold_lora:
+            state = fold_lora_state(state, lora)
+        else:
+            apply_lora(model, lora)
+    load_state_dict_strict(model, state, source=uri)
     model.eval()
     return model.to(map_location)

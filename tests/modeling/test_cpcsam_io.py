@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cpcsam.errors import CheckpointError
-from cpcsam.modeling import apply_lora, build_cpcsam, has_lora, load_cpcsam, lora_parameters, save_cpcsam
+from cpcsam.modeling import apply_lora, build_cpcsam, has_lora, load_cpcsam, lora_parameters, merge_lora, save_cpcsam
 from modeling_helpers import random_prompts, randomize
 
 CFG = {
@@ -91,3 +91,35 @@ def test_lora_can_be_added_after_build_and_saved(tmp_path):
     model = apply_lora(build_cpcsam(CFG), CFG["lora"])
     save_cpcsam(tmp_path / "m.pt", model, CFG)
     assert has_lora(load_cpcsam(tmp_path / "m.pt"))
+
+
+def test_folded_load_gives_the_bits_of_peft_merge(tmp_path):
+    """Inference loads fold LoRA without PEFT: the same weights, to the bit, as PEFT's own merge."""
+    model = _trained_like_model()
+    path = tmp_path / "model.pt"
+    save_cpcsam(path, model, CFG)
+    merged = merge_lora(load_cpcsam(path))
+    folded = load_cpcsam(path, fold_lora=True)
+    assert not has_lora(folded)
+    a, b = merged.state_dict(), folded.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the adapters are really in there: folding with another scale gives other weights
+    payload = torch.load(path, weights_only=True)
+    payload["lora"]["alpha"] = 2 * payload["lora"]["alpha"]
+    torch.save(payload, path)
+    doubled = load_cpcsam(path, fold_lora=True).state_dict()
+    assert any(not torch.equal(a[k], doubled[k]) for k in a)
+
+
+def test_inference_loading_never_imports_peft(tmp_path):
+    import subprocess
+    import sys
+
+    model = _trained_like_model()
+    save_cpcsam(tmp_path / "model.pt", model, CFG)
+    code = ("import sys; from cpcsam.inference import TorchBackend; "
+            f"TorchBackend.from_file({str(tmp_path / 'model.pt')!r}); "
+            "assert 'peft' not in sys.modules, 'peft was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

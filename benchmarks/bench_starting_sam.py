@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             engines["grabcut"] = GrabCut()
         for path in args.sam:
             sam = build_sam(params.model.model_copy(update={"checkpoint": path}))
-            engines[Path(path).name] = Predictor.from_model(CPCSAM(sam, {"mode": "fixed"}))
+            engines[Path(path).name] = Predictor.from_model(CPCSAM(sam, {"mode": "fixed"}), crop=params.model.crop)
         started = time.perf_counter()
         metrics, _ = evaluate_models(engines, images, classes["base"], classes["target"], cfg,
                                      lambda im: np.array(read_image(im.uri)), headline_model="filled_box",

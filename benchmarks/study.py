@@ -114,7 +114,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     result["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), images, [p for p in protocols if p.kind == "box"],
                                                             target, eval_seed, 0.0)}  # hard masks: any threshold
     start = CPCSAM(build_sam(params.model.model_copy(update={"checkpoint": sam_path})), {"mode": "fixed"})
-    result["models"]["sam"] = {"-": score(Predictor.from_model(start), "sam", "-")}
+    result["models"]["sam"] = {"-": score(Predictor.from_model(start, crop=params.model.crop), "sam", "-")}
     for variant in variants:
         result["models"][variant] = {}
         for seed in seeds:
@@ -124,7 +124,8 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
             trainer = prepare_training(train, model, params.perturb, manifest, prompts, sam_path, None)
             summary = trainer.run(resume=False, progress=False)
             seconds = time.perf_counter() - started
-            result["models"][variant][str(seed)] = score(Predictor.from_model(trainer.model.eval()), variant, str(seed))
+            result["models"][variant][str(seed)] = score(Predictor.from_model(trainer.model.eval(), crop=params.model.crop),
+                                                               variant, str(seed))
             result["budget"][variant] = summary["budget"]
             result["seconds"].setdefault(variant, []).append(seconds)
             print(f"{profile} {variant} seed {seed}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)

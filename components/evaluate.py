@@ -48,12 +48,13 @@ def load_models(params, trained: str | Path = TRAINED, sam_path: str = PRETRAINE
 
     cfg = params.evaluate
     sam = build_sam(params.model.model_copy(update={"checkpoint": sam_path}))
-    engines: dict[str, Any] = {"sam": Predictor.from_model(CPCSAM(sam, {"mode": "fixed"}).eval(), cfg.batch_entities)}
+    engines: dict[str, Any] = {"sam": Predictor.from_model(CPCSAM(sam, {"mode": "fixed"}).eval(), cfg.batch_entities,
+                                                           crop=params.model.crop)}
     for variant in params.variants:
         path = trained_model_path(variant, trained)
         if not path.is_file():
             raise CheckpointError(f"{path}: the trained {variant!r} model is missing; run its train stage (dvc repro)")
-        engines[variant] = Predictor.from_model(load_cpcsam(str(path), fold_lora=True), cfg.batch_entities)
+        engines[variant] = Predictor.from_model(load_cpcsam(str(path), fold_lora=True), cfg.batch_entities, crop=params.model.crop)
     if cfg.references:
         engines.update(reference_engines())
     return engines

@@ -271,6 +271,22 @@ class LoraConfig(Section):
     targets: list[LoraTarget] = Field(default_factory=lambda: ["image_encoder_qkv", "decoder_attention"], min_length=1)
 
 
+class CropConfig(Section):
+    """Focus crop: each entity with a box is segmented, and trained, in a square crop around its box
+    instead of in the whole image (`cpcsam.inference`, `cpcsam.training.data`). context 0 = off."""
+
+    SECTION: ClassVar[str] = "model.crop"
+
+    context: float = Field(0.0, ge=0)  # crop side = context × the box's longer side (0 = whole image)
+    min_side: int = Field(32, ge=1)  # pixels: a tiny box still gets this much of its surroundings
+
+    @model_validator(mode="after")
+    def _context_holds_the_box(self) -> "CropConfig":
+        if 0 < self.context < 1:
+            raise ValueError(f"context: {self.context} would cut the box itself; use 0 (off) or ≥ 1")
+        return self
+
+
 class ModelConfig(Section):
     SECTION: ClassVar[str] = "model"
 
@@ -279,6 +295,7 @@ class ModelConfig(Section):
     sizes: dict[str, ArchOverrides] = {}
     capl: CaplConfig = CaplConfig()
     lora: LoraConfig = LoraConfig()
+    crop: CropConfig = CropConfig()
 
     @field_validator("sizes")
     @classmethod

@@ -15,6 +15,15 @@ Both return the same `Decoded` for the same inputs, which is what the parity che
 PyTorch side of that check is the very code path the evaluation scores, so a passing export is
 the model that was measured. Prompt padding lives in `cpcsam.prompts.perturb` (`pad_points`);
 `pad_prompts` lays N entities × K' variants out on top of it.
+
+Focus crop (`model.crop`): an entity with a box prompt is
+segmented in a square crop around its box, `context` times the box's longer side, instead of in
+the whole image; outside the crop its logits are `OUTSIDE_CROP_LOGIT`. A small model sees the
+whole image at 256² (TrashCan's 480×360 frames shrink 1.9×, a 30-pixel object covers one cell
+of the 16×16 embedding grid), while in its crop the object spans half the frame. It costs one
+encoder pass per boxed entity instead of one per image, which the small CPU models can afford
+and ViT-B cannot (off by default). Points-only prompts say nothing about an object's extent and
+keep the whole image.
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from cpcsam.config import CropConfig
 from cpcsam.errors import ConfigError
-from cpcsam.modeling.transforms import coords_to_model, postprocess_masks, preprocess_image, resized_shape
+from cpcsam.modeling.transforms import coords_to_model, crop_window, postprocess_masks, preprocess_image, resized_shape
 from cpcsam.prompts.perturb import Prompt, pad_points
 
 
@@ -38,6 +48,7 @@ class EncodedImage:
     orig_size: tuple[int, int]  # (H, W)
     input_size: tuple[int, int]  # (h, w) of the resized image inside the square model frame
     entity_keys: torch.Tensor | None = None  # [1, S·H, r, HW]: CaPL's entity keys (mode `causal` only)
+    pixels: np.ndarray | None = None  # the RGB image, kept for focus crops
 
 
 @dataclass
@@ -159,17 +170,25 @@ class OnnxBackend:
         return Decoded(out["masks"][:, 0], out["iou_predictions"][:, 0], out["low_res_masks"][:, 0])
 
 
-class Predictor:
-    """Image → embedding → N entities' full-size logits, over one backend (see the module docstring)."""
+OUTSIDE_CROP_LOGIT = -1e4  # a focus crop's entity outside its crop: background at any threshold
 
-    def __init__(self, backend: Backend) -> None:
+
+class Predictor:
+    """Image → embedding → N entities' full-size logits, over one backend (see the module docstring).
+
+    `crop`: focus crops for entities with a box (None or context 0: the whole image for all).
+    """
+
+    def __init__(self, backend: Backend, crop: CropConfig | None = None) -> None:
         self.backend = backend
         self.image_size = int(backend.image_size)
         self.providers = backend.providers
+        self.crop = crop if crop is not None and crop.context > 0 else None
 
     @classmethod
-    def from_model(cls, model: Any, batch_entities: int = 32, device: str = "cpu") -> "Predictor":
-        return cls(TorchBackend(model, batch_entities, device))
+    def from_model(cls, model: Any, batch_entities: int = 32, device: str = "cpu",
+                   crop: CropConfig | None = None) -> "Predictor":
+        return cls(TorchBackend(model, batch_entities, device), crop)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """RGB [H, W, 3] uint8 → the model's input [1, 3, S, S]."""
@@ -178,7 +197,8 @@ class Predictor:
     def encode(self, image: np.ndarray) -> EncodedImage:
         h, w = image.shape[:2]
         embedding, entity_keys = self.backend.encode(self.preprocess(image))
-        return EncodedImage(embedding, (h, w), resized_shape(h, w, self.image_size), entity_keys)
+        return EncodedImage(embedding, (h, w), resized_shape(h, w, self.image_size), entity_keys,
+                            pixels=np.asarray(image) if self.crop is not None else None)
 
     def decode(self, encoded: EncodedImage, coords: torch.Tensor, labels: torch.Tensor) -> Decoded:
         """coords [N, K', P, 2] in the model frame, labels [N, K', P] → `Decoded` at the original size."""
@@ -191,9 +211,34 @@ class Predictor:
         """Full-size logits [N, H, W] (float32) for N entities, each with K' ≥ 1 prompt variants (original pixels)."""
         if not prompts:
             return np.zeros((0, *encoded.orig_size), np.float32)
+        if self.crop is None:
+            return self._predict_whole(encoded, prompts)
+        if encoded.pixels is None:
+            raise ValueError("focus crops need the image: encode it with this Predictor (EncodedImage.pixels is None)")
+        boxes = [variants[0].box() for variants in prompts]
+        out = np.full((len(prompts), *encoded.orig_size), OUTSIDE_CROP_LOGIT, np.float32)
+        whole = [i for i, box in enumerate(boxes) if box is None]
+        if whole:
+            out[whole] = self._predict_whole(encoded, [prompts[i] for i in whole])
+        h, w = encoded.orig_size
+        for i, box in enumerate(boxes):
+            if box is None:
+                continue
+            x0, y0, x1, y1 = crop_window(box, self.crop, w, h)
+            pixels = encoded.pixels[y0:y1, x0:x1]
+            embedding, entity_keys = self.backend.encode(self.preprocess(pixels))
+            inside = EncodedImage(embedding, pixels.shape[:2], resized_shape(*pixels.shape[:2], self.image_size),
+                                  entity_keys)
+            offset = np.array([x0, y0], np.float64)
+            shifted = [Prompt(q.kind, q.coords - offset, q.labels) for q in prompts[i]]
+            out[i, y0:y1, x0:x1] = self._predict_whole(inside, [shifted])[0]
+        return out
+
+    def _predict_whole(self, encoded: EncodedImage, prompts: Sequence[Sequence[Prompt]]) -> np.ndarray:
         coords, labels = pad_prompts(prompts, encoded.orig_size, self.image_size)
         return self.decode(encoded, coords, labels).masks
 
     def predict_model_frame(self, encoded: EncodedImage, coords: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-        """As `predict`, with coords [N, K', P, 2] already in the model frame (e.g. automatic prompts)."""
+        """As `predict`, with coords [N, K', P, 2] already in the model frame (e.g. automatic prompts;
+        always the whole image: such prompts come from the image's embedding)."""
         return self.decode(encoded, coords, labels).masks

@@ -188,7 +188,8 @@ def make_backend(backend: str, onnx_dir: str | os.PathLike, model_path: str | os
         raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")
     if backend == "onnx":
         return onnx_predictor(onnx_dir, device, threads)
-    return Predictor(TorchBackend.from_file(model_path, device))
+    torch_backend = TorchBackend.from_file(model_path, device)
+    return Predictor(torch_backend, torch_backend.model.crop)  # the focus crops it was trained with
 
 
 def segment_image(

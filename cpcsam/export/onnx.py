@@ -36,7 +36,9 @@ the model-input frame (x, y); `point_labels` [N, P] (−1, 0, 1, 2, 3); `mask_in
 `iou_predictions` [N, 1], `low_res_masks` [N, 1, m, m] (m = 4h, ×2 per mask refinement stage).
 
 Each graph carries the metadata property `cpcsam_graph` (`image_encoder` / `decoder_capl`), which
-`cpcsam.export.runtime` requires together with these names before it runs a file.
+`cpcsam.export.runtime` requires together with these names before it runs a file. The decoder also
+carries `cpcsam_crop`, the model's focus crops (`model.crop`, JSON): the graphs answer one frame,
+and the `Predictor` that `onnx_predictor` builds cuts the frames as the model was trained.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpcsam.export.attention import chunked_global_attention
-from cpcsam.export.runtime import DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
+from cpcsam.export.runtime import CROP_PROPERTY, DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 
 logger = logging.getLogger(__name__)
@@ -219,8 +221,9 @@ def _log_sigmoid_symbolic(g, x):
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
             output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int,
-            role: str | None = None) -> None:
-    """Trace `module` to `path`; `role`: the `GRAPH_MARKER` value to write (None: no marker)."""
+            role: str | None = None, props: dict[str, str] | None = None) -> None:
+    """Trace `module` to `path`; `role`: the `GRAPH_MARKER` value to write (None: no marker);
+    `props`: more metadata properties."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.register_custom_op_symbolic("aten::log_sigmoid", _log_sigmoid_symbolic, opset)
     try:
@@ -228,14 +231,14 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::log_sigmoid", opset)
     if role is not None:
-        _mark(path, role)
+        _mark(path, {GRAPH_MARKER: role, **(props or {})})
     import onnx
 
     onnx.checker.check_model(str(path))
 
 
-def _mark(path: Path, role: str) -> None:
-    """Write the `GRAPH_MARKER` metadata property (the graph's role) into the exported file.
+def _mark(path: Path, props: dict[str, str]) -> None:
+    """Write metadata properties (`GRAPH_MARKER`: the graph's role, ...) into the exported file.
 
     External weights (models over 2 GB) stay where the exporter put them: only the graph proto,
     with its references to them, is rewritten."""
@@ -244,9 +247,10 @@ def _mark(path: Path, role: str) -> None:
     from cpcsam.files import atomic_path
 
     graph = onnx.load(str(path), load_external_data=False)
-    for prop in [p for p in graph.metadata_props if p.key == GRAPH_MARKER]:
+    for prop in [p for p in graph.metadata_props if p.key in props]:
         graph.metadata_props.remove(prop)
-    graph.metadata_props.add(key=GRAPH_MARKER, value=role)
+    for key, value in props.items():
+        graph.metadata_props.add(key=key, value=value)
     with atomic_path(path) as tmp:  # same folder: relative references to external weights still hold
         onnx.save(graph, str(tmp))
 
@@ -289,7 +293,7 @@ def export_decoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) 
     inputs, outputs = DECODER_GRAPH.names(model.capl.entity is not None)
     with torch.no_grad():
         _export(wrapper, decoder_example_inputs(model), path, list(inputs), list(outputs), dynamic, opset,
-                DECODER_GRAPH.role)
+                DECODER_GRAPH.role, {CROP_PROPERTY: model.crop.model_dump_json()})
     logger.info("exported decoder + CaPL to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cpcsam.config import CropConfig
 from cpcsam.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 
 GRAPH_MARKER = "cpcsam_graph"  # metadata_props key `cpcsam.export.onnx` writes: the graph's role
+CROP_PROPERTY = "cpcsam_crop"  # the decoder's metadata: the model's focus crops (`model.crop`, JSON)
 
 
 @dataclass(frozen=True)
@@ -205,14 +207,26 @@ def check_pair(encoder: "OnnxImageEncoder", decoder: "OnnxDecoder") -> None:
         )
 
 
+def read_crop(session: Any, path: str | Path) -> CropConfig:
+    """The focus crops a decoder graph's model was trained with (none in an export that predates them)."""
+    text = session.get_modelmeta().custom_metadata_map.get(CROP_PROPERTY)
+    if text is None:
+        return CropConfig()
+    try:
+        return CropConfig.model_validate_json(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: metadata {CROP_PROPERTY}={text!r} is not a crop setting: {exc}") from exc
+
+
 def onnx_predictor(onnx_dir: str | Path, device: str = "auto", threads: int | None = None):
     """A `cpcsam.inference.Predictor` over the export stage's `image_encoder.onnx` + `decoder_capl.onnx`;
     `threads`: onnxruntime intra-op threads per session (None: its default, all cores)."""
     from cpcsam.inference import OnnxBackend, Predictor
 
     onnx_dir = Path(onnx_dir)
-    return Predictor(OnnxBackend(OnnxImageEncoder(onnx_dir / "image_encoder.onnx", device, threads),
-                                 OnnxDecoder(onnx_dir / "decoder_capl.onnx", device, threads)))  # checks the pair
+    encoder = OnnxImageEncoder(onnx_dir / "image_encoder.onnx", device, threads)
+    decoder = OnnxDecoder(onnx_dir / "decoder_capl.onnx", device, threads)
+    return Predictor(OnnxBackend(encoder, decoder), decoder.crop)  # the backend checks the pair
 
 
 class OnnxImageEncoder:
@@ -244,6 +258,7 @@ class OnnxDecoder:
         self.needs_entity_keys = ENTITY_KEYS in self.input_names
         mask_input = next(i for i in self.session.get_inputs() if i.name == "mask_input")
         self.low_res_size = int(mask_input.shape[-1])
+        self.crop = read_crop(self.session, path)
 
     def __call__(
         self,

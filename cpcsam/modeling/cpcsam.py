@@ -16,7 +16,7 @@ import torch
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from cpcsam.config import CaplConfig, coerce
+from cpcsam.config import CaplConfig, CropConfig, coerce
 from cpcsam.modeling.refine import mask_upscale_factor
 from cpcsam.modeling.capl import (
     FINAL_SITE,
@@ -56,6 +56,9 @@ class CPCSAM(nn.Module):
     def __init__(self, sam: Sam, capl_cfg: CaplConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.capl_cfg: CaplConfig = coerce(CaplConfig, capl_cfg, "model.capl")
+        # How inference applies the model (`model.crop`; not a weight): set by `load_cpcsam` from
+        # the saved config, so that the exported and served model crops as it was trained.
+        self.crop = CropConfig()
         self.sam = sam
         transformer = sam.mask_decoder.transformer
         # Looked up by path at each call (`_cross_attention`), not cached: PEFT and deep copies

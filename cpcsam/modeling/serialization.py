@@ -79,5 +79,6 @@ def load_cpcsam(uri: str | Path, map_location: str | torch.device = "cpu", fold_
         else:
             apply_lora(model, lora)
     load_state_dict_strict(model, state, source=uri)
+    model.crop = cfg.crop
     model.eval()
     return model.to(map_location)

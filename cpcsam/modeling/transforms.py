@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from cpcsam.config import CropConfig
 from cpcsam.modeling.build import PIXEL_MEAN, PIXEL_STD
 
 
@@ -116,3 +117,19 @@ def mask_to_model(mask: np.ndarray | torch.Tensor, image_size: int, out_size: in
     if out_size is not None and out_size != image_size:
         m = F.interpolate(m, (out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
     return m[0, 0]
+
+
+def crop_window(box: np.ndarray, crop: CropConfig, width: int, height: int) -> tuple[int, int, int, int]:
+    """The focus crop (x0, y0, x1, y1) of a box (x0, y0, x1, y1) in an image of width × height
+    (`model.crop`; used by inference and by training, which must cut the same windows).
+
+    A square of `context` × the box's longer side (at least `min_side`) centred on the box,
+    clipped to the image: near a border the crop loses that side's context rather than moving off
+    the box's centre.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(crop.context * max(x1 - x0, y1 - y0), float(crop.min_side))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = int(np.clip(np.floor(cx - side / 2), 0, width - 1)), int(np.clip(np.floor(cy - side / 2), 0, height - 1))
+    right, bottom = int(np.clip(np.ceil(cx + side / 2), left + 1, width)), int(np.clip(np.ceil(cy + side / 2), top + 1, height))
+    return left, top, right, bottom

@@ -201,7 +201,7 @@ class Trainer:
         self.grad_checkpointing = bool(cfg.grad_checkpointing)
 
         if self.upper_params:
-            half_a, half_b = split_halves(data.image_ids, cfg.seed)
+            half_a, half_b = split_halves(data.image_ids, cfg.seed, data.sources)
             upper_entities = cfg.upper_max_entities or cfg.max_entities
             self.upper_stream: BatchStream | None = BatchStream(
                 data, prompts, half_a, cfg.batch_images, upper_entities, cfg.seed, "upper"

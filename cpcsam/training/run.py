@@ -48,6 +48,11 @@ def encoder_is_frozen(model: ModelConfig, mode: str) -> bool:
 def use_embedding_cache(model: ModelConfig, train: TrainConfig) -> bool:
     """Whether training reads `data/embeddings/` (`train.embedding_cache`: auto | on | off)."""
     frozen = encoder_is_frozen(model, train.mode)
+    if model.crop.context > 0:  # each entity has its own crop, never a whole image's embedding
+        if train.embedding_cache == "on":
+            raise ConfigError("train.embedding_cache: on cannot serve focus crops (model.crop.context > 0): every "
+                              "entity is encoded in its own crop; use auto or off")
+        return False
     if train.embedding_cache == "on" and not frozen:
         raise ConfigError(
             "train.embedding_cache: on needs a frozen image encoder; remove "
@@ -94,7 +99,8 @@ def prepare_training(
         if embeddings_dir is None:
             raise ConfigError("train: the embedding cache is in use but no embeddings folder was given")
         store = EmbeddingStore(embeddings_dir, encoder_fingerprint(model.sam.image_encoder))
-    data = TrainingImages(manifest, model.image_size, model.mask_size, cache_mb=cfg.cache_mb, embeddings=store)
+    data = TrainingImages(manifest, model.image_size, model.mask_size, cache_mb=cfg.cache_mb, embeddings=store,
+                          crop=model_section.crop)
     if store is not None:
         missing = store.covers(data.image_ids)
         if missing:

@@ -3,6 +3,8 @@
     python benchmarks/bench_starting_sam.py --sam checkpoints/sam_small_generalist.pth [--sam other.pth ...]
         [--profiles oceancoco,trashcan] [--split test] [--sigmas 0,0.2] [-S key=value ...]
 
+`-S model.crop.context=2` scores with focus crops, `-S evaluate.threshold=-2` at that logit threshold.
+
 Ingests each `data.profiles` entry of params.yaml into `.bench/ingest/<profile>` (once), then
 scores each checkpoint (a segment-anything state dict of `model.type`) and the filled box and
 GrabCut rows on the split's base and target classes; prints one table.
@@ -52,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_config(ROOT / "params.yaml", args.overrides)
     sigmas = [float(s) for s in args.sigmas.split(",")]
-    cfg = EvalConfig(protocols=[Protocol.parse(f"box@{s:g}") for s in sigmas], seed=0)
+    if params.evaluate.threshold == "auto":
+        raise SystemExit("bench_starting_sam: give a number for evaluate.threshold (auto needs trained models)")
+    cfg = EvalConfig(protocols=[Protocol.parse(f"box@{s:g}") for s in sigmas], seed=0,
+                     threshold=float(params.evaluate.threshold))
     rows = []
     for profile in args.profiles.split(","):
         if profile == "trashcan" and not Path(params.data.profiles["trashcan"].root).is_dir():

@@ -157,6 +157,8 @@ def build_embedding_cache(
             f"train.embedding_cache={cfg.embedding_cache}, mode={cfg.mode}, "
             f"encoder LoRA={'yes' if not encoder_is_frozen(model_section, cfg.mode) else 'no'}"
         )
+        if model_section.crop.context > 0:
+            reason = f"model.crop.context={model_section.crop.context:g}: focus crops are encoded per entity"
         if world.is_main:
             write_disabled_index(out_dir, reason)
         barrier(world)

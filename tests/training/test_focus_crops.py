@@ -13,7 +13,7 @@ from cpcsam.errors import ConfigError
 from cpcsam.modeling.transforms import crop_window
 from cpcsam.modeling.transforms import preprocess_image
 from cpcsam.training.data import TablePrompts, TrainingImages, split_halves
-from training_helpers import trainer_from_dicts
+from training_helpers import cache_from_dicts, trainer_from_dicts
 
 CROP = CropConfig(context=1.5, min_side=16)
 
@@ -84,3 +84,11 @@ def test_training_on_crops_runs_and_refuses_the_whole_image_cache(tiny_project, 
     with pytest.raises(ConfigError, match="cannot serve focus crops"):
         trainer_from_dicts(tiny_params, tiny_project["manifest"], tiny_project["prompts"],
                            tiny_project["sam_checkpoint"], None, train_overrides={"embedding_cache": "on"})
+
+
+def test_the_embed_stage_says_why_it_caches_nothing_under_crops(tiny_project, tiny_params, tmp_path) -> None:
+    tiny_params["model"]["crop"] = {"context": 1.5}
+    tiny_params["model"]["lora"] = {**tiny_params["model"].get("lora", {}), "targets": ["decoder_attention"]}
+    summary = cache_from_dicts(tiny_params, tiny_project["manifest"], tiny_project["sam_checkpoint"], tmp_path,
+                               progress=False)
+    assert not summary["enabled"] and "focus crops" in summary["reason"]

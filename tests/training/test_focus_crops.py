@@ -19,10 +19,7 @@ CROP = CropConfig(context=1.5, min_side=16)
 
 
 def _data(project, crop=CROP) -> tuple[TrainingImages, TrainingImages]:
-    from conftest import decode
-    from cpcsam.data import read_image
-
-    args = dict(image_size=64, lowres_size=32, cache_mb=0, read_image=read_image, decode_mask=decode)
+    args = dict(image_size=64, lowres_size=32, cache_mb=0)  # the data layer's image reader and mask decoder
     return TrainingImages(project["manifest"], **args), TrainingImages(project["manifest"], crop=crop, **args)
 
 
@@ -44,9 +41,7 @@ def test_every_entity_is_an_item_cut_around_its_exact_box(tiny_project) -> None:
         assert cropped.images[item].entities == (row.entities[i],)
         np.testing.assert_array_equal(cropped.mask(item, 0), full_mask[y0:y1, x0:x1])
         assert cropped.mask(item, 0).sum() == full_mask.sum()  # the whole object is inside its crop
-        from cpcsam.data import read_image
-
-        pixels = read_image(row.image_uri)[y0:y1, x0:x1]
+        pixels = whole.read_image(row.image_uri)[y0:y1, x0:x1]
         torch.testing.assert_close(cropped.preprocessed_image(item), preprocess_image(pixels, 64), rtol=0, atol=0)
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from cpcsam.config import CropConfig
 from cpcsam.errors import ConfigError, DataError
-from cpcsam.prompts.perturb import Prompt, pad_prompt, prompt_from_mask, training_entities
+from cpcsam.prompts.perturb import Prompt, mask_box, pad_prompt, prompt_from_mask, training_entities
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +158,10 @@ class TrainingImages:
         whole, self.images = self.images, dict(self.images)
         for image_id, row in whole.items():
             for index, entity in enumerate(row.entities):
-                ys, xs = np.nonzero(self.decode_mask(entity.rle_counts, row.height, row.width))
-                if len(xs) == 0:
+                mask = self.decode_mask(entity.rle_counts, row.height, row.width)
+                if not mask.any():
                     raise DataError(f"{row.image_uri}: entity {entity.entity_id} has an empty mask")
-                box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
-                window = crop_window(box, crop, row.width, row.height)
+                window = crop_window(mask_box(mask), crop, row.width, row.height)  # the box@0 prompt's crop
                 x0, y0, x1, y1 = window
                 item = f"{image_id}#{index}"
                 self.images[item] = ImageRow(item, row.image_uri, y1 - y0, x1 - x0, (entity,))

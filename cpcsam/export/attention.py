@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+
+import cpcsam.modeling  # noqa: F401  (first: segment_anything without its package __init__, see sam_package)
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import Tensor, nn
 

@@ -3,6 +3,10 @@
 See docs/CONTRACTS.md "Model API" for the contract other parts of the pipeline rely on.
 """
 
+from cpcsam.modeling.sam_package import defer_package_init
+
+defer_package_init()  # before the modules below import segment_anything.modeling
+
 from cpcsam.modeling.build import ARCHS, SamArch, build_sam, check_state_dict, read_state_dict, resolve_arch
 from cpcsam.modeling.capl import CAPL_MODES, CaPL, CalibratedAttention
 from cpcsam.modeling.cpcsam import (

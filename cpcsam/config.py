@@ -226,6 +226,7 @@ class DataConfig(Section):
 
 SamType = Literal["small", "base_small", "vit_b", "vit_l", "vit_h"]
 CaplMode = Literal["fixed", "learnable", "task", "causal"]
+TaskContext = Literal["all_groups", "own_group"]
 LoraTarget = Literal["image_encoder_qkv", "decoder_attention"]
 
 
@@ -256,6 +257,7 @@ class CaplConfig(Section):
 
     mode: CaplMode = "causal"  # prompt-embedding ablation
     task_hidden: int = Field(128, ge=1)  # hidden width of the task causal MLP g_φ
+    task_context: TaskContext = "all_groups"  # ē of g_φ: mean over the entity's K groups | its own group only
     entity_hidden: int = Field(64, ge=1)  # hidden width of h_φ (one per cross-attention site)
     entity_rank: int = Field(8, ge=1)  # rank r of the entity calibration s = q·k/√r
 

@@ -151,14 +151,25 @@ def _zero_init(linear: nn.Linear) -> nn.Linear:
 class TaskCausalModule(nn.Module):
     """g_φ: channel-wise reweighting of sparse prompt tokens from the token and its context.
 
-    ẽ = e ⊙ (1 + tanh(g_φ([e, ē]))), with ē the mean of the entity's non-padding tokens over all
-    K groups and P slots, which makes the context independent of the order of the groups and
-    defined for K = 1 (inference). Padding tokens (label −1, SAM's not-a-point embedding) are
-    passed through unchanged, as SAM itself treats them as "no prompt here".
+    ẽ = e ⊙ (1 + tanh(g_φ([e, ē]))), with ē the mean of non-padding tokens, either
+
+    - `all_groups`: of the entity's K groups and P slots (METHOD.md's example), or
+    - `own_group`: of the token's own group's P slots only.
+
+    Both are independent of the order of the groups and defined for K = 1. They differ in what
+    inference sees: one prompt per entity, so under `all_groups` g_φ meets at inference a context
+    it never met in training (the mean of K jittered prompts, often of mixed kinds, has other
+    statistics than one prompt's), while under `own_group` each training group is calibrated
+    exactly as that prompt alone would be at inference. Padding tokens (label −1, SAM's
+    not-a-point embedding) are passed through unchanged, as SAM itself treats them as "no prompt
+    here".
     """
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, context: str = "all_groups") -> None:
         super().__init__()
+        if context not in ("all_groups", "own_group"):
+            raise ValueError(f"task context {context!r} is not 'all_groups' or 'own_group'")
+        self.context = context
         self.fc1 = nn.Linear(2 * dim, hidden)
         self.act = nn.GELU()
         self.fc2 = _zero_init(nn.Linear(hidden, dim))  # identity at init: tanh(0) = 0
@@ -166,9 +177,9 @@ class TaskCausalModule(nn.Module):
     def forward(self, sparse: Tensor, labels: Tensor) -> Tensor:
         """sparse [N, K, P, C], labels [N, K, P] → calibrated sparse [N, K, P, C]."""
         valid = (labels != -1).to(sparse.dtype).unsqueeze(-1)  # N x K x P x 1
-        count = valid.sum(dim=(1, 2)).clamp_min(1.0)  # N x 1
-        context = (sparse * valid).sum(dim=(1, 2)) / count  # N x C
-        context = context[:, None, None, :].expand_as(sparse)
+        dims = (1, 2) if self.context == "all_groups" else (2,)
+        count = valid.sum(dim=dims, keepdim=True).clamp_min(1.0)  # N x 1 x 1 x 1 | N x K x 1 x 1
+        context = ((sparse * valid).sum(dim=dims, keepdim=True) / count).expand_as(sparse)
         gate = torch.tanh(self.fc2(self.act(self.fc1(torch.cat([sparse, context], dim=-1)))))
         return sparse * (1 + gate * valid)
 
@@ -263,6 +274,7 @@ class CaPL(nn.Module):
         sites: Mapping[str, str],
         mode: str = "causal",
         task_hidden: int = 128,
+        task_context: str = "all_groups",
         entity_hidden: int = 64,
         entity_rank: int = 8,
     ) -> None:
@@ -271,7 +283,7 @@ class CaPL(nn.Module):
             raise ValueError(f"CaPL mode {mode!r} is not one of {CAPL_MODES}")
         self.mode = mode
         self.soft_prompt = SoftPrompt(dim) if mode == "learnable" else None
-        self.task = TaskCausalModule(dim, task_hidden) if mode in ("task", "causal") else None
+        self.task = TaskCausalModule(dim, task_hidden, task_context) if mode in ("task", "causal") else None
         self.entity = (
             EntityCausalModule(dim, num_heads, entity_rank, entity_hidden, sites) if mode == "causal" else None
         )

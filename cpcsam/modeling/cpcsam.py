@@ -70,6 +70,7 @@ class CPCSAM(nn.Module):
             sites=cross_attention_sites(transformer),
             mode=self.capl_cfg.mode,
             task_hidden=self.capl_cfg.task_hidden,
+            task_context=self.capl_cfg.task_context,
             entity_hidden=self.capl_cfg.entity_hidden,
             entity_rank=self.capl_cfg.entity_rank,
         )

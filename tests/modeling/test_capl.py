@@ -173,6 +173,34 @@ def test_task_context_is_order_invariant_over_groups(small_sam):
     assert single.shape == (2, 1, 3, 64) and torch.isfinite(single).all()
 
 
+
+@pytest.mark.parametrize("context", ["all_groups", "own_group"])
+def test_own_group_context_calibrates_each_group_as_inference_would_alone(small_sam, context):
+    """Under `own_group` a training group among K is calibrated exactly as that one prompt at
+    inference (K = 1); under `all_groups` the other groups change it (the mismatch the option
+    removes)."""
+    model = CPCSAM(small_sam, {"mode": "task", "task_context": context})
+    randomize(model.capl)
+    gen = torch.Generator().manual_seed(6)
+    sparse = torch.randn(2, 4, 3, 64, generator=gen)
+    labels = torch.randint(0, 4, (2, 4, 3), generator=gen)
+    labels[:, :, -1] = -1  # a padding slot in every group
+    with torch.no_grad():
+        together = model.calibrate_prompts(sparse, labels)
+        alone = torch.cat([model.calibrate_prompts(sparse[:, k : k + 1], labels[:, k : k + 1]) for k in range(4)], 1)
+    if context == "own_group":
+        torch.testing.assert_close(together, alone)
+    else:
+        assert not torch.allclose(together, alone)
+    assert torch.equal(together[labels == -1], sparse[labels == -1])
+
+
+def test_an_unknown_task_context_is_refused(project_root):
+    from cpcsam.config import load_config
+
+    with pytest.raises(ConfigError, match="task_context"):
+        load_config(project_root / "params.yaml", ["model.capl.task_context=mean"])
+
 def test_decode_n_entities_from_b_images_matches_one_at_a_time(small_sam):
     model = CPCSAM(small_sam, {"mode": "causal"}).eval()
     randomize(model.capl, std=0.1)

@@ -13,6 +13,10 @@ difference, averaged over seeds, with a 95% bootstrap interval (10 000 resamples
 Writes `<out>/study.json` (every per-image score) and `<out>/report.md` (tables, intervals,
 budget, timings), and prints the report. Hyper-parameters are never chosen on the test split:
 `--split val` is the one to tune on.
+
+`--inference-ablations` also scores every trained CPC-SAM with a part of CaPL removed at inference
+only (`cpcsam-task_off`: no task causal module, `cpcsam-entity_off`: no entity causal module),
+the same weights otherwise: what each module contributes to the model that was trained with it.
 """
 
 from __future__ import annotations
@@ -68,7 +72,22 @@ def paired_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> d
     return {"mean": float(diff.mean()), "low": float(np.percentile(means, 2.5)), "high": float(np.percentile(means, 97.5))}
 
 
-def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str], split: str, out: Path) -> dict:
+# Parts of a trained CPC-SAM removed at inference by `--inference-ablations` (CaPL attributes).
+INFERENCE_ABLATIONS = {"cpcsam-task_off": "task", "cpcsam-entity_off": "entity"}
+
+
+def without_module(model: Any, part: str) -> Any:
+    """A copy of a trained CPC-SAM whose CaPL lacks `part` ("task" or "entity"); CaPL skips a
+    module that is None, as in the ablation modes that never had it."""
+    import copy
+
+    ablated = copy.deepcopy(model)
+    setattr(ablated.capl, part, None)
+    return ablated
+
+
+def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str], split: str, out: Path,
+                inference_ablations: bool = False) -> dict:
     from cpcsam.data import load_classes, load_manifest, read_image
     from cpcsam.data.ingest import run_ingest
     from cpcsam.inference import Predictor
@@ -126,6 +145,10 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
             seconds = time.perf_counter() - started
             result["models"][variant][str(seed)] = score(Predictor.from_model(trainer.model.eval(), crop=params.model.crop),
                                                                variant, str(seed))
+            if inference_ablations and variant == "cpcsam":
+                for name, part in INFERENCE_ABLATIONS.items():
+                    ablated = Predictor.from_model(without_module(trainer.model, part), crop=params.model.crop)
+                    result["models"].setdefault(name, {})[str(seed)] = score(ablated, name, str(seed))
             result["budget"][variant] = summary["budget"]
             result["seconds"].setdefault(variant, []).append(seconds)
             print(f"{profile} {variant} seed {seed}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
@@ -199,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="cpcsam,lora_only,full_finetune")
     parser.add_argument("--split", default="test")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--inference-ablations", action="store_true",
+                        help="also score each trained CPC-SAM without its task / entity module at inference")
     parser.add_argument("--out", default=str(ROOT / "reports" / "study"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -229,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         if root is not None and not str(root).startswith("s3://") and not Path(root).is_dir():
             print(f"study: skipping {profile}: {root} is absent", file=sys.stderr)
             continue
-        results.append(run_profile(params, profile, seeds, args.variants.split(","), args.split, out))
+        results.append(run_profile(params, profile, seeds, args.variants.split(","), args.split, out,
+                                   args.inference_ablations))
         results[-1]["overrides"] = overrides
         summaries.append(summarise(results[-1], rng))
         (out / "study.json").write_text(json.dumps({"results": results, "summaries": summaries}))

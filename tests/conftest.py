@@ -12,8 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CPCSAM_SHARED_DIR", ROOT.parent / "shared"))
 TRASHCAN = SHARED / "data" / "trashcan"
 
-# Telemetry off for every process the tests start.
+# Telemetry off for every process the tests start. One OpenMP thread per process: `make test` runs
+# a worker per core, and two spinning OpenMP threads per process stall each other on a busy
+# machine (issue 13); set before anything imports torch, and inherited by every subprocess.
 for key, value in {
+    "OMP_NUM_THREADS": "1",
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -5,7 +5,8 @@ full-size logits of `decode`) and delegates the two networks to a backend:
 
 - `TorchBackend`: a trained CPC-SAM in PyTorch, LoRA folded into the weights. An entity may carry
   K' prompt variants [N, K', P]: they are calibrated together (the task causal module's context
-  is the mean over the K' groups, as in training), decoded, and their logits averaged (test-time
+  spans the K' groups as it spans the K in training, `model.capl.task_context`), decoded, and
+  their logits averaged (test-time
   calibration). Averaging the low-resolution logits before upsampling equals averaging the
   full-size ones (upsampling and cropping are linear), and is K' times cheaper.
 - `OnnxBackend`: the two exported graphs in onnxruntime. The exported decoder calibrates one
@@ -23,15 +24,16 @@ whole image at 256² (TrashCan's 480×360 frames shrink 1.9×, a 30-pixel object
 of the 16×16 embedding grid), while in its crop the object spans half the frame. It costs one
 encoder pass per boxed entity instead of one per image, which the small CPU models can afford
 and ViT-B cannot (off by default). Points-only prompts say nothing about an object's extent and
-keep the whole image.
+keep the whole image. In crop mode the whole image is encoded on first use only, so an image
+whose entities all have boxes costs one encoder pass per entity, not one more.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -42,13 +44,45 @@ from cpcsam.modeling.transforms import coords_to_model, crop_window, postprocess
 from cpcsam.prompts.perturb import Prompt, pad_points
 
 
+Encoding = tuple[torch.Tensor, "torch.Tensor | None"]  # (embedding, entity keys) of a backend's `encode`
+
+
 @dataclass
 class EncodedImage:
-    embedding: torch.Tensor  # [1, C, h, w] (CPU for the ONNX backend)
+    """An image as the decoder needs it: its embedding [1, C, h, w] (CPU for the ONNX backend), CaPL's
+    entity keys [1, S·H, r, HW] (mode `causal` only, else None), its sizes, and for focus crops its
+    pixels. Built from an `Encoding`, or from a function that makes one on first use (`lazy`)."""
+
     orig_size: tuple[int, int]  # (H, W)
     input_size: tuple[int, int]  # (h, w) of the resized image inside the square model frame
-    entity_keys: torch.Tensor | None = None  # [1, S·H, r, HW]: CaPL's entity keys (mode `causal` only)
+    encoding: Encoding | None = None
     pixels: np.ndarray | None = None  # the RGB image, kept for focus crops
+    encode_fn: Callable[[], Encoding] | None = field(default=None, repr=False)
+
+    @classmethod
+    def lazy(cls, encode_fn: Callable[[], Encoding], orig_size: tuple[int, int], input_size: tuple[int, int],
+             pixels: np.ndarray | None = None) -> "EncodedImage":
+        return cls(orig_size, input_size, None, pixels, encode_fn)
+
+    @property
+    def encoded(self) -> bool:
+        """Whether the encoder has run on this image (a lazy one runs at the first `embedding`)."""
+        return self.encoding is not None
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self._encoding()[0]
+
+    @property
+    def entity_keys(self) -> torch.Tensor | None:
+        return self._encoding()[1]
+
+    def _encoding(self) -> Encoding:
+        if self.encoding is None:
+            if self.encode_fn is None:
+                raise ValueError("EncodedImage has neither an encoding nor a function that makes one")
+            self.encoding, self.encode_fn = self.encode_fn(), None
+        return self.encoding
 
 
 @dataclass
@@ -195,10 +229,13 @@ class Predictor:
         return preprocess_image(np.array(image), self.image_size)[None]  # a writable copy for torch
 
     def encode(self, image: np.ndarray) -> EncodedImage:
+        """The image's encoding; under focus crops made on first use (boxed entities never use it)."""
         h, w = image.shape[:2]
-        embedding, entity_keys = self.backend.encode(self.preprocess(image))
-        return EncodedImage(embedding, (h, w), resized_shape(h, w, self.image_size), entity_keys,
-                            pixels=np.asarray(image) if self.crop is not None else None)
+        input_size = resized_shape(h, w, self.image_size)
+        if self.crop is None:
+            return EncodedImage((h, w), input_size, self.backend.encode(self.preprocess(image)))
+        pixels = np.asarray(image)
+        return EncodedImage.lazy(lambda: self.backend.encode(self.preprocess(pixels)), (h, w), input_size, pixels)
 
     def decode(self, encoded: EncodedImage, coords: torch.Tensor, labels: torch.Tensor) -> Decoded:
         """coords [N, K', P, 2] in the model frame, labels [N, K', P] → `Decoded` at the original size."""
@@ -226,9 +263,8 @@ class Predictor:
                 continue
             x0, y0, x1, y1 = crop_window(box, self.crop, w, h)
             pixels = encoded.pixels[y0:y1, x0:x1]
-            embedding, entity_keys = self.backend.encode(self.preprocess(pixels))
-            inside = EncodedImage(embedding, pixels.shape[:2], resized_shape(*pixels.shape[:2], self.image_size),
-                                  entity_keys)
+            inside = EncodedImage(pixels.shape[:2], resized_shape(*pixels.shape[:2], self.image_size),
+                                  self.backend.encode(self.preprocess(pixels)))
             offset = np.array([x0, y0], np.float64)
             shifted = [Prompt(q.kind, q.coords - offset, q.labels) for q in prompts[i]]
             out[i, y0:y1, x0:x1] = self._predict_whole(inside, [shifted])[0]

@@ -118,6 +118,33 @@ def test_focus_crop_segments_each_boxed_entity_in_its_own_crop(predictors, backe
     np.testing.assert_array_equal(out[3], whole.predict(whole.encode(image), [click])[0])
 
 
+def test_focus_crops_encode_the_whole_image_only_for_an_entity_that_needs_it(predictors) -> None:
+    """Boxed entities are segmented in their crops: an image with boxes only costs one encoder pass
+    per entity; a points-only entity adds the whole image's pass, once."""
+    from cpcsam.config import CropConfig
+
+    class CountingBackend:
+        def __init__(self, inner) -> None:
+            self.inner, self.sizes = inner, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def encode(self, x):
+            self.sizes.append(tuple(x.shape))
+            return self.inner.encode(x)
+
+    counting = CountingBackend(predictors[0].backend)
+    cropped = Predictor(counting, CropConfig(context=1.5, min_side=32))
+    image, boxed = _image_and_prompts()
+    encoded = cropped.encode(image)
+    cropped.predict(encoded, boxed)
+    assert len(counting.sizes) == len(boxed) and not encoded.encoded
+    click = [Prompt("points", np.array([[200.0, 150.0]]), np.array([1]))]
+    cropped.predict(encoded, boxed + [click, click])
+    assert len(counting.sizes) == 2 * len(boxed) + 1 and encoded.encoded
+
+
 def test_a_crop_predictor_needs_its_own_encoding(predictors) -> None:
     from cpcsam.config import CropConfig
 

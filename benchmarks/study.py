@@ -107,6 +107,8 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     images = [(im, np.array(read_image(im.uri))) for im in image_records(manifest, [split])]
     target = set(classes["target"])
     protocols = [Protocol.parse(f"{kind}@{s:g}") for kind in ("box", "points") for s in params.evaluate.sigmas]
+    if params.evaluate.tta.k > 1:  # test-time calibration rows, as the evaluate stage adds them
+        protocols += [Protocol.parse(f"{name}+tta{params.evaluate.tta.k}") for name in params.evaluate.tta.protocols]
     eval_seed = params.stage_seed("evaluate")
     sam_path = str(params.model.checkpoint)
     threshold = params.evaluate.threshold

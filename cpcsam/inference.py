@@ -6,9 +6,9 @@ full-size logits of `decode`) and delegates the two networks to a backend:
 - `TorchBackend`: a trained CPC-SAM in PyTorch, LoRA folded into the weights. An entity may carry
   K' prompt variants [N, K', P]: they are calibrated together (the task causal module's context
   spans the K' groups as it spans the K in training, `model.capl.task_context`), decoded, and
-  their logits averaged (test-time
-  calibration). Averaging the low-resolution logits before upsampling equals averaging the
-  full-size ones (upsampling and cropping are linear), and is K' times cheaper.
+  their logits averaged (test-time calibration). Averaging the low-resolution logits before
+  upsampling equals averaging the full-size ones (upsampling and cropping are linear), and is K'
+  times cheaper.
 - `OnnxBackend`: the two exported graphs in onnxruntime. The exported decoder calibrates one
   prompt per entity, so it takes K' = 1 only and says so otherwise.
 

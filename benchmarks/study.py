@@ -187,6 +187,10 @@ def report(results: list[dict], summaries: list[dict]) -> str:
                   f"target classes {', '.join(result['target'])})", ""]
         if result.get("overrides"):
             lines += ["Parameters as params.yaml except " + ", ".join(f"`{o}`" for o in result["overrides"]) + ".", ""]
+        ablated = [name for name in INFERENCE_ABLATIONS if name in result["models"]]
+        if ablated:
+            lines += [", ".join(f"`{name}`" for name in ablated) + ": the trained CPC-SAM of each seed scored without "
+                      "that CaPL module at inference (`--inference-ablations`).", ""]
         lines += ["Target-class Dice (mean over seeds; ± the seeds' standard deviation):", "",
                   "| protocol | " + " | ".join(result["models"]) + " |",
                   "| --- |" + " ---: |" * len(result["models"])]

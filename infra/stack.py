@@ -564,7 +564,7 @@ class Stack:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def up(self, deploy: bool = True, pause_schedules: bool = False) -> dict[str, int]:
-        """Start what is not running, wait until healthy, register the deployments, start the worker.
+        """Start what is not running, wait until healthy, register the deployments while the worker starts.
 
         Idempotent: if every service already runs and answers, nothing is started or registered
         (`self.started == []`). On any failure (or Ctrl-C) every service this call started is
@@ -586,11 +586,16 @@ class Stack:
                 for svc in servers:
                     self._wait_healthy(svc, launched[svc.name])
                     pids[svc.name] = launched[svc.name]
+                # The worker needs only the Prefect server: launched now, it starts up (imports, its first
+                # poll) while the buckets and deployments are made, and is waited for last.
+                worker = services["prefect-worker"]
+                worker_pid = self._launch_unless_running(worker)
                 if "s3" in services:
                     self.create_buckets()
                 if deploy:
                     self.deploy(pause_schedules=pause_schedules)
-                pids["prefect-worker"] = self._ensure(services["prefect-worker"])
+                self._wait_healthy(worker, worker_pid)
+                pids["prefect-worker"] = worker_pid
             except BaseException as exc:
                 stopped, left = self._rollback()
                 if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they were
@@ -601,12 +606,6 @@ class Stack:
                     what += f"; would NOT stop: {', '.join(left)} (PID files kept; run `down`)"
                 raise StackError(f"{exc}\n{what}", stopped=stopped, left=left) from exc
             return pids
-
-    def _ensure(self, svc: Service) -> int:
-        """A healthy service's PID: the running one, or a new one."""
-        pid = self._launch_unless_running(svc)
-        self._wait_healthy(svc, pid)
-        return pid
 
     def _launch_unless_running(self, svc: Service) -> int:
         """The running service's PID, or a newly launched one (recorded in self.started at once, so

@@ -258,10 +258,10 @@ def test_up_failing_in_a_step_keeps_what_ran_before(tmp_path: Path, monkeypatch,
             st.up(deploy=True)
         if not isinstance(error, KeyboardInterrupt):
             assert "deploy: injected failure" in str(failed.value)
-            assert failed.value.stopped == ["prefect-server"]
-        assert st.started == ["prefect-server"]
+            assert failed.value.stopped == ["prefect-worker", "prefect-server"]  # the worker starts beside deploy
+        assert st.started == ["prefect-server", "prefect-worker"]
         assert _pid_files(st) == {"mlflow"} and st.pid("mlflow") == mlflow_pid
-        assert not _listening(st.prefect_port) and _listening(st.mlflow_port)
+        assert not _listening(st.prefect_port) and not _listening(st.worker_health_port) and _listening(st.mlflow_port)
     finally:
         st.down()
     _assert_gone(st, {"mlflow": mlflow_pid}, {"mlflow": st.mlflow_port})

@@ -141,7 +141,6 @@ class TrainingImages:
             )
         # Focus crops: crop id → (the whole image's id, the entity's index there, (x0, y0, x1, y1)).
         self._crops: dict[str, tuple[str, int, tuple[int, int, int, int]]] = {}
-        self.sources: dict[str, str] = {image_id: image_id for image_id in self.images}  # item → its image
         if crop is not None and crop.context > 0:
             if embeddings is not None:
                 raise ConfigError("model.crop: focus crops are encoded per entity, so the whole-image embedding "
@@ -155,8 +154,7 @@ class TrainingImages:
         the entity is the one target (other objects in the crop are context)."""
         from cpcsam.modeling.transforms import crop_window
 
-        whole, self.images = self.images, dict(self.images)
-        for image_id, row in whole.items():
+        for image_id, row in list(self.images.items()):  # the whole images stay items too
             for index, entity in enumerate(row.entities):
                 mask = self.decode_mask(entity.rle_counts, row.height, row.width)
                 if not mask.any():
@@ -166,8 +164,11 @@ class TrainingImages:
                 item = f"{image_id}#{index}"
                 self.images[item] = ImageRow(item, row.image_uri, y1 - y0, x1 - x0, (entity,))
                 self._crops[item] = (image_id, index, window)
-                self.sources[item] = image_id
-        self._whole = whole
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Item → the image it comes from (itself for a whole image)."""
+        return {item: self._crops[item][0] if item in self._crops else item for item in self.images}
 
     def offset(self, image_id: str) -> tuple[int, int]:
         """(x0, y0) of the item in its image's pixels: what prompts in image pixels must move by."""
@@ -198,7 +199,7 @@ class TrainingImages:
         from cpcsam.modeling.transforms import preprocess_image
 
         found = self._crops.get(image_id)
-        row = self.images[image_id] if found is None else self._whole[found[0]]
+        row = self.images[image_id if found is None else found[0]]
         image = self.read_image(row.image_uri)
         if image.shape[:2] != (row.height, row.width):
             raise DataError(
@@ -216,7 +217,7 @@ class TrainingImages:
             row = self.images[image_id]
             return self.decode_mask(row.entities[entity_index].rle_counts, row.height, row.width)
         source, index, (x0, y0, x1, y1) = found
-        row = self._whole[source]
+        row = self.images[source]
         return self.decode_mask(row.entities[index].rle_counts, row.height, row.width)[y0:y1, x0:x1]
 
     def targets(self, image_id: str) -> Tensor:

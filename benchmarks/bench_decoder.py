@@ -15,7 +15,9 @@ full-size masks at `--image` (upsampling included). Timed:
 - official ONNX: `segment_anything.utils.onnx.SamOnnxModel` (single mask) exported from the same
   SAM weights with the TorchScript exporter, as the official script does (one entity per call,
   so N calls), and the same graph with a dynamic entity axis (one call with N entities);
-- ours eager: the same wrapper in PyTorch, N entities batched.
+- ours eager: what the PyTorch backend (`cpcsam.inference.TorchBackend`) runs, N entities batched:
+  `CPCSAM.decode`, the trained form that the exported graph rearranges (`cpcsam.export.fused_decoder`),
+  and the same mask postprocessing.
 
 Warm-up runs first; then the methods run round-robin, one call each per repetition, so the
 machine's noise hits all of them alike. Prints p50/p95 (ms) and the ratios of p50s.
@@ -38,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cpcsam.export.onnx import DecoderOnnxModel, _export, export_decoder, prepare_for_export  # noqa: E402
+from cpcsam.export.onnx import _export, export_decoder, postprocess_masks_traceable, prepare_for_export  # noqa: E402
 from cpcsam.export.runtime import OnnxDecoder, create_session  # noqa: E402
 from cpcsam.modeling import CPCSAM  # noqa: E402
 from cpcsam.modeling.build import build_sam_from_arch, resolve_arch  # noqa: E402
@@ -115,7 +117,6 @@ def run_config(config: str, entities: list[int], repeats: int, warmup: int, size
     official, _ = create_session(official_path, "cpu", threads, spin=False)
     official_batched, _ = create_session(official_batched_path, "cpu", threads, spin=False)
     keys_session, _ = create_session(keys_path, "cpu", threads, spin=False)
-    eager = DecoderOnnxModel(model).eval()
     torch.set_num_threads(threads)
 
     gen = torch.Generator().manual_seed(1)
@@ -148,12 +149,14 @@ def run_config(config: str, entities: list[int], repeats: int, warmup: int, size
                                         "point_labels": labels_np, "mask_input": np.repeat(mask_in, n, axis=0),
                                         "has_mask_input": np.zeros(1, np.float32), "orig_im_size": size_np})
 
-        eager_args = (embedding, coords, labels, torch.zeros(n, 1, 4 * h, 4 * w), torch.zeros(n),
-                      torch.tensor(size, dtype=torch.float32), keys)
+        eager_labels, eager_size, index = labels.long(), torch.tensor(size, dtype=torch.float32), torch.zeros(n, dtype=torch.long)
 
         def run_eager() -> None:
             with torch.no_grad():
-                eager(*eager_args)
+                sparse = model.embed_prompts(coords, eager_labels)
+                sparse = model.calibrate_prompts(sparse[:, None], eager_labels[:, None])[:, 0]
+                out = model.decode(embedding, index, sparse, entity_keys=keys)
+                postprocess_masks_traceable(out.low_res_logits, eager_size, model.image_size)
 
         methods: dict[str, Callable[[], None]] = {
             "ours_onnx": run_ours, "official_onnx": run_official,

@@ -40,6 +40,15 @@ def _run_torch(model, emb, coords, labels, size, mask=None):
         return [t.numpy() for t in DecoderOnnxModel(model)(emb, coords, labels, mask, has, torch.tensor(size, dtype=torch.float32))]
 
 
+def _run_trained_form(model, emb, coords, labels) -> np.ndarray:
+    """Low-res logits of `CPCSAM.decode` (PEFT adapters may be live), without mask prompts."""
+    with torch.no_grad():
+        sparse = model.embed_prompts(coords, labels.long())
+        sparse = model.calibrate_prompts(sparse[:, None], labels.long()[:, None])[:, 0]
+        index = torch.zeros(coords.shape[0], dtype=torch.long)
+        return model.decode(emb, index, sparse).low_res_logits.numpy()
+
+
 def test_graph_has_dynamic_entities_and_points(exported):
     _, enc_path, dec_path = exported
     desc = describe_graph(dec_path)
@@ -80,7 +89,7 @@ def test_graph_contains_calibration_and_merged_lora(exported, decoder, calibrate
     coords, labels = _prompts(3, 4, seed=3)
     out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (200, 300), entity_keys=_keys(merged, emb))["low_res_masks"]
     # Unmerged model (PEFT adapters live) gives the same numbers: merging kept LoRA's effect.
-    with_adapters = _run_torch(calibrated_model, emb, coords, labels, (200, 300))[2]
+    with_adapters = _run_trained_form(calibrated_model, emb, coords, labels)
     assert np.abs(out - with_adapters).max() <= 1e-4
     # Switching CaPL off changes them: the calibration is in the graph.
     saved = merged.capl.task, merged.capl.entity
@@ -104,10 +113,7 @@ def test_mask_input_flag(exported, decoder):
     assert np.abs(with_mask - _run_torch(model, emb, coords, labels, (100, 100), mask)[2]).max() <= 1e-4
     assert np.abs(with_mask - without).max() > 1e-3
     # has_mask_input = 0 is exactly the no-mask path of CPCSAM.decode.
-    with torch.no_grad():
-        sparse = model.embed_prompts(coords, labels.long())
-        sparse = model.calibrate_prompts(sparse[:, None], labels.long()[:, None])[:, 0]
-        plain = model.decode(emb, torch.zeros(2, dtype=torch.long), sparse).low_res_logits.numpy()
+    plain = _run_trained_form(model, emb, coords, labels)
     assert np.abs(without - plain).max() <= 1e-4
 
 

@@ -10,10 +10,6 @@ or where the official export is wrong:
 
 - CaPL is inside: the task causal module calibrates the sparse tokens (K = 1 group at inference)
   and the entity causal module biases the decoder's cross attention (`CPCSAM.decode`).
-- The decoder runs `CPCSAM.decode` rearranged for inference (`fused_decoder`: projections folded
-  into the cross attention, gates computed where they are used, one mask): the same function to
-  float32 rounding at about half the per-entity work. The export stage's parity check compares
-  the graph with `CPCSAM.decode` itself, the form that training and the PyTorch backend run.
 - The entity gates' log σ(s) is exported exactly, as Min(s, 0) + Log(Sigmoid(|s|))
   (`_log_sigmoid_symbolic`): saturated gates (s ≪ 0) must keep their differences, which decide
   the attention where all of a row's gates are saturated.
@@ -58,7 +54,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpcsam.export.attention import chunked_global_attention
-from cpcsam.export.fused_decoder import decode_single_mask
 from cpcsam.export.runtime import CROP_PROPERTY, DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 
@@ -150,9 +145,9 @@ class DecoderOnnxModel(nn.Module):
         images, image_index = self._images_with_mask_prompts(image_embeddings, mask_input, has_mask_input)
         if entity_keys is None:  # eager use: the keys of the (unmasked) image, as the encoder graph computes them
             entity_keys = self.model.entity_keys(image_embeddings)
-        low_res, iou_pred = decode_single_mask(self.model, images, image_index, sparse, entity_keys)
-        masks = postprocess_masks_traceable(low_res, orig_im_size, self.image_size)
-        return masks, iou_pred, low_res
+        out = self.model.decode(images, image_index, sparse, entity_keys=entity_keys)
+        masks = postprocess_masks_traceable(out.low_res_logits, orig_im_size, self.image_size)
+        return masks, out.iou_pred, out.low_res_logits
 
 
 class ImageEncoderOnnxModel(nn.Module):

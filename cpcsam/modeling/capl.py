@@ -1,8 +1,9 @@
 """The Causal Prompt Learner (CaPL): task causal module, entity causal module, soft prompt.
 
 CaPL is the small network φ of CPC-SAM (docs/METHOD.md §2). Every part of it starts as the identity
-(its last layers are zero-initialised), so a fresh CPC-SAM reproduces the SAM it calibrates bit
-for bit.
+(its last layers are zero-initialised), so a fresh CPC-SAM reproduces the SAM it calibrates: bit
+for bit in SAM's order of operations (`CPCSAM.decode(sam_order=True)`), to float32 rounding in the
+rearranged decoder that it runs by default (`cpcsam.modeling.decoder`).
 
 - `TaskCausalModule` g_φ reweights each sparse prompt token channel-wise from the token and its
   context ē (the mean over the K prompt groups and over the entity's non-padding tokens):
@@ -46,7 +47,7 @@ class CalibratedAttention(nn.Module):
     no state-dict key. With no bias set, `forward` performs exactly the operations of
     `Attention.forward`, in the same order: the outputs are bit-for-bit identical.
 
-    The bias is set per call by the owner (`CPCSAM.decode`) through `logit_bias` and cleared
+    The bias is set per call by the owner (`CPCSAM.decode(sam_order=True)`) through `logit_bias` and cleared
     afterwards; the last attention probabilities are kept in `last_attn` when `keep_attn` is on
     (used for the attention map A_j of Eq. 2). Both are plain tensor attributes, so tracing for
     ONNX records them as ordinary graph values.
@@ -75,12 +76,7 @@ class CalibratedAttention(nn.Module):
         x = x.transpose(1, 2)
         return x.reshape(b, n_tokens, n_heads * c_per_head)  # B x N_tokens x C
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_index: Tensor | None = None,
-                kv_index: Tensor | None = None) -> Tensor:
-        """`q_index` / `kv_index` [N]: the queries / keys and values are given once per image
-        ([B, ·, C]); each is projected once and its rows gathered per entity after the projection
-        (row i of a linear map does not depend on the other rows, so this equals projecting the
-        gathered inputs, at 1/N of the cost for N entities on one image)."""
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q = self.q_proj(q)
         k = self.k_proj(k)
         v = self.v_proj(v)
@@ -88,10 +84,6 @@ class CalibratedAttention(nn.Module):
         q = self._separate_heads(q, self.num_heads)
         k = self._separate_heads(k, self.num_heads)
         v = self._separate_heads(v, self.num_heads)
-        if q_index is not None:
-            q = q[q_index]
-        if kv_index is not None:
-            k, v = k[kv_index], v[kv_index]
 
         _, _, _, c_per_head = q.shape
         attn = q @ k.permute(0, 1, 3, 2)  # B x N_heads x N_queries x N_keys

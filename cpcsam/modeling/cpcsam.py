@@ -10,7 +10,7 @@ for ONNX export, and it runs the decoder exactly once.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping
 
 import torch
 from segment_anything.modeling import Sam
@@ -25,20 +25,7 @@ from cpcsam.modeling.capl import (
     cross_attention_sites,
     wrap_cross_attention,
 )
-from cpcsam.modeling.two_way import two_way_transformer
-
-# In SAM's decoder the output tokens are [iou token, mask token 0 (single mask), mask tokens 1..3].
-SINGLE_MASK_TOKEN = 1
-
-
-class DecoderOutput(NamedTuple):
-    """What `CPCSAM.decode` returns (single-mask output), one row per entity."""
-
-    low_res_logits: Tensor  # N x 1 x m x m (m = CPCSAM.mask_size, 4h for SAM), logits in the padded model frame
-    iou_pred: Tensor  # N x 1, predicted IoU of that mask
-    attn_map: Tensor  # N x h x w, final token→image attention of the mask token, head mean, max-scaled to [0, 1]
-    calibration_l1: Tensor  # scalar, mean |C − 1| of the entity calibration (0 without it)
-
+from cpcsam.modeling.decoder import SINGLE_MASK_TOKEN, DecoderOutput, attention_map, decode_entities  # noqa: F401
 
 class CPCSAM(nn.Module):
     """SAM + CaPL. `mode` (from `capl_cfg`) selects the prompt-embedding ablation:
@@ -48,7 +35,8 @@ class CPCSAM(nn.Module):
     - `task`: the task causal module only;
     - `causal`: task + entity causal modules (CPC-SAM).
 
-    Every mode is the identity at initialisation: outputs equal SAM's bit for bit.
+    Every mode is the identity at initialisation: outputs equal SAM's bit for bit in SAM's order
+    (`decode(sam_order=True)`), to float32 rounding otherwise.
     `sam` is used in place: its decoder's cross attentions are swapped for `CalibratedAttention`
     (same parameters and keys, same outputs without a bias); deep-copy it first to keep a plain one.
     """
@@ -125,45 +113,43 @@ class CPCSAM(nn.Module):
         return self.capl.calibrate_prompts(sparse, labels)
 
     def decode(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor,
-               share_image_side: bool = True, entity_keys: Tensor | None = None) -> DecoderOutput:
+               entity_keys: Tensor | None = None, sam_order: bool = False) -> DecoderOutput:
         """Masks for N entities: image_embeddings [B, C, h, w], image_index [N] (which image), sparse [N, P, C].
 
-        The mask decoder's `predict_masks`, with the images gathered per entity (SAM repeats one
-        image for all prompts) and the entity calibration applied to the cross attention. No dense
-        mask prompt: `no_mask_embed` everywhere. The transformer's first block projects each image
-        once for all its entities (`two_way`); the outputs are the same bits as SAM's transformer
-        on per-entity copies, which `share_image_side=False` runs instead — the gradients are
-        summed in another order there, and the pretraining keeps that order so that its shipped
-        result stays reproducible to the byte (checkpoints/README.md). `entity_keys`: the images'
-        `entity_keys`, when the caller has them already (the exported decoder gets them from the
-        encoder graph); computed here otherwise.
+        The mask decoder's `predict_masks` with the entity calibration applied to the cross
+        attention, no dense mask prompt (`no_mask_embed` everywhere), single-mask output. It runs
+        `cpcsam.modeling.decoder`, which computes the same function as SAM's modules with less
+        work per entity, equal to float32 rounding. `sam_order=True` runs SAM's own transformer
+        and upscaling on per-entity copies of the images instead, every operation in SAM's order:
+        a fresh CPC-SAM's outputs are then SAM's bit for bit, and the pretraining keeps it so that
+        its shipped result stays reproducible to the byte (checkpoints/README.md). `entity_keys`:
+        the images' `entity_keys`, when the caller has them already (the exported decoder gets
+        them from the encoder graph); computed here otherwise.
         """
+        tokens = self._tokens(sparse)
+        dense, dense_pe = self._dense_prompt()
+        entity = self.capl.entity
+        if entity is not None and entity_keys is None:
+            image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
+            entity_keys = entity.image_keys(image + image_pe)
+        if not sam_order:
+            return decode_entities(self.sam, entity, image_embeddings + dense, image_index, tokens, entity_keys)
+
         decoder = self.sam.mask_decoder
         n = sparse.shape[0]
         _, c, h, w = image_embeddings.shape
-        tokens = self._tokens(sparse)
-        dense, dense_pe = self._dense_prompt()
-        image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
-
-        if self.capl.entity is not None:
-            if entity_keys is None:  # `entity_keys(image_embeddings)`, from the tokens already at hand
-                entity_keys = self.capl.entity.image_keys(image + image_pe)
-            biases, l1 = self.capl.entity(tokens, entity_keys, image_index)
+        if entity is not None:
+            biases, l1 = entity(tokens, entity_keys, image_index)
         else:
-            biases = {}
-            l1 = sparse.new_zeros(())
-
+            biases, l1 = {}, sparse.new_zeros(())
         attention = self._cross_attention()
         final = attention[FINAL_SITE]
         try:
             for path, module in attention.items():
                 module.logit_bias = biases.get(path)
             final.keep_attn = True
-            if share_image_side:
-                hs, src = two_way_transformer(decoder.transformer, image, image_pe, image_index, tokens)
-            else:
-                per_entity = image_embeddings[image_index] + dense
-                hs, src = decoder.transformer(per_entity, dense_pe.expand(n, -1, -1, -1), tokens)
+            per_entity = image_embeddings[image_index] + dense
+            hs, src = decoder.transformer(per_entity, dense_pe.expand(n, -1, -1, -1), tokens)
             final_attn = final.last_attn  # N x heads x T x HW
         finally:  # never leave a bias behind for the next call
             for module in attention.values():
@@ -171,32 +157,19 @@ class CPCSAM(nn.Module):
             final.keep_attn = False
             final.last_attn = None
 
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
         src = src.transpose(1, 2).reshape(n, c, h, w)
         upscaled = decoder.output_upscaling(src)
         # All mask tokens go through their hypernetworks, as in SAM, so that the single-mask output
         # is bit-identical to SAM's (a 1-row matmul may round differently); the cost is tiny.
+        mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
         hyper_in = torch.stack(
             [decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(decoder.num_mask_tokens)],
             dim=1,
         )
         b2, c2, h2, w2 = upscaled.shape
         masks = (hyper_in @ upscaled.view(b2, c2, h2 * w2)).view(b2, -1, h2, w2)
-        iou_pred = decoder.iou_prediction_head(iou_token_out)
-
-        # A_j for Eq. 2: divide by the per-entity max, so each map spans [0, 1] whatever its spread
-        # (a softmax over HW positions sums to 1, so its raw values shrink with the grid size).
-        attn_map = final_attn[:, :, SINGLE_MASK_TOKEN, :].mean(dim=1)
-        attn_map = attn_map / attn_map.amax(dim=-1, keepdim=True).clamp_min(1e-12)
-        attn_map = attn_map.reshape(n, h, w)
-
-        return DecoderOutput(
-            low_res_logits=masks[:, 0:1, :, :],
-            iou_pred=iou_pred[:, 0:1],
-            attn_map=attn_map,
-            calibration_l1=l1,
-        )
+        iou_pred = decoder.iou_prediction_head(hs[:, 0, :])
+        return DecoderOutput(masks[:, 0:1], iou_pred[:, 0:1], attention_map(final_attn, (h, w)), l1)
 
     def forward(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor) -> DecoderOutput:
         """Same as `decode` (so that hooks and `torch.onnx.export` see a module call)."""

@@ -163,7 +163,7 @@ def _skip_draws(gen: torch.Generator, count: int) -> None:
 def _decode(model: Any, embeddings: torch.Tensor, batch: CorpusBatch, coords: torch.Tensor, labels: torch.Tensor):
     sparse = model.embed_prompts(coords, labels)
     # SAM's per-entity transformer: the order in which the shipped checkpoint's gradients were summed
-    out = model.decode(embeddings, batch.image_index, sparse, share_image_side=False)
+    out = model.decode(embeddings, batch.image_index, sparse, sam_order=True)
     return out.low_res_logits[:, 0], out.iou_pred
 
 

@@ -1,4 +1,4 @@
-"""CaPL: identity at init (bit for bit, every mode), calibration shapes and zeros, learning moves it."""
+"""CaPL: identity at init (bit for bit in SAM's order, every mode), calibration shapes and zeros, learning moves it."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def test_cpcsam_at_init_is_plain_sam_bit_for_bit(small_sam, mode):
         grouped[:, 1] = sparse.flip(0)  # other groups hold other prompts: the context differs from e
         calibrated = model.calibrate_prompts(grouped, labels[:, None].expand(-1, k_groups, -1))
         assert torch.equal(calibrated[:, 0], sparse)
-        out = model.decode(emb, index, calibrated[:, 0])
+        out = model.decode(emb, index, calibrated[:, 0], sam_order=True)
+        rearranged = model.decode(emb, index, calibrated[:, 0])  # the default: SAM to float32 rounding
         dense = plain.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(5, -1, *model.embedding_size)
         ref_masks, ref_iou = plain.mask_decoder(
             image_embeddings=emb,
@@ -50,6 +51,9 @@ def test_cpcsam_at_init_is_plain_sam_bit_for_bit(small_sam, mode):
     assert torch.equal(out.low_res_logits, ref_masks)
     assert torch.equal(out.iou_pred, ref_iou)
     assert out.calibration_l1.item() == 0.0
+    torch.testing.assert_close(rearranged.low_res_logits, ref_masks, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rearranged.iou_pred, ref_iou, rtol=0, atol=1e-5)
+    assert rearranged.calibration_l1.item() == 0.0
 
 
 def test_embed_prompts_equals_sam_prompt_encoder(small_sam):
@@ -223,34 +227,15 @@ def test_decode_n_entities_from_b_images_matches_one_at_a_time(small_sam):
     torch.testing.assert_close(out.attn_map.flatten(1).amax(1), torch.ones(6))
 
 
-def test_shared_first_block_is_sams_transformer_on_per_entity_copies(small_sam):
-    """The first block projects each image once: same bits forward, same gradients up to rounding."""
-    model = CPCSAM(small_sam, {"mode": "causal"})
-    randomize(model.capl, std=0.1)
-    emb, _, coords, labels = _inputs(model, n=6, p=4, b=2, seed=3)
-    index = torch.tensor([1, 0, 1, 1, 0, 1])
-    grads = []
-    for share in (True, False):
-        model.zero_grad()
-        out = model.decode(emb, index, model.embed_prompts(coords, labels), share_image_side=share)
-        (out.low_res_logits.square().mean() + out.iou_pred.sum()).backward()
-        grads.append(({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, out))
-    (shared_grads, shared), (copied_grads, copied) = grads
-    assert torch.equal(shared.low_res_logits, copied.low_res_logits)
-    assert torch.equal(shared.iou_pred, copied.iou_pred)
-    assert shared_grads.keys() == copied_grads.keys()
-    for name in shared_grads:
-        torch.testing.assert_close(shared_grads[name], copied_grads[name], atol=1e-6, rtol=1e-4, msg=name)
-
-
 def test_decode_leaves_no_state_behind(small_sam):
-    """The bias and the kept attention are cleared after each call (also when the call fails)."""
+    """In SAM's order the bias and the kept attention are module state: cleared after each call
+    (also when the call fails)."""
     model = CPCSAM(small_sam, {"mode": "causal"})
     randomize(model.capl, std=0.1)
     emb, index, coords, labels = _inputs(model)
-    model.decode(emb, index, model.embed_prompts(coords, labels))
+    model.decode(emb, index, model.embed_prompts(coords, labels), sam_order=True)
     with pytest.raises(RuntimeError):
-        model.decode(emb, index, torch.zeros(5, 4, 7))  # wrong channel count
+        model.decode(emb, index, torch.zeros(5, 4, 7), sam_order=True)  # wrong channel count
     for module in model.sam.mask_decoder.transformer.modules():
         if isinstance(module, CalibratedAttention):
             assert module.logit_bias is None and module.last_attn is None and not module.keep_attn

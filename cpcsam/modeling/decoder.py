@@ -1,0 +1,305 @@
+"""SAM's mask decoder with CaPL's entity calibration, rearranged for N entities: what `CPCSAM.decode` runs.
+
+segment-anything runs its decoder once per prompt on a copy of the image embedding. Written in
+SAM's order (`CPCSAM.decode(sam_order=True)`, SAM's own modules on per-entity copies) that costs,
+per entity at the ViT-B decoder's sizes (C = 256 channels, HW = 4096 image positions, H = 8 heads
+of d = 16 in the cross attentions, T = 5 + P tokens), ten [HW, C] × [C, H·d] projections and an
+image-sized upscaling. Here the same function is computed with less work per entity:
+
+- **The first block's image side once per image.** Until the first block's image→token attention
+  writes into the image tokens they are the same for every entity of an image (no mask prompt:
+  the dense embedding is `no_mask_embed` everywhere), so that block's token→image keys and values
+  and its image→token queries are projected once per image; one image serves all its entities by
+  broadcasting, not by copies.
+- **Projections folded into the attention.** In a later cross attention between an entity's T
+  tokens and its HW positions, the projection can act on the token side because T is small:
+  token→image logits are q_h W_k,hᵀ · xᵀ (the key bias adds a constant to each softmax row, which
+  the softmax ignores) and its values (P_h x) W_v,hᵀ + b_v (P's rows sum to 1); image→token
+  logits are x · (k_h W_q,h)ᵀ + b_q,h · k_hᵀ and its output Σ_h P_h (v_h W_o,hᵀ) + b_o. Each is
+  one [HW, C] × [C, H·T] product: 64 columns for a box and a point against H·d = 128, about half
+  the multiply-adds while T < 16 tokens (11 prompt points; more are slower, never wrong). LoRA
+  adapters (PEFT) are folded into the weights they adapt (W + scaling·B·A), so gradients reach
+  them as through PEFT's own forward.
+- **The entity gates where they are used.** log C = log 2 + log σ(s): the log 2 is the same for
+  every key of a softmax row and is dropped from the logits (not from the L1 term); the 1/√r
+  scale is applied to the [N, H, T, r] queries rather than the [N, H, T, HW] scores; each site's
+  gates are computed next to its attention, in the layout its logits have.
+- **Upscaling in the tokens' layout.** SAM's 2×2 stride-2 transposed convolutions are matrix
+  products per position, LayerNorm2d a LayerNorm over the last axis, and mask token 0's
+  hypernetwork reads the features where they are made; only the one-channel mask is arranged as
+  an image (SAM's layout transposes the [N, C, HW] tokens and the [N, C', 16·HW] features).
+
+The result equals SAM's order to float32 rounding (tests/modeling/test_decoder.py), and gradients
+too. Per entity it halves the exported decoder's time against SAM's official graph and the
+forward + backward of a training step (benchmarks/bench_decoder.py, bench_train.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from segment_anything.modeling import Sam
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cpcsam.modeling.capl import FINAL_SITE, EntityCausalModule, cross_attention_sites
+
+# In SAM's decoder the output tokens are [iou token, mask token 0 (single mask), mask tokens 1..3].
+SINGLE_MASK_TOKEN = 1
+
+
+class DecoderOutput(NamedTuple):
+    """What `CPCSAM.decode` returns (single-mask output), one row per entity."""
+
+    low_res_logits: Tensor  # N x 1 x m x m (m = CPCSAM.mask_size, 4h for SAM), logits in the padded model frame
+    iou_pred: Tensor  # N x 1, predicted IoU of that mask
+    attn_map: Tensor  # N x h x w, final token→image attention of the mask token, head mean, max-scaled to [0, 1]
+    calibration_l1: Tensor  # scalar, mean |C − 1| of the entity calibration (0 without it)
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """[N, L, H·d] → [N, H, L, d]."""
+    n, length, width = x.shape
+    return x.reshape(n, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """[N, H, L, d] → [N, L, H·d]."""
+    n, h, length, d = x.shape
+    return x.transpose(1, 2).reshape(n, length, h * d)
+
+
+def _weight_and_bias(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(W [out, in], b) of a projection: an `nn.Linear`, or PEFT's LoRA `Linear` with its active
+    adapters folded in (W + scaling·B·A, differentiable in A and B)."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight, linear.bias
+    base = getattr(linear, "base_layer", None)
+    if not isinstance(base, nn.Linear) or not hasattr(linear, "get_delta_weight"):
+        raise TypeError(f"a decoder projection must be nn.Linear or PEFT's LoRA Linear, got {type(linear).__name__}")
+    weight = base.weight
+    if linear.merged or linear.disable_adapters:  # merged: the base weight holds the adapters already
+        return weight, base.bias
+    for name in linear.active_adapters:
+        if name not in linear.lora_A:
+            continue
+        if linear.use_dora.get(name, False):
+            raise TypeError(f"LoRA adapter {name!r} uses DoRA, which this decoder cannot fold into its weight")
+        dropout = linear.lora_dropout[name]
+        if linear.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            raise ValueError(f"LoRA adapter {name!r} has dropout {dropout.p}: the decoder folds adapters into "
+                             "their weights, which dropout on the adapter's input does not allow (model.lora.dropout: 0)")
+        weight = weight + linear.get_delta_weight(name)
+    return weight, base.bias
+
+
+def _per_head(weight: Tensor, num_heads: int) -> Tensor:
+    """A projection's weight C → H·d as [H, d, C]."""
+    out_features, in_features = weight.shape
+    return weight.reshape(num_heads, out_features // num_heads, in_features)
+
+
+class _Gates:
+    """The entity module's log-gates log σ(s) of each cross-attention site, computed one site at a
+    time, and the L1 term mean |C − 1| = mean |tanh(s/2)| over all of them (zero without the module)."""
+
+    def __init__(self, entity: EntityCausalModule | None, sites: list[str], tokens: Tensor,
+                 entity_keys: Tensor | None, image_index: Tensor) -> None:
+        self.sites = sites
+        self.l1_parts: list[Tensor] = []
+        self.zero = tokens.new_zeros(())
+        self.q = None
+        if entity is None:
+            return
+        if entity_keys is None:
+            raise ValueError("a model with the entity module needs the images' entity keys")
+        n, t, _ = tokens.shape
+        self.heads = entity.num_heads
+        q = entity.query_head(entity.query_trunk(tokens)).reshape(n, t, entity.groups, entity.rank)
+        self.q = q.transpose(1, 2) * (1.0 / math.sqrt(entity.rank))  # [N, S·H, T, r]
+        self.keys = _per_entity(entity_keys, image_index)  # [1 | N, S·H, r, HW]
+
+    def site(self, path: str, image_major: bool = False) -> Tensor | None:
+        """log σ(s) of one site: [N, H, T, HW]; `image_major` [N, H, HW, T]."""
+        if self.q is None:
+            return None
+        i = self.sites.index(path)
+        q = self.q[:, i * self.heads : (i + 1) * self.heads]
+        k = self.keys[:, i * self.heads : (i + 1) * self.heads]
+        s = k.transpose(-1, -2) @ q.transpose(-1, -2) if image_major else q @ k
+        self.l1_parts.append(torch.tanh(0.5 * s).abs().mean())  # every site has N·H·T·HW gates
+        return F.logsigmoid(s)
+
+    def l1(self) -> Tensor:
+        return torch.stack(self.l1_parts).mean() if self.l1_parts else self.zero
+
+
+def _per_entity(per_image: Tensor, image_index: Tensor) -> Tensor:
+    """Rows of a per-image tensor for each entity; one image serves all by broadcasting (no copy)."""
+    return per_image if per_image.shape[0] == 1 else per_image[image_index]
+
+
+def _softmax_rows(logits: Tensor, gate: Tensor | None) -> Tensor:
+    return torch.softmax(logits if gate is None else logits + gate, dim=-1)
+
+
+def _token_to_image(attn: nn.Module, tokens: Tensor, image_with_pe: Tensor, image: Tensor,
+                    gate: Tensor | None) -> tuple[Tensor, Tensor]:
+    """SAM's `Attention(q=tokens, k=image_with_pe, v=image)` with the projections folded (tokens
+    [N, T, C], image tensors [N, HW, C]; gate [N, H, T, HW]). Returns (output, probabilities)."""
+    heads = attn.num_heads
+    n, t, c = tokens.shape
+    q = _heads(attn.q_proj(tokens), heads)  # N x H x T x d
+    w_k, _ = _weight_and_bias(attn.k_proj)  # the key bias shifts whole softmax rows: no effect
+    a = (q * (1.0 / math.sqrt(q.shape[-1]))) @ _per_head(w_k, heads)  # N x H x T x C
+    logits = (a.reshape(n, heads * t, c) @ image_with_pe.transpose(1, 2)).reshape(n, heads, t, -1)
+    p = _softmax_rows(logits, gate)
+    pooled = (p.reshape(n, heads * t, -1) @ image).reshape(n, heads, t, c)  # N x H x T x C
+    w_v, b_v = _weight_and_bias(attn.v_proj)
+    values = pooled @ _per_head(w_v, heads).transpose(1, 2)  # N x H x T x d
+    if b_v is not None:  # P's rows sum to 1: the value bias passes through unchanged
+        values = values + b_v.reshape(heads, 1, -1)
+    return attn.out_proj(_merge_heads(values)), p
+
+
+def _image_to_token_output(attn: nn.Module, p: Tensor, tokens_v: Tensor) -> Tensor:
+    """Σ_h P_h (v_h W_o,hᵀ) + b_o: p [N, HW, H, T] (softmax over T), tokens_v [N, T, C] → [N, HW, C]."""
+    heads = attn.num_heads
+    n, hw, _, t = p.shape
+    v = _heads(attn.v_proj(tokens_v), heads)  # N x H x T x d
+    w_o, b_o = _weight_and_bias(attn.out_proj)  # C x H·d
+    e = v @ w_o.reshape(w_o.shape[0], heads, -1).permute(1, 2, 0)  # N x H x T x C
+    out = p.reshape(n, hw, heads * t) @ e.reshape(n, heads * t, -1)
+    return out if b_o is None else out + b_o
+
+
+def _image_to_token(attn: nn.Module, image_with_pe: Tensor, tokens_k: Tensor, tokens_v: Tensor,
+                    gate: Tensor | None) -> Tensor:
+    """SAM's `Attention(q=image_with_pe, k=tokens_k, v=tokens_v)` with the projections folded
+    (image_with_pe [N, HW, C], tokens [N, T, C]; gate [N, H, HW, T])."""
+    heads = attn.num_heads
+    n, t, c = tokens_k.shape
+    k = _heads(attn.k_proj(tokens_k), heads)  # N x H x T x d
+    k = k * (1.0 / math.sqrt(k.shape[-1]))
+    w_q, b_q = _weight_and_bias(attn.q_proj)
+    b = k @ _per_head(w_q, heads)  # N x H x T x C
+    logits = (image_with_pe @ b.reshape(n, heads * t, c).transpose(1, 2)).reshape(n, -1, heads, t)
+    if b_q is not None:  # b_q · k varies along the softmax row (over the keys): kept
+        logits = logits + (k @ b_q.reshape(heads, -1, 1)).reshape(n, 1, heads, t)
+    return _image_to_token_output(attn, _softmax_rows(logits, None if gate is None else gate.transpose(1, 2)),
+                                  tokens_v)
+
+
+def _first_token_to_image(attn: nn.Module, tokens: Tensor, image_with_pe: Tensor, image: Tensor,
+                          image_index: Tensor, gate: Tensor | None) -> Tensor:
+    """The first block's token→image attention: keys and values projected once per image
+    (image tensors [B, HW, C]), as SAM computes them."""
+    heads = attn.num_heads
+    q = _heads(attn.q_proj(tokens), heads)  # N x H x T x d
+    k = _per_entity(_heads(attn.k_proj(image_with_pe), heads), image_index)  # (1 | N) x H x HW x d
+    v = _per_entity(_heads(attn.v_proj(image), heads), image_index)
+    logits = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # N x H x T x HW
+    return attn.out_proj(_merge_heads(_softmax_rows(logits, gate) @ v))
+
+
+def _first_image_to_token(attn: nn.Module, image_with_pe: Tensor, image_index: Tensor,
+                          tokens_k: Tensor, tokens_v: Tensor, gate: Tensor | None) -> Tensor:
+    """The first block's image→token attention: its queries are the unchanged image tokens, so they
+    are projected once per image (image_with_pe [B, HW, C]) and only the output is folded."""
+    heads = attn.num_heads
+    q = _per_entity(_heads(attn.q_proj(image_with_pe), heads), image_index)  # (1 | N) x H x HW x d
+    k = _heads(attn.k_proj(tokens_k), heads)  # N x H x T x d
+    logits = q @ (k * (1.0 / math.sqrt(k.shape[-1]))).transpose(-1, -2)  # N x H x HW x T
+    return _image_to_token_output(attn, _softmax_rows(logits, gate).transpose(1, 2), tokens_v)
+
+
+def _sub_pixel_weight(conv: nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
+    """A 2×2, stride-2 transposed convolution as a per-position linear map C_in → 2·2·C_out, ordered
+    (row offset, column offset, channel): (weight [C_in, 4·C_out], bias [4·C_out])."""
+    if tuple(conv.kernel_size) != (2, 2) or tuple(conv.stride) != (2, 2) or tuple(conv.padding) != (0, 0):
+        raise ValueError(f"expected SAM's 2×2 stride-2 upscaling, got {conv}")
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1)
+    bias = conv.bias.repeat(4) if conv.bias is not None else torch.zeros_like(weight[0])
+    return weight, bias
+
+
+def _upscaled_mask(upscaling: nn.Sequential, keys: Tensor, grid: tuple[int, int], hyper: Tensor) -> Tensor:
+    """hyper · upscaling(keys) in the tokens' layout: keys [N, HW, C], hyper [N, C'] → [N, 1, m, m].
+
+    SAM's ×4 upscaling is (transposed conv, LayerNorm2d, GELU, transposed conv, GELU); refinement
+    stages after it (`refine`, spatial convolutions) get the features as an image.
+    """
+    first, norm, act1, second, act2, *stages = upscaling
+    n, hw, _ = keys.shape
+    h, w = grid
+    w1, b1 = _sub_pixel_weight(first)
+    y = (keys @ w1 + b1).reshape(n, hw, 4, first.out_channels)  # position, (row, col) offset, channel
+    y = act1(F.layer_norm(y, (first.out_channels,), norm.weight, norm.bias, norm.eps))
+    w2, b2 = _sub_pixel_weight(second)
+    z = act2(y @ w2 + b2).reshape(n, h, w, 2, 2, 2, 2, second.out_channels)  # i, j, a, b, a', b', channel
+    if stages:  # pixel (4i + 2a + a', 4j + 2b + b')
+        image = z.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, second.out_channels, 4 * h, 4 * w)
+        for stage in stages:
+            image = stage(image)
+        return (hyper.unsqueeze(1) @ image.flatten(2)).reshape(n, 1, *image.shape[-2:])
+    mask = (z.reshape(n, hw * 16, -1) @ hyper.unsqueeze(-1)).reshape(n, h, w, 2, 2, 2, 2)
+    return mask.permute(0, 1, 3, 5, 2, 4, 6).reshape(n, 1, 4 * h, 4 * w)
+
+
+def decode_entities(sam: Sam, entity: EntityCausalModule | None, images: Tensor, image_index: Tensor,
+                    tokens: Tensor, entity_keys: Tensor | None) -> DecoderOutput:
+    """images [B, C, h, w] (embedding + dense prompt), image_index [N], tokens [N, T, C] (iou, mask
+    and prompt tokens), entity_keys [1 | B, S·H, r, HW] (with the entity module) → `DecoderOutput`."""
+    decoder = sam.mask_decoder
+    transformer = decoder.transformer
+    n = tokens.shape[0]
+    _, c, h, w = images.shape
+    image = images.flatten(2).transpose(1, 2)  # B x HW x C
+    image_pe = sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)  # 1 x HW x C
+    gates = _Gates(entity, list(cross_attention_sites(transformer)), tokens, entity_keys, image_index)
+
+    # Block 0 (skip_first_layer_pe): the image side is per image until its image→token update.
+    first = transformer.layers[0]
+    if not first.skip_first_layer_pe:
+        raise ValueError("the first two-way block must skip the positional encoding (skip_first_layer_pe)")
+    image_with_pe = image + image_pe
+    queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
+    attn_out = _first_token_to_image(first.cross_attn_token_to_image, queries + tokens, image_with_pe, image,
+                                     image_index, gates.site("layers.0.cross_attn_token_to_image"))
+    queries = first.norm2(queries + attn_out)
+    queries = first.norm3(queries + first.mlp(queries))
+    attn_out = _first_image_to_token(first.cross_attn_image_to_token, image_with_pe, image_index,
+                                     queries + tokens, queries,
+                                     gates.site("layers.0.cross_attn_image_to_token", image_major=True))
+    keys = first.norm4(_per_entity(image, image_index) + attn_out)
+
+    for i, layer in enumerate(transformer.layers[1:], start=1):
+        q = queries + tokens
+        queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
+        attn_out, _ = _token_to_image(layer.cross_attn_token_to_image, queries + tokens, keys + image_pe, keys,
+                                      gates.site(f"layers.{i}.cross_attn_token_to_image"))
+        queries = layer.norm2(queries + attn_out)
+        queries = layer.norm3(queries + layer.mlp(queries))
+        attn_out = _image_to_token(layer.cross_attn_image_to_token, keys + image_pe, queries + tokens, queries,
+                                   gates.site(f"layers.{i}.cross_attn_image_to_token", image_major=True))
+        keys = layer.norm4(keys + attn_out)
+
+    attn_out, final_attn = _token_to_image(transformer.final_attn_token_to_image, queries + tokens,
+                                           keys + image_pe, keys, gates.site(FINAL_SITE))
+    queries = transformer.norm_final_attn(queries + attn_out)
+
+    hyper = decoder.output_hypernetworks_mlps[0](queries[:, SINGLE_MASK_TOKEN])  # N x C'
+    masks = _upscaled_mask(decoder.output_upscaling, keys, (h, w), hyper)
+    iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, 0:1]
+    return DecoderOutput(masks, iou_pred, attention_map(final_attn, (h, w)), gates.l1())
+
+
+def attention_map(final_attn: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A_j of Eq. 2 from the final token→image attention [N, H, T, HW]: the mask token's row, mean
+    over heads, divided by its max so that each map spans [0, 1] whatever its spread (a softmax
+    over HW positions sums to 1, so its raw values shrink with the grid size)."""
+    attn_map = final_attn[:, :, SINGLE_MASK_TOKEN, :].mean(dim=1)
+    attn_map = attn_map / attn_map.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return attn_map.reshape(final_attn.shape[0], *grid)

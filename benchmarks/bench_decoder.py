@@ -16,8 +16,7 @@ full-size masks at `--image` (upsampling included). Timed:
   SAM weights with the TorchScript exporter, as the official script does (one entity per call,
   so N calls), and the same graph with a dynamic entity axis (one call with N entities);
 - ours eager: what the PyTorch backend (`cpcsam.inference.TorchBackend`) runs, N entities batched:
-  `CPCSAM.decode`, the trained form that the exported graph rearranges (`cpcsam.export.fused_decoder`),
-  and the same mask postprocessing.
+  `CPCSAM.decode`, the function the graph was traced from, and the same mask postprocessing.
 
 Warm-up runs first; then the methods run round-robin, one call each per repetition, so the
 machine's noise hits all of them alike. Prints p50/p95 (ms) and the ratios of p50s.

@@ -25,7 +25,7 @@ from cpcsam.modeling.capl import (
     cross_attention_sites,
     wrap_cross_attention,
 )
-from cpcsam.modeling.decoder import SINGLE_MASK_TOKEN, DecoderOutput, attention_map, decode_entities  # noqa: F401
+from cpcsam.modeling.decoder import DecoderOutput, attention_map, decode_entities
 
 class CPCSAM(nn.Module):
     """SAM + CaPL. `mode` (from `capl_cfg`) selects the prompt-embedding ablation:

@@ -129,9 +129,6 @@ class CPCSAM(nn.Module):
         tokens = self._tokens(sparse)
         dense, dense_pe = self._dense_prompt()
         entity = self.capl.entity
-        if entity is not None and entity_keys is None:
-            image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
-            entity_keys = entity.image_keys(image + image_pe)
         if not sam_order:
             return decode_entities(self.sam, entity, image_embeddings + dense, image_index, tokens, entity_keys)
 
@@ -139,7 +136,8 @@ class CPCSAM(nn.Module):
         n = sparse.shape[0]
         _, c, h, w = image_embeddings.shape
         if entity is not None:
-            biases, l1 = entity(tokens, entity_keys, image_index)
+            keys = self.entity_keys(image_embeddings) if entity_keys is None else entity_keys
+            biases, l1 = entity(tokens, keys, image_index)
         else:
             biases, l1 = {}, sparse.new_zeros(())
         attention = self._cross_attention()

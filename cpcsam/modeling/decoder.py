@@ -108,15 +108,13 @@ class _Gates:
     time, and the L1 term mean |C − 1| = mean |tanh(s/2)| over all of them (zero without the module)."""
 
     def __init__(self, entity: EntityCausalModule | None, sites: list[str], tokens: Tensor,
-                 entity_keys: Tensor | None, image_index: Tensor) -> None:
+                 entity_keys: Tensor, image_index: Tensor) -> None:
         self.sites = sites
         self.l1_parts: list[Tensor] = []
         self.zero = tokens.new_zeros(())
         self.q = None
         if entity is None:
             return
-        if entity_keys is None:
-            raise ValueError("a model with the entity module needs the images' entity keys")
         n, t, _ = tokens.shape
         self.heads = entity.num_heads
         q = entity.query_head(entity.query_trunk(tokens)).reshape(n, t, entity.groups, entity.rank)
@@ -253,20 +251,23 @@ def _upscaled_mask(upscaling: nn.Sequential, keys: Tensor, grid: tuple[int, int]
 def decode_entities(sam: Sam, entity: EntityCausalModule | None, images: Tensor, image_index: Tensor,
                     tokens: Tensor, entity_keys: Tensor | None) -> DecoderOutput:
     """images [B, C, h, w] (embedding + dense prompt), image_index [N], tokens [N, T, C] (iou, mask
-    and prompt tokens), entity_keys [1 | B, S·H, r, HW] (with the entity module) → `DecoderOutput`."""
+    and prompt tokens), entity_keys [1 | B, S·H, r, HW] (with the entity module; made from `images`
+    when None) → `DecoderOutput`."""
     decoder = sam.mask_decoder
     transformer = decoder.transformer
     n = tokens.shape[0]
     _, c, h, w = images.shape
     image = images.flatten(2).transpose(1, 2)  # B x HW x C
     image_pe = sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)  # 1 x HW x C
+    image_with_pe = image + image_pe
+    if entity is not None and entity_keys is None:
+        entity_keys = entity.image_keys(image_with_pe)
     gates = _Gates(entity, list(cross_attention_sites(transformer)), tokens, entity_keys, image_index)
 
     # Block 0 (skip_first_layer_pe): the image side is per image until its image→token update.
     first = transformer.layers[0]
     if not first.skip_first_layer_pe:
         raise ValueError("the first two-way block must skip the positional encoding (skip_first_layer_pe)")
-    image_with_pe = image + image_pe
     queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
     attn_out = _first_token_to_image(first.cross_attn_token_to_image, queries + tokens, image_with_pe, image,
                                      image_index, gates.site("layers.0.cross_attn_token_to_image"))
@@ -280,11 +281,12 @@ def decode_entities(sam: Sam, entity: EntityCausalModule | None, images: Tensor,
     for i, layer in enumerate(transformer.layers[1:], start=1):
         q = queries + tokens
         queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
-        attn_out, _ = _token_to_image(layer.cross_attn_token_to_image, queries + tokens, keys + image_pe, keys,
+        keys_with_pe = keys + image_pe  # both cross attentions of the block read it: made once
+        attn_out, _ = _token_to_image(layer.cross_attn_token_to_image, queries + tokens, keys_with_pe, keys,
                                       gates.site(f"layers.{i}.cross_attn_token_to_image"))
         queries = layer.norm2(queries + attn_out)
         queries = layer.norm3(queries + layer.mlp(queries))
-        attn_out = _image_to_token(layer.cross_attn_image_to_token, keys + image_pe, queries + tokens, queries,
+        attn_out = _image_to_token(layer.cross_attn_image_to_token, keys_with_pe, queries + tokens, queries,
                                    gates.site(f"layers.{i}.cross_attn_image_to_token", image_major=True))
         keys = layer.norm4(keys + attn_out)
 

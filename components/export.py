@@ -105,15 +105,19 @@ def work(params, args, run) -> str:
     from cpcsam.export.runtime import OnnxDecoder, OnnxImageEncoder
     from cpcsam.files import write_json_atomic
     from cpcsam.modeling import load_cpcsam
+    from cpcsam.training.device import apply_threads
 
     cfg = params.export
+    # pinned, not the machine's: the parity report's float differences depend on the thread count
+    apply_threads(cfg.threads)
     tol = tolerances(cfg)  # bad values fail before the export
     out = Path(args.out)
     model = prepare_for_export(load_cpcsam(args.model, fold_lora=True))
     write_sam_checkpoints(model, out)  # for segment-anything's own loaders and SamPredictor
     export_image_encoder(model, out / ENCODER, cfg.opset)
     export_decoder(model, out / DECODER, cfg.opset)
-    encoder, decoder = OnnxImageEncoder(out / ENCODER, cfg.device), OnnxDecoder(out / DECODER, cfg.device)
+    threads = cfg.threads or None
+    encoder, decoder = OnnxImageEncoder(out / ENCODER, cfg.device, threads), OnnxDecoder(out / DECODER, cfg.device, threads)
     images = image_records(load_manifest(args.manifest), cfg.parity_splits, cfg.parity_images,
                            params.stage_seed("evaluate"))
     cases = parity_cases(images, model.image_size, cfg.parity_max_entities)

@@ -1,6 +1,6 @@
 """The `cpcsam` console command.
 
-`cpcsam run` runs the DVC pipeline (`dvc repro`) and prints where the results are.
+`cpcsam run` runs the DVC pipeline (its stages via `dvc repro`) and prints where the results are.
 Other subcommands register themselves in `SUBCOMMANDS`.
 """
 
@@ -26,17 +26,62 @@ RESULTS = {
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Run `dvc repro` for the whole graph (or one target) and list the results."""
-    cmd = ["dvc", "repro", *([args.target] if args.target else [])]
-    print("$ " + " ".join(cmd), flush=True)
+    """Run the DVC graph (or the part a target needs) and list the results.
+
+    Stages that do not depend on each other run side by side (`flows.stages.parallel_jobs`;
+    the same scheduler as the `train` flow): each one's output is printed as it ends and kept in
+    `logs/<stage>.log`. With one job at a time this is plain `dvc repro`, live output and all.
+    """
+    from cpcsam.config import load_config
+    from flows import stages
+
+    root = Path.cwd()
+    jobs = stages.parallel_jobs(load_config(root / "params.yaml"))  # a bad params.yaml fails here, in one line
     # dvc.yaml's stage commands call `python`; make it (and `dvc`) this interpreter's even
     # when the virtualenv is not activated.
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    code = subprocess.call(cmd, env=env)
-    if code != 0:
-        print(f"cpcsam run: `{' '.join(cmd)}` failed with exit code {code}", file=sys.stderr)
-        return code
+    if jobs == 1:
+        cmd = ["dvc", "repro", *([args.target] if args.target else [])]
+        print("$ " + " ".join(cmd), flush=True)
+        code = subprocess.call(cmd, env=env)
+        if code != 0:
+            print(f"cpcsam run: `{' '.join(cmd)}` failed with exit code {code}", file=sys.stderr)
+            return code
+    else:
+        order, edges = stages.stage_graph(root)
+        if args.target:
+            order = stages.upstream_closure(args.target, order, edges)
+        logs = root / "logs"
+        logs.mkdir(exist_ok=True)
+        print(f"$ dvc repro --single-item <stage>: {len(order)} stages, up to {jobs} at once "
+              f"(flow.stage_jobs); each stage's output when it ends, and in {logs}/<stage>.log", flush=True)
+        finished: list[str] = []
+
+        def run_one(stage: str) -> dict:
+            log = logs / f"{stage}.log"
+            log.unlink(missing_ok=True)
+            try:
+                result = stages.repro_stage(root, stage, env=env, log_file=log)
+            except stages.StageFailed as exc:
+                print(f"\n== {stage}: FAILED (log: {log})\n{exc}", flush=True)
+                raise
+            finished.append(stage)
+            verb = "ran" if result["ran"] else "up to date"
+            text = log.read_text() if log.is_file() else ""
+            body = "\n".join(line.split("\r")[-1] for line in text.splitlines()[1:] if line.split("\r")[-1].strip())
+            print(f"\n== [{len(finished)}/{len(order)}] {stage}: {verb} in {result['seconds']:.0f} s\n{body}", flush=True)
+            return result
+
+        def on_start(stage: str, running: list[str]) -> None:
+            print(f"-- started {stage} (running: {', '.join(running)})", flush=True)
+
+        try:
+            stages.run_graph(order, edges, run_one, jobs, on_start=on_start)
+        except stages.StageFailed:
+            print("cpcsam run: a stage failed (above); the stages running beside it finished, no other stage started",
+                  file=sys.stderr)
+            return 1
     print("\nResults:")
     for label, rel in RESULTS.items():
         path = Path(rel)

@@ -596,6 +596,7 @@ class ExportConfig(Section):
     parity_splits: list[SplitName] = ["test"]
     parity_images: int = Field(8, ge=1)
     parity_max_entities: int = Field(16, ge=1)
+    threads: int = Field(1, ge=0)  # torch and onnxruntime intra-op threads of the parity run (0 = their defaults)
     # Parity is judged at the scale of the logits: per entity, max |Δ| <= max_abs_logit_diff +
     # logit_rtol * (its largest |logit|); probabilities within max_abs_prob_diff; masks by IoU.
     max_abs_logit_diff: float = Field(1e-4, gt=0)
@@ -620,6 +621,9 @@ class FlowConfig(Section):
     stage_retries: int = Field(1, ge=0)
     stage_retry_delay_s: float = Field(5, ge=0)
     stage_timeout_s: float = Field(3600, gt=0)
+    # stages run at once where the graph allows (`cpcsam run` and the `train` flow); 0 = auto:
+    # the cores this process may use over the cores one stage uses (`flows.stages.parallel_jobs`)
+    stage_jobs: int = Field(0, ge=0)
 
 
 class TrackingConfig(Section):

@@ -1,13 +1,19 @@
-"""DVC as the flows see it: the stage order (asked of DVC), one stage's repro, push.
+"""DVC as the flows see it: the stage graph (asked of DVC), one stage's repro, several at once, push.
 
 No Prefect here (plain functions the flows wrap in tasks). The stage graph stays in
-`dvc.yaml`: the order comes from `dvc stage list` + `dvc dag --dot`, never from Python.
+`dvc.yaml`: nodes and edges come from `dvc stage list` + `dvc dag --dot`, never from Python.
 (Not named `dvc.py`: Prefect puts this folder first on `sys.path` when it loads a flow.)
+
+Independent stages (the variants' trainings) run side by side: each is one `dvc repro
+--single-item`, and DVC allows that, since it releases its repository lock while a stage's
+command runs and guards the stage's own deps/outs with read/write locks; `--wait-for-lock`
+makes the short moments when two of them record their results wait instead of failing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -15,11 +21,15 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from cpcsam.data import storage
 from cpcsam.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cpcsam.config import Params
 
 logger = logging.getLogger(__name__)
 
@@ -92,21 +102,108 @@ def run_dvc(
     return output
 
 
-def stage_order(root: Path) -> list[str]:
-    """The stages of `dvc.yaml` in an order DVC can run them one by one (upstream first).
+def stage_graph(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """The stages of `dvc.yaml` in an order DVC can run them one by one (upstream first), and the
+    edges (upstream, downstream) between them.
 
     Nodes from `dvc stage list` (file order breaks ties), edges from `dvc dag --dot`.
     """
     listed = run_dvc(root, ["stage", "list", "--name-only"]).split()
     stages = [s for s in listed if s and not s.startswith("WARNING")]
     if not stages:
-        return []
+        return [], []
     edges: list[tuple[str, str]] = []
     for line in run_dvc(root, ["dag", "--dot"]).splitlines():
         match = _EDGE.match(line)
         if match:
             edges.append((match.group(1), match.group(2)))
-    return topological(stages, edges)
+    return topological(stages, edges), edges
+
+
+def stage_order(root: Path) -> list[str]:
+    """`stage_graph`'s nodes: the order to run the stages one by one."""
+    return stage_graph(root)[0]
+
+
+def upstream_closure(target: str, order: list[str], edges: Iterable[tuple[str, str]]) -> list[str]:
+    """`target` and every stage it depends on, directly or not, in `order`."""
+    if target not in order:
+        raise ConfigError(f"dvc.yaml has no stage {target!r}; stages: {', '.join(order)}")
+    upstream: dict[str, set[str]] = {}
+    for up, down in edges:
+        upstream.setdefault(down, set()).add(up)
+    keep, todo = {target}, [target]
+    while todo:
+        for up in upstream.get(todo.pop(), ()):
+            if up not in keep:
+                keep.add(up)
+                todo.append(up)
+    return [s for s in order if s in keep]
+
+
+def parallel_jobs(params: Params, cores: int | None = None) -> int:
+    """How many stages run at once: `tracking.flow.stage_jobs`, or when it is 0, the cores this
+    process may use over the cores one stage uses (the largest torch thread setting, 0 meaning
+    all cores, times the processes of a distributed training).
+
+    Single-threaded stages side by side keep their solo speed (no spinning OpenMP threads to
+    stall each other, issue 13), so the default graph's six trainings take half the time on 2 cores.
+    """
+    if params.tracking.flow.stage_jobs:
+        return params.tracking.flow.stage_jobs
+    cores = cores or len(os.sched_getaffinity(0))
+    threads = max(t or cores for t in (params.pretrain.threads, params.train.threads, params.evaluate.threads,
+                                       params.export.threads))
+    processes = max(params.train.distributed.nproc_per_node, params.pretrain.distributed.nproc_per_node)
+    return max(1, cores // (threads * processes))
+
+
+def run_graph(
+    order: list[str],
+    edges: Iterable[tuple[str, str]],
+    run_one: Callable[[str], Any],
+    jobs: int,
+    on_start: Callable[[str, list[str]], None] | None = None,
+) -> list[Any]:
+    """Run `run_one(stage)` for every stage of `order`, each once all its upstream stages have
+    returned, at most `jobs` at once; ready stages start in `order`. Returns the results in
+    `order`.
+
+    When one raises, no further stage starts, the running ones finish, and the first error is
+    raised again. `run_one` runs in a worker thread with a copy of the caller's context
+    variables, so a Prefect task called there belongs to the caller's flow run.
+    `on_start(stage, running)` is called as each stage starts.
+    """
+    upstream: dict[str, set[str]] = {s: set() for s in order}
+    for up, down in edges:
+        if up in upstream and down in upstream:
+            upstream[down].add(up)
+    pending, done = list(order), set()
+    results: dict[str, Any] = {}
+    running: dict[Future, str] = {}
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="stage") as pool:
+        while True:
+            for stage in [s for s in pending if upstream[s] <= done] if error is None else []:
+                if len(running) >= max(1, jobs):
+                    break
+                pending.remove(stage)
+                running[pool.submit(contextvars.copy_context().run, run_one, stage)] = stage
+                if on_start is not None:
+                    on_start(stage, list(running.values()))
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
+                try:
+                    results[stage] = future.result()
+                    done.add(stage)
+                except BaseException as exc:  # noqa: BLE001 - re-raised once the running stages finish
+                    error = error or exc
+    if error is not None:
+        raise error
+    return [results[s] for s in order]
 
 
 def topological(nodes: list[str], edges: Iterable[tuple[str, str]]) -> list[str]:
@@ -146,7 +243,8 @@ def repro_stage(
     cache), "restored_from_run_cache", "seconds"}.
     """
     start = time.monotonic()
-    args = ["repro", "--single-item", *(["--pull"] if pull else []), stage]
+    # --wait-for-lock: a stage beside it may hold DVC's repository lock while recording its results
+    args = ["--wait-for-lock", "repro", "--single-item", *(["--pull"] if pull else []), stage]
     output = run_dvc(root, args, env=env, timeout=timeout, log_file=log_file)
     return {
         "stage": stage,

@@ -78,11 +78,11 @@ def preflight_task(params: Params, s3: list[tuple[str | None, str | None]]) -> l
     return done
 
 
-@task(name="stage-order", cache_policy=NO_CACHE, persist_result=False)
-def stage_order_task(root: str) -> list[str]:
-    order = stages.stage_order(Path(root))
+@task(name="stage-graph", cache_policy=NO_CACHE, persist_result=False)
+def stage_graph_task(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    order, edges = stages.stage_graph(Path(root))
     get_run_logger().info("DVC stages in order: %s", " -> ".join(order) or "(none)")
-    return order
+    return order, edges
 
 
 def retry_unless_refused(task, task_run, state) -> bool:
@@ -227,15 +227,20 @@ def train(
         env = {"MLFLOW_TRACKING_URI": params.tracking.uri,
                **({tracking.FLOW_RUN_ENV: fr} if fr else {}),
                **({tracking.PARENT_RUN_ENV: run.run_id} if run.run_id else {})}
-        order = stage_order_task(str(ws))
-        for stage in order:
+        order, edges = stage_graph_task(str(ws))
+
+        def run_stage(stage: str) -> dict[str, Any]:
             task_ = repro_task.with_options(
                 name=f"dvc-repro-{stage}", retries=flow_cfg.stage_retries,
                 retry_delay_seconds=flow_cfg.stage_retry_delay_s,
                 retry_condition_fn=retry_unless_refused,
                 timeout_seconds=flow_cfg.stage_timeout_s + 60,  # the subprocess's own timeout fires first
             )
-            summary["stages"].append(task_(str(ws), stage, env, flow_cfg.stage_timeout_s, pull))
+            return task_(str(ws), stage, env, flow_cfg.stage_timeout_s, pull)
+
+        jobs = stages.parallel_jobs(params)
+        logger.info("up to %d stage(s) at once", jobs)
+        summary["stages"] = stages.run_graph(order, edges, run_stage, jobs)
 
         run.set_tags(lineage_tags(ws, list(params.tracking.data_stages)))
         manifest = ws / "data/ingest/manifest.parquet"

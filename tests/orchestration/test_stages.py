@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -90,3 +91,103 @@ def test_topological_order_keeps_file_order_on_ties_and_rejects_cycles() -> None
     assert stages.topological(["b", "a"], [("a", "b")]) == ["a", "b"]
     with pytest.raises(ConfigError, match="cycle"):
         stages.topological(["a", "b"], [("a", "b"), ("b", "a")])
+
+
+def test_run_graph_waits_for_upstream_and_runs_up_to_jobs_at_once() -> None:
+    """a -> c, b -> c, c -> d; a and b are independent. With 2 jobs a and b overlap; c starts only
+    after both returned; with 1 job nothing overlaps."""
+    import threading
+
+    edges = [("a", "c"), ("b", "c"), ("c", "d")]
+    for jobs, expect_overlap in ((2, True), (1, False)):
+        lock, running, peak, log = threading.Lock(), set(), [0], []
+
+        def run_one(stage: str) -> str:
+            with lock:
+                running.add(stage)
+                peak[0] = max(peak[0], len(running))
+                log.append(("start", stage))
+            time.sleep(0.3)
+            with lock:
+                running.discard(stage)
+                log.append(("end", stage))
+            return stage.upper()
+
+        assert stages.run_graph(["a", "b", "c", "d"], edges, run_one, jobs) == ["A", "B", "C", "D"]
+        assert peak[0] == (2 if expect_overlap else 1)
+        assert log.index(("start", "c")) > max(log.index(("end", "a")), log.index(("end", "b")))
+        assert log.index(("start", "d")) > log.index(("end", "c"))
+
+
+def test_run_graph_starts_nothing_after_a_failure_and_lets_running_stages_finish() -> None:
+    import threading
+
+    started, finished, lock = [], [], threading.Lock()
+
+    def run_one(stage: str) -> None:
+        with lock:
+            started.append(stage)
+        if stage == "bad":
+            raise stages.StageFailed("bad: broken")
+        time.sleep(0.5)  # "slow" is still running when "bad" fails
+        with lock:
+            finished.append(stage)
+
+    order = ["slow", "bad", "after_bad", "independent"]
+    with pytest.raises(stages.StageFailed, match="bad: broken"):
+        stages.run_graph(order, [("bad", "after_bad")], run_one, jobs=2)
+    assert started == ["slow", "bad"] and finished == ["slow"]
+
+
+def test_upstream_closure_keeps_a_target_and_all_it_needs() -> None:
+    order = ["ingest", "validate", "perturb", "train@a", "train@b", "evaluate"]
+    edges = [("ingest", "validate"), ("ingest", "perturb"), ("perturb", "train@a"), ("perturb", "train@b"),
+             ("train@a", "evaluate"), ("train@b", "evaluate")]
+    assert stages.upstream_closure("train@a", order, edges) == ["ingest", "perturb", "train@a"]
+    assert stages.upstream_closure("evaluate", order, edges) == [s for s in order if s != "validate"]
+    with pytest.raises(ConfigError, match="no stage 'trian@a'"):
+        stages.upstream_closure("trian@a", order, edges)
+
+
+def test_parallel_jobs_divides_the_cores_by_what_one_stage_uses(project_root: Path) -> None:
+    from cpcsam.config import load_config
+
+    params = project_root / "params.yaml"
+    assert stages.parallel_jobs(load_config(params), cores=2) == 2  # every stage on one thread
+    assert stages.parallel_jobs(load_config(params), cores=8) == 8
+    assert stages.parallel_jobs(load_config(params, ["train.threads=2"]), cores=8) == 4
+    assert stages.parallel_jobs(load_config(params, ["evaluate.threads=0"]), cores=8) == 1  # 0: all cores
+    assert stages.parallel_jobs(load_config(params, ["train.distributed.nproc_per_node=2"]), cores=2) == 1
+    assert stages.parallel_jobs(load_config(params, ["tracking.flow.stage_jobs=3"]), cores=2) == 3
+
+
+def test_cpcsam_run_runs_independent_stages_side_by_side_and_stops_at_a_failure(
+    toy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from cpcsam import cli
+    from flows.workspace import write_overrides
+
+    with open(toy / "dvc.yaml", "a") as fh:  # two stages that depend on nothing
+        for name in ("side_1", "side_2"):
+            fh.write(f"  {name}:\n    cmd: python -c \"import time; time.sleep(1); open('{name}.txt', 'w').write('x')\"\n"
+                     f"    outs: [{name}.txt]\n")
+    write_overrides(toy / "params.yaml", ["tracking.flow.stage_jobs=2"])
+    monkeypatch.chdir(toy)
+    assert cli.main(["run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 stages, up to 2 at once" in out
+    assert re.search(r"started \S+ \(running: \S+, \S+\)", out), f"no two stages ran at once:\n{out}"
+    assert out.index("report: ran") > out.index("make_a: ran")
+    assert (toy / "out" / "report.txt").read_text() == "report of 1" and (toy / "side_2.txt").is_file()
+    assert "make_a: flaky" not in (toy / "logs" / "make_a.log").read_text()
+
+    assert cli.main(["run", "report"]) == 0  # a target: it and what it needs, all up to date now
+    assert "2 stages" in capsys.readouterr().out
+
+    write_overrides(toy / "params.yaml", ["train.steps=2"])  # make_a and report must run again
+    (toy / "fail_once_make_a").touch()
+    assert cli.main(["run"]) == 1
+    captured = capsys.readouterr()
+    assert "make_a: FAILED" in captured.out and "make_a: flaky failure" in captured.out
+    assert "a stage failed" in captured.err and "report: ran" not in captured.out
+    assert (toy / "out" / "report.txt").read_text() == "report of 1"  # not re-made from a failed upstream

@@ -23,7 +23,9 @@ image-sized upscaling. Here the same function is computed with less work per ent
 - **The entity gates where they are used.** log C = log 2 + log σ(s): the log 2 is the same for
   every key of a softmax row and is dropped from the logits (not from the L1 term); the 1/√r
   scale is applied to the [N, H, T, r] queries rather than the [N, H, T, HW] scores; each site's
-  gates are computed next to its attention, in the layout its logits have.
+  gates are computed next to its attention. Both directions keep logits as [N, H, T, HW]: the
+  image→token softmax runs over dimension 2 (the T tokens), because torch's softmax over a last
+  dimension this short is some 30× slower than along the HW positions.
 - **Upscaling in the tokens' layout.** SAM's 2×2 stride-2 transposed convolutions are matrix
   products per position, LayerNorm2d a LayerNorm over the last axis, and mask token 0's
   hypernetwork reads the features where they are made; only the one-channel mask is arranged as

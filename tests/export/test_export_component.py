@@ -88,3 +88,19 @@ def test_bad_input_exits_2(stage, tmp_path, capsys):
     code, _ = stage("--model", str(tmp_path / "missing.pt"))
     assert code == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_the_parity_report_is_the_same_bytes_whatever_threads_the_caller_set(stage):
+    """parity.json is a DVC out: its float differences must not depend on the machine's thread
+    setting (they did, through torch's reference run, until the stage pinned `export.threads`)."""
+    before = torch.get_num_threads()
+    reports = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            code, out = stage()
+            assert code == 0
+            reports.append((out / "parity.json").read_bytes())
+    finally:
+        torch.set_num_threads(before)
+    assert reports[0] == reports[1]

@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -46,6 +47,13 @@ class StageRefused(StageFailed):
 
 
 _STEP_EXIT = re.compile(r"exited with (\d+)")
+
+
+# Process groups of the dvc commands running now (each in its own session, so that a timeout
+# kills the stage with its children): an interrupted run_graph stops them, since the terminal's
+# Ctrl-C does not reach another session.
+_RUNNING_GROUPS: set[int] = set()
+_RUNNING_LOCK = threading.Lock()
 
 
 def dvc_executable() -> str:
@@ -76,6 +84,8 @@ def run_dvc(
         cmd, cwd=root, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
+    with _RUNNING_LOCK:
+        _RUNNING_GROUPS.add(proc.pid)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -88,6 +98,9 @@ def run_dvc(
                 os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
         raise StageFailed(f"`{' '.join(cmd[1:])}` timed out after {timeout:.0f} s; output tail:\n{output[-3000:]}")
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING_GROUPS.discard(proc.pid)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "a") as fh:
@@ -118,11 +131,6 @@ def stage_graph(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
         if match:
             edges.append((match.group(1), match.group(2)))
     return topological(stages, edges), edges
-
-
-def stage_order(root: Path) -> list[str]:
-    """`stage_graph`'s nodes: the order to run the stages one by one."""
-    return stage_graph(root)[0]
 
 
 def upstream_closure(target: str, order: list[str], edges: Iterable[tuple[str, str]]) -> list[str]:
@@ -158,6 +166,21 @@ def parallel_jobs(params: Params, cores: int | None = None) -> int:
     return max(1, cores // (threads * processes))
 
 
+@contextlib.contextmanager
+def _stop_on_interrupt():
+    """On Ctrl-C (KeyboardInterrupt in the waiting thread) terminate the running dvc commands, so
+    that the pool's exit does not wait for stages to finish on their own."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        with _RUNNING_LOCK:
+            groups = list(_RUNNING_GROUPS)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGTERM)
+        raise
+
+
 def run_graph(
     order: list[str],
     edges: Iterable[tuple[str, str]],
@@ -182,7 +205,7 @@ def run_graph(
     results: dict[str, Any] = {}
     running: dict[Future, str] = {}
     error: BaseException | None = None
-    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="stage") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="stage") as pool, _stop_on_interrupt():
         while True:
             for stage in [s for s in pending if upstream[s] <= done] if error is None else []:
                 if len(running) >= max(1, jobs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_order_comes_from_dvc_and_repro_skips_completed_stages(toy: Path) -> None:
-    order = stages.stage_order(toy)
+    order, _ = stages.stage_graph(toy)
     assert order == ["make_a", "report"]  # dvc.yaml lists report first
     first = [stages.repro_stage(toy, s) for s in order]
     assert [r["ran"] for r in first] == [True, True]
@@ -191,3 +192,30 @@ def test_cpcsam_run_runs_independent_stages_side_by_side_and_stops_at_a_failure(
     assert "make_a: FAILED" in captured.out and "make_a: flaky failure" in captured.out
     assert "a stage failed" in captured.err and "report: ran" not in captured.out
     assert (toy / "out" / "report.txt").read_text() == "report of 1"  # not re-made from a failed upstream
+
+
+def test_ctrl_c_during_run_graph_stops_the_running_stages(toy: Path) -> None:
+    """The dvc commands run in their own sessions (so a timeout kills a stage's children), where the
+    terminal's Ctrl-C does not reach them: an interrupted run_graph must stop them itself rather
+    than wait for them to finish."""
+    import signal
+    import threading
+
+    with open(toy / "dvc.yaml", "a") as fh:
+        for name in ("sleepy_1", "sleepy_2"):
+            fh.write(f"  {name}:\n    cmd: python -c \"import time; time.sleep(120)\"\n")
+    order, edges = stages.stage_graph(toy)
+    # Ctrl-C while both sleep: a real SIGINT to this process, with Python's own handler (an xdist
+    # worker may have another)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(4, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stages.run_graph([s for s in order if s.startswith("sleepy")], edges,
+                             lambda stage: stages.repro_stage(toy, stage), jobs=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - start < 30
+    assert not stages._RUNNING_GROUPS

@@ -311,13 +311,21 @@ def evaluate_models(
 
     # The prompt-only references need no model and no torch: GrabCut (OpenCV releases the GIL)
     # runs in a second thread beside the models, on the second core of a 2-core machine, instead
-    # of after them (it costs as much as all the models together on the embedded data). Each
-    # model's numbers depend only on its own seeded prompts, so the order of work changes nothing.
+    # of after them (it costs as much as all the models together on the embedded data). When the
+    # models run on one torch thread each, that thread then takes models too, from the same queue,
+    # so that both cores stay busy to the end; with more torch threads per model it does not (two
+    # models' thread teams on the same cores stall each other). Each model's numbers depend only
+    # on its own seeded prompts, so the order of work and the thread that does it change nothing.
     references = [name for name, engine in engines.items() if isinstance(engine, PromptOnlyReference)]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="references") as pool:
-        pending = {name: pool.submit(run, name) for name in references}
-        done = {name: run(name) for name in engines if name not in pending}
-        done.update({name: future.result() for name, future in pending.items()})
+    models = [name for name in engines if name not in references]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="evaluate") as pool:
+        if torch.get_num_threads() == 1:
+            futures = {name: pool.submit(run, name) for name in [*references, *models]}
+            done = {name: future.result() for name, future in futures.items()}
+        else:
+            pending = {name: pool.submit(run, name) for name in references}
+            done = {name: run(name) for name in models}
+            done.update({name: future.result() for name, future in pending.items()})
     for name in engines:  # the engines' order, whatever finished first
         result, seconds = done[name]
         metrics["models"][name] = {"protocols": result.protocols}

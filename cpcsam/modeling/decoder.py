@@ -32,10 +32,9 @@ image-sized upscaling. Here the same function is computed with less work per ent
   an image (SAM's layout transposes the [N, C, HW] tokens and the [N, C', 16·HW] features).
 
 The result equals SAM's order to float32 rounding (tests/modeling/test_decoder.py), and gradients
-too. The exported decoder with CaPL runs in 0.68–0.80× the time of SAM's official graph at ViT-B
-sizes (benchmarks/bench_decoder.py). Training gains less: its prompts have P = 8 slots (T = 13,
-H·T = 104 columns against 128), and a cached ViT-B step's decoder forward went from 0.20 to
-0.16 s (README, Performance).
+too. The exported graph gains more than training does, whose prompts have P = 8 slots (T = 13,
+H·T = 104 columns against 128); the measured times are in the README (Performance), from
+benchmarks/bench_decoder.py and bench_train.py.
 """
 
 from __future__ import annotations

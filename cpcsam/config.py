@@ -258,6 +258,7 @@ class CaplConfig(Section):
     mode: CaplMode = "causal"  # prompt-embedding ablation
     task_hidden: int = Field(128, ge=1)  # hidden width of the task causal MLP g_φ
     task_context: TaskContext = "all_groups"  # ē of g_φ: mean over the entity's K groups | its own group only
+    task_image_features: bool = False  # g_φ also reads the image embedding where each prompt token points
     entity_hidden: int = Field(64, ge=1)  # hidden width of h_φ (one per cross-attention site)
     entity_rank: int = Field(8, ge=1)  # rank r of the entity calibration s = q·k/√r
 

@@ -162,7 +162,8 @@ class TorchBackend:
             lab = labels[start : start + per_chunk].to(self.device, torch.int64)
             m = lab.shape[0]
             sparse = self.model.embed_prompts(c.reshape(m * k, p, 2), lab.reshape(m * k, p))
-            sparse = self.model.calibrate_prompts(sparse.reshape(m, k, p, -1), lab)
+            one_image = torch.zeros(m, dtype=torch.long, device=self.device)
+            sparse = self.model.calibrate_prompts(sparse.reshape(m, k, p, -1), lab, c, embedding, one_image)
             index = torch.zeros(m * k, dtype=torch.long, device=self.device)
             out = self.model.decode(embedding, index, sparse.reshape(m * k, p, -1), entity_keys=entity_keys)
             low_chunks.append(out.low_res_logits.reshape(m, k, *out.low_res_logits.shape[-2:]).mean(dim=1))

@@ -141,7 +141,9 @@ class DecoderOnnxModel(nn.Module):
         image's keys, [1, S·H, r, hw]: they serve every entity, masked or not)."""
         labels = point_labels.to(torch.int64)
         sparse = self.model.embed_prompts(point_coords, labels)  # N x P x C
-        sparse = self.model.calibrate_prompts(sparse.unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
+        one_image = torch.zeros_like(labels[:, 0])  # the plain image: a mask prompt does not move the prompt's features
+        sparse = self.model.calibrate_prompts(sparse.unsqueeze(1), labels.unsqueeze(1), point_coords.unsqueeze(1),
+                                              image_embeddings, one_image).squeeze(1)
         images, image_index = self._images_with_mask_prompts(image_embeddings, mask_input, has_mask_input)
         if entity_keys is None:  # eager use: the keys of the (unmasked) image, as the encoder graph computes them
             entity_keys = self.model.entity_keys(image_embeddings)

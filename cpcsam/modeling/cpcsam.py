@@ -23,6 +23,7 @@ from cpcsam.modeling.capl import (
     CaPL,
     CalibratedAttention,
     cross_attention_sites,
+    sample_prompt_features,
     wrap_cross_attention,
 )
 from cpcsam.modeling.decoder import DecoderOutput, attention_map, decode_entities
@@ -59,6 +60,7 @@ class CPCSAM(nn.Module):
             mode=self.capl_cfg.mode,
             task_hidden=self.capl_cfg.task_hidden,
             task_context=self.capl_cfg.task_context,
+            task_image_features=self.capl_cfg.task_image_features,
             entity_hidden=self.capl_cfg.entity_hidden,
             entity_rank=self.capl_cfg.entity_rank,
         )
@@ -108,9 +110,21 @@ class CPCSAM(nn.Module):
             embedding = embedding + pe.point_embeddings[i].weight * (labels == i)
         return embedding
 
-    def calibrate_prompts(self, sparse: Tensor, labels: Tensor) -> Tensor:
-        """Task causal module (or soft prompt, or identity, by mode): [N, K, P, C] → [N, K, P, C]."""
-        return self.capl.calibrate_prompts(sparse, labels)
+    def calibrate_prompts(self, sparse: Tensor, labels: Tensor, coords: Tensor | None = None,
+                          image_embeddings: Tensor | None = None, image_index: Tensor | None = None) -> Tensor:
+        """Task causal module (or soft prompt, or identity, by mode): [N, K, P, C] → [N, K, P, C].
+
+        `coords` [N, K, P, 2] (model frame), `image_embeddings` [B, C, h, w] and `image_index`
+        [N] are read only by a task module that reads the image (`model.capl.task_image_features`);
+        callers pass them always, so that the option needs no other code path.
+        """
+        features = None
+        if self.capl.reads_image:
+            if coords is None or image_embeddings is None or image_index is None:
+                raise ValueError("model.capl.task_image_features is on: calibrate_prompts needs coords, "
+                                 "image_embeddings and image_index")
+            features = sample_prompt_features(image_embeddings, image_index, coords, self.image_size)
+        return self.capl.calibrate_prompts(sparse, labels, features)
 
     def decode(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor,
                entity_keys: Tensor | None = None, sam_order: bool = False) -> DecoderOutput:

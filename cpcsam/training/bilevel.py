@@ -302,7 +302,8 @@ class Trainer:
         if embeddings is None:
             embeddings = self._image_embeddings(batch, grad=self.encoder_trainable)
         n, k, p = batch.labels.shape
-        calibrated = self.model.calibrate_prompts(self._sparse(batch), batch.labels)
+        calibrated = self.model.calibrate_prompts(self._sparse(batch), batch.labels, batch.coords, embeddings,
+                                                  batch.image_index)
         out = self.model.decode(
             embeddings, batch.image_index.repeat_interleave(k), calibrated.reshape(n * k, p, -1)
         )
@@ -339,7 +340,8 @@ class Trainer:
         if embeddings is None:
             embeddings = self._image_embeddings(batch, grad=self.encoder_trainable, checkpoint=checkpoint)
         n, k, p = batch.labels.shape
-        calibrated = self.model.calibrate_prompts(self._sparse(batch), batch.labels)
+        calibrated = self.model.calibrate_prompts(self._sparse(batch), batch.labels, batch.coords, embeddings,
+                                                  batch.image_index)
         # Which of the K prompts each entity uses this step: pure function of (seed, step), drawn
         # for the global batch (a rank takes its entities' slice).
         draw = stream_rng(self.cfg.seed, "lower-k", step).integers(0, k, size=batch.global_entities)

@@ -44,8 +44,8 @@ def _run_trained_form(model, emb, coords, labels) -> np.ndarray:
     """Low-res logits of `CPCSAM.decode` (PEFT adapters may be live), without mask prompts."""
     with torch.no_grad():
         sparse = model.embed_prompts(coords, labels.long())
-        sparse = model.calibrate_prompts(sparse[:, None], labels.long()[:, None])[:, 0]
         index = torch.zeros(coords.shape[0], dtype=torch.long)
+        sparse = model.calibrate_prompts(sparse[:, None], labels.long()[:, None], coords[:, None], emb, index)[:, 0]
         return model.decode(emb, index, sparse).low_res_logits.numpy()
 
 
@@ -318,3 +318,28 @@ def test_entity_keys_come_from_the_encoder_graph_and_the_graphs_are_paired(expor
         with pytest.raises(CheckpointError, match="come from different exports") as info:
             OnnxBackend(enc, dec)
         assert enc.info.path in str(info.value) and dec.info.path in str(info.value)
+
+
+def test_a_task_module_that_reads_the_image_exports_exactly(tmp_path):
+    """`model.capl.task_image_features`: the prompts' image features are sampled inside the
+    decoder graph (row gathers, no GridSample), and the graph matches the trained form."""
+    from cpcsam.export.onnx import export_decoder, prepare_for_export
+    from cpcsam.modeling import build_cpcsam
+
+    torch.manual_seed(0)
+    model = build_cpcsam({"type": "small", "capl": {"mode": "causal", "task_image_features": True}}, with_lora=True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("capl.") or "lora_B" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    model = prepare_for_export(model.eval())
+    decoder = OnnxDecoder(export_decoder(model, tmp_path / "decoder.onnx"), device="cpu")
+    emb = torch.randn(1, 64, 16, 16, generator=gen)
+    coords, labels = _prompts(5, 4, seed=3)
+    out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (300, 400), entity_keys=_keys(model, emb))
+    expected = _run_trained_form(model, emb, coords, labels)
+    assert np.abs(out["low_res_masks"] - expected).max() <= 1e-4
+    moved = _run_trained_form(model, emb.flip(-1), coords, labels)  # the image matters to the prompts
+    other = decoder(emb.flip(-1).numpy(), coords.numpy(), labels.numpy(), (300, 400), entity_keys=_keys(model, emb.flip(-1)))
+    assert np.abs(other["low_res_masks"] - moved).max() <= 1e-4

@@ -281,3 +281,40 @@ def test_one_images_entity_keys_serve_all_entities_as_per_entity_copies_would(sm
     for path, bias in broadcast.biases.items():
         assert torch.equal(bias, gathered.biases[path]), path
     assert torch.equal(broadcast.l1, gathered.l1)
+
+
+def test_prompt_features_are_the_embedding_at_the_prompt_and_bilinear_between_cells(small_sam):
+    from cpcsam.modeling.capl import sample_prompt_features
+
+    model = CPCSAM(small_sam, {"mode": "task"})
+    size, (h, w) = model.image_size, model.embedding_size
+    cell = size / w
+    emb = torch.randn(2, 8, h, w, generator=torch.Generator().manual_seed(3))
+    # the centre of cell (row 3, col 5) of image 1, and a quarter of the way to col 6 of image 0
+    centre = torch.tensor([(5 + 0.5) * cell - 0.5, (3 + 0.5) * cell - 0.5])
+    between = centre + torch.tensor([cell / 4, 0.0])
+    coords = torch.stack([centre, between]).reshape(2, 1, 1, 2)
+    out = sample_prompt_features(emb, torch.tensor([1, 0]), coords, size)
+    torch.testing.assert_close(out[0, 0, 0], emb[1, :, 3, 5])
+    torch.testing.assert_close(out[1, 0, 0], 0.75 * emb[0, :, 3, 5] + 0.25 * emb[0, :, 3, 6])
+    far = sample_prompt_features(emb, torch.tensor([0]), torch.tensor([[[[1e4, -1e4]]]]), size)
+    torch.testing.assert_close(far[0, 0, 0], emb[0, :, 0, w - 1])  # outside the frame: the border cell
+
+
+def test_a_task_module_that_reads_the_image_starts_as_identity_and_then_depends_on_the_image(small_sam):
+    """`model.capl.task_image_features`: the same prompt is calibrated differently on two images
+    once g_φ has learnt anything, and not at all at init; without the image it refuses to run."""
+    model = CPCSAM(small_sam, {"mode": "causal", "task_image_features": True})
+    emb, index, coords, labels = _inputs(model, n=3, p=4, b=2)
+    sparse = model.embed_prompts(coords, labels)[:, None]
+    coords, labels = coords[:, None], labels[:, None]
+    with torch.no_grad():
+        assert torch.equal(model.calibrate_prompts(sparse, labels, coords, emb, index), sparse)
+        randomize(model.capl)
+        one = model.calibrate_prompts(sparse, labels, coords, emb, index)
+        other = model.calibrate_prompts(sparse, labels, coords, emb.flip(0), index)
+    real = labels != -1
+    assert not torch.allclose(one[real], other[real])
+    assert torch.equal(one[~real], sparse[~real])
+    with pytest.raises(ValueError, match="task_image_features"):
+        model.calibrate_prompts(sparse, labels)

@@ -10,14 +10,15 @@ from cpcsam.modeling import build_cpcsam
 SMALL_CFG = {"type": "small", "capl": {"mode": "causal"}, "lora": {}}
 
 
-def calibrated_small_model(seed: int = 0):
-    """A `small` CPC-SAM with LoRA adapters and CaPL (causal mode), all moved off their identity init.
+def calibrated_small_model(seed: int = 0, **capl):
+    """A `small` CPC-SAM with LoRA adapters and CaPL (causal mode, plus any other `capl` keys),
+    all moved off their identity init.
 
     LoRA's B matrices and CaPL's zero-initialised last layers start at zero, which would make an
     export that forgot either of them pass unnoticed; random non-zero values make them matter.
     """
     torch.manual_seed(seed)
-    model = build_cpcsam({"type": "small", "capl": {"mode": "causal"}}, with_lora=True)
+    model = build_cpcsam({"type": "small", "capl": {"mode": "causal", **capl}}, with_lora=True)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -164,7 +164,8 @@ class TaskCausalModule(nn.Module):
     as noisy ones (measured: it costs 2–5 Dice on clean boxes and on points, while it gains under
     heavy box noise). What the image shows where a corner or a click lands (object, edge or
     background) is the one cue that can tell them apart. f is normalised (LayerNorm) because
-    encoder embeddings have another scale than the prompt's Fourier features.
+    encoder embeddings have another scale than the prompt's Fourier features. On TrashCan it did
+    not learn to use that cue at the default budget (reports/study/tuning_trashcan.md): off.
     """
 
     def __init__(self, dim: int, hidden: int, context: str = "all_groups", image_features: bool = False) -> None:

@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := true
+# DVC reads its own switch (not DO_NOT_TRACK): .dvc/config turns analytics off inside this repo,
+# but a dvc command elsewhere (a test's scratch repository) would start a daemon that tries to
+# report home and leaves its report file in /tmp.
+export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect

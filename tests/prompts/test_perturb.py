@@ -118,6 +118,50 @@ def test_kind_probabilities_are_respected(mask: np.ndarray) -> None:
     assert {perturb_entity(0, "i", "e", k, mask, only_box).kind for k in range(20)} == {"box"}
 
 
+def test_clean_groups_are_exact_and_the_rest_stay_perturbed(mask: np.ndarray) -> None:
+    """`clean_groups`: the first K' prompts of every entity have the tight box and unmoved points."""
+    noisy = {"k": 6, "sigma_box": 0.4, "sigma_points": 0.5, "kinds": {"box": 1, "box+points": 1}}
+    cfg = PerturbConfig.from_params({**noisy, "clean_groups": 2})
+    tight = mask_box(mask)
+    for entity in ("e1", "e2", "e3"):
+        prompts = [perturb_entity(0, "i", entity, k, mask, cfg) for k in range(cfg.k)]
+        for p in prompts[:2]:
+            assert np.array_equal(p.box(), tight)
+            pos = p.coords[p.labels == LABEL_POSITIVE].astype(int)
+            assert mask[pos[:, 1], pos[:, 0]].all()
+        assert all(not np.array_equal(p.box(), tight) for p in prompts[2:])
+        # the perturbed groups are those of the same config without clean groups
+        plain = PerturbConfig.from_params(noisy)
+        assert all(_same(p, perturb_entity(0, "i", entity, k, mask, plain)) for k, p in enumerate(prompts) if k >= 2)
+
+
+def test_sigma_points_moves_only_the_positives_and_by_at_most_sigma(mask: np.ndarray) -> None:
+    """`sigma_points` displaces each positive by u·(box w, h), |u| <= sigma, and changes nothing else."""
+    base = {"k": 4, "kinds": {"points": 1}, "positives": [3, 3], "negatives": [2, 2]}
+    still = PerturbConfig.from_params(base)
+    moved = PerturbConfig.from_params({**base, "sigma_points": 0.5})
+    x0, y0, x1, y1 = mask_box(mask)
+    limit = 0.5 * np.array([x1 - x0, y1 - y0]) + 0.5  # + rounding to the pixel grid
+    outside = 0
+    for k in range(40):
+        a = perturb_entity(3, "i", "e", k, mask, still)
+        b = perturb_entity(3, "i", "e", k, mask, moved)
+        assert np.array_equal(a.labels, b.labels)
+        neg = a.labels == LABEL_NEGATIVE
+        assert np.array_equal(a.coords[neg], b.coords[neg])
+        pos = a.labels == LABEL_POSITIVE
+        assert np.all(np.abs(b.coords[pos] - a.coords[pos]) <= limit)
+        assert not np.array_equal(a.coords[pos], b.coords[pos])
+        p = b.coords[pos].astype(int)
+        outside += int((~mask[p[:, 1], p[:, 0]]).sum())
+    assert outside > 0  # a careless click may miss the object, as in the points@σ protocol
+
+
+def test_clean_groups_must_leave_a_perturbed_group() -> None:
+    with pytest.raises(ConfigError, match="perturb.clean_groups: 2 of k = 2"):
+        PerturbConfig.from_params({"k": 2, "clean_groups": 2})
+
+
 def test_box_clipped_at_image_border() -> None:
     mask = np.zeros((20, 30), bool)
     mask[0:10, 20:30] = True  # touches the top and right borders

@@ -225,7 +225,7 @@ class DataConfig(Section):
 # ---------------------------------------------------------------------------------------------
 
 SamType = Literal["small", "base_small", "vit_b", "vit_l", "vit_h"]
-CaplMode = Literal["fixed", "learnable", "task", "causal"]
+CaplMode = Literal["fixed", "learnable", "task", "entity", "causal"]
 TaskContext = Literal["all_groups", "own_group"]
 LoraTarget = Literal["image_encoder_qkv", "decoder_attention"]
 
@@ -440,8 +440,8 @@ class EmbedConfig(Section):
 
 
 TrainMode = Literal["bilevel", "lora-only", "full-finetune"]
-VARIANT_NAMES = ("cpcsam", "task", "learnable", "fixed", "lora_only", "full_finetune")
-VariantName = Literal["cpcsam", "task", "learnable", "fixed", "lora_only", "full_finetune"]
+VARIANT_NAMES = ("cpcsam", "task", "entity", "learnable", "fixed", "lora_only", "full_finetune")
+VariantName = Literal["cpcsam", "task", "entity", "learnable", "fixed", "lora_only", "full_finetune"]
 
 
 class TrainConfig(Section):

@@ -50,7 +50,7 @@ Encoding = tuple[torch.Tensor, "torch.Tensor | None"]  # (embedding, entity keys
 @dataclass
 class EncodedImage:
     """An image as the decoder needs it: its embedding [1, C, h, w] (CPU for the ONNX backend), CaPL's
-    entity keys [1, S·H, r, HW] (mode `causal` only, else None), its sizes, and for focus crops its
+    entity keys [1, S·H, r, HW] (modes `causal` and `entity` only, else None), its sizes, and for focus crops its
     pixels. Built from an `Encoding`, or from a function that makes one on first use (`lazy`)."""
 
     orig_size: tuple[int, int]  # (H, W)

@@ -23,7 +23,7 @@ or where the official export is wrong:
 - The entity module's image-side keys are per-image work, so the encoder graph computes them
   beside the embedding (output `entity_keys`) and the decoder graph takes them as an input:
   a decoder call projects no image position for CaPL, at any N. The two graphs of a model
-  without the entity module (CaPL modes other than `causal`) have no `entity_keys`.
+  without the entity module (CaPL modes other than `causal` and `entity`) have no `entity_keys`.
 - The mask prompt enters where SAM adds it, the decoder's image tokens: an entity with a mask
   prompt gets an image of its own (`_images_with_mask_prompts`), so the entities without one
   still share the first block's image-side work. The entity keys read the image embedding alone,
@@ -32,7 +32,7 @@ or where the official export is wrong:
 
 Decoder inputs (float32 unless said): `image_embeddings` [1, C, h, w]; `point_coords` [N, P, 2] in
 the model-input frame (x, y); `point_labels` [N, P] (−1, 0, 1, 2, 3); `mask_input` [N, 1, 4h, 4w];
-`has_mask_input` [N]; `orig_im_size` [2] (H, W); `entity_keys` [1, S·H, r, hw] (mode `causal`). Outputs: `masks` [N, 1, H, W] full-size logits,
+`has_mask_input` [N]; `orig_im_size` [2] (H, W); `entity_keys` [1, S·H, r, hw] (modes `causal`, `entity`). Outputs: `masks` [N, 1, H, W] full-size logits,
 `iou_predictions` [N, 1], `low_res_masks` [N, 1, m, m] (m = 4h, ×2 per mask refinement stage).
 
 Each graph carries the metadata property `cpcsam_graph` (`image_encoder` / `decoder_capl`), which

@@ -40,7 +40,7 @@ CROP_PROPERTY = "cpcsam_crop"  # the decoder's metadata: the model's focus crops
 class GraphSpec:
     """What one of our exported graphs looks like from outside: its role (the `GRAPH_MARKER`
     value) and its input and output names, in order. `entity_inputs` / `entity_outputs` follow
-    them in the graphs of a model with an entity causal module (CaPL mode `causal`) and only there."""
+    them in the graphs of a model with an entity causal module (CaPL modes `causal` and `entity`) and only there."""
 
     role: str
     inputs: tuple[str, ...]

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 _LOG2 = math.log(2.0)
 
-CAPL_MODES = ("fixed", "learnable", "task", "causal")
+CAPL_MODES = ("fixed", "learnable", "task", "entity", "causal")
 
 
 
@@ -330,7 +330,7 @@ class CaPL(nn.Module):
             TaskCausalModule(dim, task_hidden, task_context, task_image_features) if mode in ("task", "causal") else None
         )
         self.entity = (
-            EntityCausalModule(dim, num_heads, entity_rank, entity_hidden, sites) if mode == "causal" else None
+            EntityCausalModule(dim, num_heads, entity_rank, entity_hidden, sites) if mode in ("entity", "causal") else None
         )
 
     @property

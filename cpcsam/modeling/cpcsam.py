@@ -34,6 +34,7 @@ class CPCSAM(nn.Module):
     - `fixed`: plain SAM prompts, no CaPL parameters;
     - `learnable`: a zero-initialised soft prompt per label type;
     - `task`: the task causal module only;
+    - `entity` (*ours*): the entity causal module only, the 2 × 2 ablation's missing cell;
     - `causal`: task + entity causal modules (CPC-SAM).
 
     Every mode is the identity at initialisation: outputs equal SAM's bit for bit in SAM's order
@@ -188,8 +189,8 @@ class CPCSAM(nn.Module):
         return self.decode(image_embeddings, image_index, sparse)
 
     def entity_keys(self, image_embeddings: Tensor) -> Tensor | None:
-        """The entity causal module's keys of each image, [B, S·H, r, HW] (None unless mode is
-        `causal`): per-image work, which the exported encoder graph does beside the embedding."""
+        """The entity causal module's keys of each image, [B, S·H, r, HW] (None without an
+        entity module): per-image work, which the exported encoder graph does beside the embedding."""
         if self.capl.entity is None:
             return None
         image, image_pe = _image_tokens(image_embeddings, *self._dense_prompt())
@@ -199,7 +200,7 @@ class CPCSAM(nn.Module):
         """The log-gates log C that `decode` adds to each cross attention (for tests and plots).
 
         Keys are the cross-attention paths inside the decoder transformer; self-attention never
-        appears (prompt↔prompt positions are not calibrated). Empty unless mode is `causal`.
+        appears (prompt↔prompt positions are not calibrated). Empty without an entity module.
         """
         if self.capl.entity is None:
             return {}

@@ -12,7 +12,8 @@ Modes (`train.mode`):
 
 What the upper loss is per prompt-embedding ablation (`model.capl.mode`):
 `learnable` (soft prompt) — mean over the K groups of L_seg (an ordinary prompt-tuning loss);
-`task` — Eq. 1; `causal` — Eq. 1 + λ·Eq. 2 (the entity module only exists in this mode);
+`task` — Eq. 1; `causal` — Eq. 1 + λ·Eq. 2; `entity` (*ours*, the entity module without the task
+module) — Eq. 1 + λ·Eq. 2 as well, the K groups reaching the decoder uncalibrated;
 `fixed` has no CaPL parameters, so bilevel degenerates to the LoRA step alone.
 
 Costs kept down on purpose: the CaPL step runs the image encoder under `no_grad` (SAM is frozen
@@ -298,7 +299,7 @@ class Trainer:
         return sparse.reshape(n, k, p, -1)
 
     def upper_loss(self, batch: Batch, embeddings: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """CaPL's objective on a batch (Eq. 1 + λ·Eq. 2 in `causal` mode; see the module doc)."""
+        """CaPL's objective on a batch (Eq. 1 + λ·Eq. 2 in `causal` and `entity` modes; see the module doc)."""
         if embeddings is None:
             embeddings = self._image_embeddings(batch, grad=self.encoder_trainable)
         n, k, p = batch.labels.shape
@@ -310,7 +311,7 @@ class Trainer:
         targets = batch.targets.repeat_interleave(k, dim=0)
         per_prompt = seg_loss_logits(out.low_res_logits[:, 0], targets).reshape(n, k)
         mode = self.model.mode
-        beta = self.cfg.beta_variance if mode in ("task", "causal") else 0.0
+        beta = self.cfg.beta_variance if mode in ("task", "entity", "causal") else 0.0
         if not batch.sharded:
             l_task, mean, var = task_loss(per_prompt, beta)
         else:
@@ -321,7 +322,7 @@ class Trainer:
             l_task, mean, var = task_loss_from_groups(groups, beta)
         parts = {"task_mean": mean.detach(), "task_var": var.detach()}
         loss = l_task
-        if mode == "causal":
+        if self.model.capl.entity is not None:
             if not batch.sharded:
                 l1 = out.calibration_l1
                 l_entity, attention = entity_loss(out.attn_map, targets, l1, self.cfg.lambda_l1)

@@ -6,6 +6,7 @@ data, prompts; see `variant_sections`); they differ only in what is trained:
 | variant        | trainer mode   | CaPL mode | trains                                      |
 | cpcsam         | bilevel        | causal    | CaPL (task + entity) ↔ LoRA, bi-level       |
 | task           | bilevel        | task      | task causal module only ↔ LoRA              |
+| entity         | bilevel        | entity    | entity causal module only ↔ LoRA (*ours*)   |
 | learnable      | bilevel        | learnable | a soft prompt per label type ↔ LoRA         |
 | fixed          | bilevel        | fixed     | LoRA only, through the bi-level data split  |
 | lora_only      | lora-only      | fixed     | LoRA on all training images (SAMed-style)   |
@@ -27,6 +28,7 @@ class Variant(NamedTuple):
 VARIANTS: dict[str, Variant] = {
     "cpcsam": Variant("bilevel", "causal"),
     "task": Variant("bilevel", "task"),
+    "entity": Variant("bilevel", "entity"),
     "learnable": Variant("bilevel", "learnable"),
     "fixed": Variant("bilevel", "fixed"),
     "lora_only": Variant("lora-only", "fixed"),

@@ -94,6 +94,17 @@ def test_calibration_covers_cross_attention_only(small_sam):
     assert "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight" in model.sam.state_dict()
 
 
+def test_entity_mode_calibrates_attention_and_leaves_prompts_alone(small_sam):
+    """`entity`: the entity causal module without the task module (the 2 × 2 ablation's missing cell)."""
+    model = CPCSAM(small_sam, {"mode": "entity"})
+    assert model.capl.task is None and model.capl.entity is not None
+    randomize(model.capl)
+    emb, index, coords, labels = _inputs(model)
+    sparse = model.embed_prompts(coords, labels)
+    assert torch.equal(model.calibrate_prompts(sparse[:, None], labels[:, None])[:, 0], sparse)
+    assert model.entity_calibration(emb, index, sparse)
+
+
 def test_other_modes_have_no_calibration(small_sam):
     for mode in ("fixed", "learnable", "task"):
         model = CPCSAM(copy.deepcopy(small_sam), {"mode": mode})

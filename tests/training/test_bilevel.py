@@ -108,6 +108,7 @@ def test_batch_stream_is_seeded_and_resumable(tiny_project, tiny_params) -> None
         ("bilevel", "fixed", "first-order"),
         ("bilevel", "learnable", "first-order"),
         ("bilevel", "task", "first-order"),
+        ("bilevel", "entity", "first-order"),
         ("bilevel", "causal", "first-order"),
         ("bilevel", "causal", "unrolled"),
         ("lora-only", "causal", "first-order"),
@@ -134,7 +135,7 @@ def test_every_mode_and_ablation_runs(tiny_project, tiny_params, tmp_path, mode,
     assert trained_capl == (mode == "bilevel" and capl_mode != "fixed")
     if trained_capl:
         assert "loss_upper" in summary["final"]
-        assert ("entity_attention" in summary["final"]) == (capl_mode == "causal")
+        assert ("entity_attention" in summary["final"]) == (capl_mode in ("entity", "causal"))
     assert (tmp_path / "curve.csv").read_text().count("\n") == 3
     assert (tmp_path / "metrics.json").is_file() and list_checkpoints(tmp_path / "checkpoints")[-1][0] == 2
 

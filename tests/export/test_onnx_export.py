@@ -335,3 +335,18 @@ def test_a_task_module_that_reads_the_image_exports_exactly(tmp_path):
     moved = _run_trained_form(model, emb.flip(-1), coords, labels)  # the image matters to the prompts
     other = decoder(emb.flip(-1).numpy(), coords.numpy(), labels.numpy(), (300, 400), entity_keys=_keys(model, emb.flip(-1)))
     assert np.abs(other["low_res_masks"] - moved).max() <= 1e-4
+
+
+def test_the_entity_ablation_exports_with_entity_keys_and_no_task_module(tmp_path):
+    """`model.capl.mode: entity` (the entity module alone): its graphs carry `entity_keys` and match
+    the trained form; prompts reach the decoder uncalibrated."""
+    from cpcsam.export.onnx import export_decoder, prepare_for_export
+
+    model = prepare_for_export(calibrated_small_model(mode="entity"))
+    assert model.capl.task is None and model.capl.entity is not None
+    decoder = OnnxDecoder(export_decoder(model, tmp_path / "decoder.onnx"), device="cpu")
+    assert decoder.needs_entity_keys
+    emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(4))
+    coords, labels = _prompts(6, 4, seed=5)
+    out = decoder(emb.numpy(), coords.numpy(), labels.numpy(), (300, 400), entity_keys=_keys(model, emb))
+    assert np.abs(out["low_res_masks"] - _run_trained_form(model, emb, coords, labels)).max() <= 1e-4

@@ -8,8 +8,9 @@ For each data profile: ingest once, perturb once, then for every seed × variant
 starting SAM of params.yaml (`model.checkpoint`) with the same budget (`train:` section, the
 variant setting only the trainer and CaPL modes), and score every evaluation image under the
 box and points protocols of `evaluate.sigmas`, next to the starting SAM and the filled box.
-Statistics are over images, paired: for (CPC-SAM − baseline) the per-image target Dice
-difference, averaged over seeds, with a 95% bootstrap interval (10 000 resamples of images).
+Statistics are over images, paired: for (CPC-SAM − baseline) — or, without `cpcsam` in
+`--variants`, the first variant's — the per-image target Dice difference, averaged over seeds,
+with a 95% bootstrap interval (10 000 resamples of images).
 Writes `<out>/study.json` (every per-image score) and `<out>/report.md` (tables, intervals,
 budget, timings), and prints the report. Hyper-parameters are never chosen on the test split:
 `--split val` is the one to tune on.
@@ -162,22 +163,30 @@ def _array(runs: dict[str, dict[str, list]], protocol: str) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in scores[protocol]] for scores in runs.values()], float)
 
 
+def lead_model(result: dict) -> str:
+    """The model the paired differences are taken from: CPC-SAM, or else the first trained variant
+    of the run (`--variants entity,lora_only` compares the `entity` ablation with LoRA-only)."""
+    trained = [m for m in result["models"] if m not in ("filled_box", "sam")]
+    return "cpcsam" if "cpcsam" in trained else trained[0]
+
+
 def summarise(result: dict, rng: np.random.Generator) -> dict:
     rows, intervals = [], []
+    lead = lead_model(result)
     for protocol in result["protocols"]:
         per_model = {m: _array(runs, protocol) for m, runs in result["models"].items() if protocol in next(iter(runs.values()))}
         for model, arr in per_model.items():
             seed_means = np.nanmean(arr, axis=1)
             rows.append({"protocol": protocol, "model": model, "dice": float(seed_means.mean()),
                          "seed_sd": float(seed_means.std(ddof=1)) if len(seed_means) > 1 else 0.0, "seeds": len(seed_means)})
-        if "cpcsam" in per_model:
-            ours = np.nanmean(per_model["cpcsam"], axis=0)  # per image, averaged over seeds
+        if lead in per_model:
+            ours = np.nanmean(per_model[lead], axis=0)  # per image, averaged over seeds
             keep = ~np.isnan(ours)
-            for other in [m for m in per_model if m != "cpcsam"]:
+            for other in [m for m in per_model if m != lead]:
                 theirs = np.nanmean(per_model[other], axis=0)
                 intervals.append({"protocol": protocol, "versus": other,
                                   **paired_interval(ours[keep], theirs[keep], rng)})
-    return {"rows": rows, "intervals": intervals}
+    return {"lead": lead, "rows": rows, "intervals": intervals}
 
 
 def report(results: list[dict], summaries: list[dict]) -> str:
@@ -201,7 +210,8 @@ def report(results: list[dict], summaries: list[dict]) -> str:
                 cells.append("–" if row is None else f"{100 * row['dice']:.1f}" +
                              (f" ± {100 * row['seed_sd']:.1f}" if row["seeds"] > 1 else ""))
             lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
-        lines += ["", "Paired difference of target Dice, CPC-SAM − other (per image, seeds averaged; 95% bootstrap):", "",
+        lead = "CPC-SAM" if summary["lead"] == "cpcsam" else f"`{summary['lead']}`"
+        lines += ["", f"Paired difference of target Dice, {lead} − other (per image, seeds averaged; 95% bootstrap):", "",
                   "| protocol | versus | mean | 95% interval |", "| --- | --- | ---: | --- |"]
         for iv in summary["intervals"]:
             lines.append(f"| {iv['protocol']} | {iv['versus']} | {100 * iv['mean']:+.1f} | "

@@ -414,3 +414,26 @@ def test_unrolled_hypergradient_matches_finite_differences(tiny_project, tiny_pa
     # the check has teeth: the path through θ'(φ) moves these derivatives far beyond the tolerance
     cut = torch.tensor([derivative(u, through_theta=False) for u in units], dtype=torch.float64)
     assert float((numeric - cut).norm() / numeric.norm()) > 100 * tolerance
+
+
+def test_the_fixed_ablation_is_lora_only_to_the_last_bit(tiny_project, tiny_params, tmp_path) -> None:
+    """`fixed` (bi-level trainer, no CaPL) and `lora_only`, both as `variant_sections` sets them up:
+    with no CaPL parameters the bi-level step is the LoRA step on the same images (same budget),
+    so the two train the same weights, bit for bit (the pipeline's dvc.lock shows the same
+    `model.pt` md5 for both at the default params)."""
+    from cpcsam.config import ModelConfig, PerturbConfig, TrainConfig
+    from cpcsam.training.run import prepare_training as prepare
+    from cpcsam.training.variants import variant_sections
+
+    trained = {}
+    for variant in ("fixed", "lora_only"):
+        train, model = variant_sections(variant, TrainConfig.from_params({**tiny_params["train"], "steps": 3}),
+                                        ModelConfig.from_params(tiny_params["model"]))
+        trainer = prepare(train, model, PerturbConfig.from_params(tiny_params["perturb"]), tiny_project["manifest"],
+                          tiny_project["prompts"], tiny_project["sam_checkpoint"], tmp_path / variant)
+        trainer.run(progress=False)
+        trained[variant] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trained["fixed"].keys() == trained["lora_only"].keys()
+    lora = [k for k in trained["fixed"] if "lora_" in k]
+    assert lora and any(not torch.equal(trained["fixed"][k], torch.zeros_like(trained["fixed"][k])) for k in lora)
+    assert all(torch.equal(trained["fixed"][k], trained["lora_only"][k]) for k in trained["fixed"])

@@ -310,8 +310,9 @@ class Trainer:
         )
         targets = batch.targets.repeat_interleave(k, dim=0)
         per_prompt = seg_loss_logits(out.low_res_logits[:, 0], targets).reshape(n, k)
-        mode = self.model.mode
-        beta = self.cfg.beta_variance if mode in ("task", "entity", "causal") else 0.0
+        capl = self.model.capl
+        # Eq. 1's variance term belongs to the causal modules (task, entity), not to a soft prompt.
+        beta = self.cfg.beta_variance if capl.task is not None or capl.entity is not None else 0.0
         if not batch.sharded:
             l_task, mean, var = task_loss(per_prompt, beta)
         else:
@@ -322,7 +323,7 @@ class Trainer:
             l_task, mean, var = task_loss_from_groups(groups, beta)
         parts = {"task_mean": mean.detach(), "task_var": var.detach()}
         loss = l_task
-        if self.model.capl.entity is not None:
+        if capl.entity is not None:
             if not batch.sharded:
                 l1 = out.calibration_l1
                 l_entity, attention = entity_loss(out.attn_map, targets, l1, self.cfg.lambda_l1)

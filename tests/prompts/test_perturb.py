@@ -122,6 +122,7 @@ def test_clean_groups_are_exact_and_the_rest_stay_perturbed(mask: np.ndarray) ->
     """`clean_groups`: the first K' prompts of every entity have the tight box and unmoved points."""
     noisy = {"k": 6, "sigma_box": 0.4, "sigma_points": 0.5, "kinds": {"box": 1, "box+points": 1}}
     cfg = PerturbConfig.from_params({**noisy, "clean_groups": 2})
+    plain = PerturbConfig.from_params(noisy)
     tight = mask_box(mask)
     for entity in ("e1", "e2", "e3"):
         prompts = [perturb_entity(0, "i", entity, k, mask, cfg) for k in range(cfg.k)]
@@ -131,7 +132,6 @@ def test_clean_groups_are_exact_and_the_rest_stay_perturbed(mask: np.ndarray) ->
             assert mask[pos[:, 1], pos[:, 0]].all()
         assert all(not np.array_equal(p.box(), tight) for p in prompts[2:])
         # the perturbed groups are those of the same config without clean groups
-        plain = PerturbConfig.from_params(noisy)
         assert all(_same(p, perturb_entity(0, "i", entity, k, mask, plain)) for k, p in enumerate(prompts) if k >= 2)
 
 

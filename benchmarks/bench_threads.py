@@ -1,12 +1,18 @@
-"""Training speed alone and beside a busy process, per torch thread setting (the contention cliff).
+"""Training and evaluation speed alone and beside a busy process, per torch thread setting (the contention cliff).
 
     python benchmarks/bench_threads.py [--steps 60] [--threads 0,1,2]
+    python benchmarks/bench_threads.py --stage evaluate [--threads 0,1] [--repeats 2]
 
-Trains the `cpcsam` variant on the embedded data for `--steps` steps (after warm-up) in a fresh
-process, once on an idle machine and once while another process keeps one core busy, for each
-`train.threads` value (0 = torch's default, all cores). Prints steps/s and the loaded/alone ratio
-side by side, measured in one run. Needs `dvc repro embed` (or `make run`) first: it reads
-data/ingest, data/prompts and artifacts/pretrain.
+`--stage train` (default) trains the `cpcsam` variant on the embedded data for `--steps` steps
+(after warm-up) in a fresh process, once on an idle machine and once while another process keeps
+one core busy, for each `train.threads` value (0 = torch's default, all cores). Prints steps/s and
+the loaded/alone ratio side by side, measured in one run. Needs `dvc repro embed` (or `make run`)
+first: it reads data/ingest, data/prompts and artifacts/pretrain.
+
+`--stage evaluate` times the whole evaluate stage (`python -m components.evaluate`, every model and
+protocol of params.yaml, tracking off, outputs to a temporary folder) the same two ways for each
+`evaluate.threads` value, `--repeats` times each, alternating alone and loaded so that a drift of
+the machine's speed hits both. Needs `make run` first (it reads the trained models).
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,36 +58,86 @@ def _busy(stop) -> None:
         x = (x * 1103515245 + 12345) % 2**31
 
 
+def _env() -> dict[str, str]:
+    """The caller's environment without the thread variables that would override the stage's setting."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def measure(threads: int, steps: int) -> tuple[float, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps)], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, check=True).stdout.split()
     return float(out[-2]), int(out[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--threads", default="0,1,2")
-    args = parser.parse_args(argv)
-    rows = []
-    for threads in (int(t) for t in args.threads.split(",")):
-        alone, used = measure(threads, args.steps)
-        stop = multiprocessing.Event()
-        busy = multiprocessing.Process(target=_busy, args=(stop,))
-        busy.start()
+def measure_evaluate(threads: int) -> float:
+    """Seconds of one whole evaluate stage (start-up and model loading included), as DVC runs it."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "components.evaluate", "--out", out, "-S", f"evaluate.threads={threads}"]
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, env={**_env(), "CPCSAM_TRACKING": "off"}, capture_output=True, text=True,
+                       check=True)
+        return time.perf_counter() - start
+
+
+class BusyProcess:
+    """Another program keeping one core busy (pure Python: no thread pool of its own)."""
+
+    def __enter__(self) -> "BusyProcess":
+        self.stop = multiprocessing.Event()
+        self.process = multiprocessing.Process(target=_busy, args=(self.stop,))
+        self.process.start()
         time.sleep(0.5)
-        try:
-            loaded, _ = measure(threads, args.steps)
-        finally:
-            stop.set()
-            busy.join()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.process.join()
+
+
+def bench_train(thread_values: list[int], steps: int) -> None:
+    rows = []
+    for threads in thread_values:
+        alone, used = measure(threads, steps)
+        with BusyProcess():
+            loaded, _ = measure(threads, steps)
         rows.append((threads, used, alone, loaded))
-    print(f"{os.cpu_count()} cores; train@cpcsam, {args.steps} steps after 5 warm-up steps")
+    print(f"{os.cpu_count()} cores; train@cpcsam, {steps} steps after 5 warm-up steps")
     print("| train.threads | torch threads | steps/s alone | steps/s beside a busy process | loaded / alone |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for threads, used, alone, loaded in rows:
         print(f"| {threads} | {used} | {alone:.2f} | {loaded:.2f} | {loaded / alone:.2f} |")
+
+
+def bench_evaluate(thread_values: list[int], repeats: int) -> None:
+    rows = []
+    for threads in thread_values:
+        alone, loaded = [], []
+        for _ in range(repeats):
+            alone.append(measure_evaluate(threads))
+            with BusyProcess():
+                loaded.append(measure_evaluate(threads))
+        rows.append((threads, alone, loaded))
+    print(f"{os.cpu_count()} cores; the evaluate stage of params.yaml, whole process, {repeats} run(s) each")
+    print("| evaluate.threads | s alone | s beside a busy process | slowdown (median loaded / median alone) |")
+    print("| ---: | --- | --- | ---: |")
+    for threads, alone, loaded in rows:
+        fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+        print(f"| {threads} | {fmt(alone)} | {fmt(loaded)} | {statistics.median(loaded) / statistics.median(alone):.2f}× |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("train", "evaluate"), default="train")
+    parser.add_argument("--steps", type=int, default=60, help="train: steps timed per run")
+    parser.add_argument("--threads", default=None, help="thread settings to compare (train: 0,1,2; evaluate: 0,1)")
+    parser.add_argument("--repeats", type=int, default=2, help="evaluate: runs per setting and condition")
+    args = parser.parse_args(argv)
+    default = "0,1,2" if args.stage == "train" else "0,1"
+    thread_values = [int(t) for t in (args.threads or default).split(",")]
+    if args.stage == "train":
+        bench_train(thread_values, args.steps)
+    else:
+        bench_evaluate(thread_values, args.repeats)
     return 0
 
 

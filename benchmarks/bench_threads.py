@@ -74,9 +74,12 @@ def measure_evaluate(threads: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "components.evaluate", "--out", out, "-S", f"evaluate.threads={threads}"]
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, env={**_env(), "CPCSAM_TRACKING": "off"}, capture_output=True, text=True,
-                       check=True)
-        return time.perf_counter() - start
+        done = subprocess.run(cmd, cwd=ROOT, env={**_env(), "CPCSAM_TRACKING": "off"}, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"bench_threads: `{' '.join(cmd[1:])}` in {ROOT} failed (exit {done.returncode}; "
+                         f"has `make run` trained the models?):\n{done.stderr[-3000:]}")
+    return seconds
 
 
 class BusyProcess:
@@ -118,11 +121,15 @@ def bench_evaluate(thread_values: list[int], repeats: int) -> None:
                 loaded.append(measure_evaluate(threads))
         rows.append((threads, alone, loaded))
     print(f"{os.cpu_count()} cores; the evaluate stage of params.yaml, whole process, {repeats} run(s) each")
-    print("| evaluate.threads | s alone | s beside a busy process | slowdown (median loaded / median alone) |")
+    print("| evaluate.threads | s alone | s beside a busy process | loaded / alone (speed, medians) |")
     print("| ---: | --- | --- | ---: |")
     for threads, alone, loaded in rows:
-        fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
-        print(f"| {threads} | {fmt(alone)} | {fmt(loaded)} | {statistics.median(loaded) / statistics.median(alone):.2f}× |")
+        print(f"| {threads} | {_seconds(alone)} | {_seconds(loaded)} | "
+              f"{statistics.median(alone) / statistics.median(loaded):.2f} |")
+
+
+def _seconds(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
 
 
 def main(argv: list[str] | None = None) -> int:

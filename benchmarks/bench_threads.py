@@ -58,28 +58,29 @@ def _busy(stop) -> None:
         x = (x * 1103515245 + 12345) % 2**31
 
 
-def _env() -> dict[str, str]:
-    """The caller's environment without the thread variables that would override the stage's setting."""
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+def _run(args: list[str], what: str, **env: str) -> str:
+    """Run `python <args>` in the project with the stage's own thread setting (the caller's thread
+    variables removed, they would override it); its stdout, or exit naming it with its stderr."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_threads: the {what} in {ROOT} failed (exit {done.returncode}; "
+                         f"has `make run` produced its inputs?):\n{done.stderr[-3000:]}")
+    return done.stdout
 
 
 def measure(threads: int, steps: int) -> tuple[float, int]:
-    out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps)], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = _run(["-c", WORKER, str(threads), str(steps)], "training worker").split()
     return float(out[-2]), int(out[-1])
 
 
 def measure_evaluate(threads: int) -> float:
     """Seconds of one whole evaluate stage (start-up and model loading included), as DVC runs it."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "components.evaluate", "--out", out, "-S", f"evaluate.threads={threads}"]
         start = time.perf_counter()
-        done = subprocess.run(cmd, cwd=ROOT, env={**_env(), "CPCSAM_TRACKING": "off"}, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"bench_threads: `{' '.join(cmd[1:])}` in {ROOT} failed (exit {done.returncode}; "
-                         f"has `make run` trained the models?):\n{done.stderr[-3000:]}")
-    return seconds
+        _run(["-m", "components.evaluate", "--out", out, "-S", f"evaluate.threads={threads}"],
+             "evaluate stage", CPCSAM_TRACKING="off")
+        return time.perf_counter() - start
 
 
 class BusyProcess:

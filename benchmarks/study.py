@@ -15,6 +15,14 @@ Writes `<out>/study.json` (every per-image score) and `<out>/report.md` (tables,
 budget, timings), and prints the report. Hyper-parameters are never chosen on the test split:
 `--split val` is the one to tune on.
 
+    python benchmarks/study.py --pool DIR,DIR,... --out DIR
+
+pools finished studies that differ only in `data.split.seed` (the same profile, settings, variants,
+seeds and protocols, each scored on its own split's held-out part): one estimate over more held-out
+videos than one split has. Each split's images are resampled within that split (a stratified
+bootstrap), and the pooled mean weighs every image once per split that holds it. Writes
+`<out>/pooled.md` and `<out>/pooled.json`.
+
 `--inference-ablations` also scores every trained CPC-SAM with a part of CaPL removed at inference
 only (`cpcsam-task_off`: no task causal module, `cpcsam-entity_off`: no entity causal module),
 the same weights otherwise: what each module contributes to the model that was trained with it.
@@ -71,6 +79,18 @@ def paired_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> d
     diff = a - b
     means = diff[rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))].mean(axis=1)
     return {"mean": float(diff.mean()), "low": float(np.percentile(means, 2.5)), "high": float(np.percentile(means, 97.5))}
+
+
+def stratified_interval(diffs: list[np.ndarray], rng: np.random.Generator) -> dict[str, float]:
+    """Mean of the per-image differences of several splits, all images weighed alike, and its 95%
+    percentile bootstrap interval, each split's images resampled within that split."""
+    n = sum(len(d) for d in diffs)
+    totals = np.zeros(BOOTSTRAP)
+    for d in diffs:
+        totals += d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].sum(axis=1)
+    means = totals / n
+    return {"mean": float(np.concatenate(diffs).mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5))}
 
 
 # Parts of a trained CPC-SAM removed at inference by `--inference-ablations` (CaPL attributes).
@@ -227,6 +247,92 @@ def report(results: list[dict], summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SPLIT_SEED = "data.split.seed="
+
+
+def load_for_pooling(dirs: list[Path]) -> list[dict]:
+    """The one profile result of each `<dir>/study.json`, checked poolable: the same profile, split,
+    protocols, models and training seeds, and overrides that differ only in `data.split.seed`,
+    which must differ between them. Raises SystemExit naming the file and the mismatch."""
+    results = []
+    for d in dirs:
+        path = d / "study.json"
+        try:
+            found = json.loads(path.read_text())["results"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"study --pool: {path}: not a finished study ({err})") from None
+        if len(found) != 1:
+            raise SystemExit(f"study --pool: {path}: holds {len(found)} profiles; pool studies of one profile")
+        results.append(found[0])
+
+    def shape(result: dict) -> dict:
+        return {"profile": result["profile"], "split": result["split"], "protocols": result["protocols"],
+                "models": {m: sorted(runs) for m, runs in result["models"].items()},
+                "overrides": sorted(o for o in result.get("overrides", []) if not o.startswith(SPLIT_SEED))}
+
+    first = shape(results[0])
+    for d, result in zip(dirs[1:], results[1:]):
+        other = shape(result)
+        for key in first:
+            if other[key] != first[key]:
+                raise SystemExit(f"study --pool: {d / 'study.json'} differs from {dirs[0] / 'study.json'} "
+                                 f"in {key}: {other[key]!r} vs {first[key]!r}")
+    seeds = [split_seed(r) for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"study --pool: the studies share a data.split.seed ({seeds}): one split counted twice")
+    return results
+
+
+def split_seed(result: dict) -> str:
+    return next((o[len(SPLIT_SEED):] for o in result.get("overrides", []) if o.startswith(SPLIT_SEED)), "(params.yaml)")
+
+
+def pool_report(results: list[dict], rng: np.random.Generator) -> tuple[str, dict]:
+    """Per split and pooled: each model's target Dice, and the lead model − each other, paired."""
+    lead = lead_model(results[0])
+    first = results[0]
+    seeds = [split_seed(r) for r in results]
+    lines = [f"# Study pooled over {len(results)} splits: {first['profile']}, {first['split']} parts", "",
+             "Parameters as params.yaml except " + ", ".join(f"`{o}`" for o in first.get("overrides", [])
+                                                              if not o.startswith(SPLIT_SEED)) +
+             f"; `data.split.seed` {', '.join(seeds)} ({', '.join(str(r['images']) for r in results)} images).", "",
+             "Target-class Dice, mean over images of the seeds' mean (pooled: every split's images):", "",
+             "| protocol | " + " | ".join(first["models"]) + " |", "| --- |" + " ---: |" * len(first["models"])]
+    for protocol in first["protocols"]:
+        cells = []
+        for model, runs in first["models"].items():
+            if protocol not in next(iter(runs.values())):
+                cells.append("–")
+                continue
+            per_image = [np.nanmean(_array(r["models"][model], protocol), axis=0) for r in results]
+            cells.append(f"{100 * np.nanmean(np.concatenate(per_image)):.1f}")
+        lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
+    name = "CPC-SAM" if lead == "cpcsam" else f"`{lead}`"
+    lines += ["", f"Paired difference of target Dice, {name} − other (per image, seeds averaged; 95% bootstrap, "
+              "images resampled within each split):", "",
+              "| protocol | versus | " + " | ".join(f"split {s}" for s in seeds) + " | pooled |",
+              "| --- | --- |" + " --- |" * (len(seeds) + 1)]
+    intervals = []
+    for protocol in first["protocols"]:
+        if protocol not in next(iter(first["models"][lead].values())):
+            continue
+        for other in [m for m in first["models"] if m != lead and protocol in next(iter(first["models"][m].values()))]:
+            diffs = []
+            for r in results:
+                ours = np.nanmean(_array(r["models"][lead], protocol), axis=0)
+                theirs = np.nanmean(_array(r["models"][other], protocol), axis=0)
+                keep = ~np.isnan(ours)
+                diffs.append(ours[keep] - theirs[keep])
+            per_split = [paired_interval(d, np.zeros_like(d), rng) for d in diffs]
+            pooled = stratified_interval(diffs, rng)
+            intervals.append({"protocol": protocol, "versus": other, "splits": dict(zip(seeds, per_split)),
+                              "pooled": pooled})
+            fmt = [f"{100 * iv['mean']:+.1f} [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
+                   for iv in [*per_split, pooled]]
+            lines.append(f"| {protocol} | {other} | " + " | ".join(fmt[:-1]) + f" | **{fmt[-1]}** |")
+    return "\n".join(lines) + "\n", {"lead": lead, "split_seeds": seeds, "intervals": intervals}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
@@ -241,7 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference-ablations", action="store_true",
                         help="also score each trained CPC-SAM without its task / entity module at inference")
     parser.add_argument("--out", default=str(ROOT / "reports" / "study"))
+    parser.add_argument("--pool", metavar="DIR,DIR,...",
+                        help="pool finished studies that differ only in data.split.seed; trains nothing")
     args = parser.parse_args(argv)
+    if args.pool:
+        dirs = [Path(d) for d in args.pool.split(",")]
+        if len(dirs) < 2:
+            parser.error("--pool: name at least two study folders")
+        text, pooled = pool_report(load_for_pooling(dirs), np.random.default_rng(0))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pooled.json").write_text(json.dumps(pooled))
+        (out / "pooled.md").write_text(text)  # beside, never over, a study's own report.md
+        print(text)
+        return 0
     torch.set_num_threads(args.threads)
     from cpcsam.config import load_config
     from cpcsam.errors import ConfigError

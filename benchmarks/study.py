@@ -183,6 +183,15 @@ def _array(runs: dict[str, dict[str, list]], protocol: str) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in scores[protocol]] for scores in runs.values()], float)
 
 
+def _per_image(runs: dict[str, dict[str, list]], protocol: str) -> np.ndarray:
+    """[images] target Dice averaged over seeds; NaN, without a warning, where an image has no target class."""
+    arr = _array(runs, protocol)
+    out = np.full(arr.shape[1], np.nan)
+    scored = ~np.isnan(arr).all(axis=0)
+    out[scored] = np.nanmean(arr[:, scored], axis=0)
+    return out
+
+
 def lead_model(result: dict) -> str:
     """The model the paired differences are taken from: CPC-SAM, or else the first trained variant
     of the run (`--variants entity,lora_only` compares the `entity` ablation with LoRA-only)."""
@@ -304,7 +313,7 @@ def pool_report(results: list[dict], rng: np.random.Generator) -> tuple[str, dic
             if protocol not in next(iter(runs.values())):
                 cells.append("–")
                 continue
-            per_image = [np.nanmean(_array(r["models"][model], protocol), axis=0) for r in results]
+            per_image = [_per_image(r["models"][model], protocol) for r in results]
             cells.append(f"{100 * np.nanmean(np.concatenate(per_image)):.1f}")
         lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
     name = "CPC-SAM" if lead == "cpcsam" else f"`{lead}`"
@@ -319,8 +328,7 @@ def pool_report(results: list[dict], rng: np.random.Generator) -> tuple[str, dic
         for other in [m for m in first["models"] if m != lead and protocol in next(iter(first["models"][m].values()))]:
             diffs = []
             for r in results:
-                ours = np.nanmean(_array(r["models"][lead], protocol), axis=0)
-                theirs = np.nanmean(_array(r["models"][other], protocol), axis=0)
+                ours, theirs = _per_image(r["models"][lead], protocol), _per_image(r["models"][other], protocol)
                 keep = ~np.isnan(ours)
                 diffs.append(ours[keep] - theirs[keep])
             per_split = [paired_interval(d, np.zeros_like(d), rng) for d in diffs]

@@ -183,9 +183,8 @@ def _array(runs: dict[str, dict[str, list]], protocol: str) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in scores[protocol]] for scores in runs.values()], float)
 
 
-def _per_image(runs: dict[str, dict[str, list]], protocol: str) -> np.ndarray:
-    """[images] target Dice averaged over seeds; NaN, without a warning, where an image has no target class."""
-    arr = _array(runs, protocol)
+def _per_image(arr: np.ndarray) -> np.ndarray:
+    """[seeds, images] → [images] averaged over seeds; NaN, without a warning, where an image has no target class."""
     out = np.full(arr.shape[1], np.nan)
     scored = ~np.isnan(arr).all(axis=0)
     out[scored] = np.nanmean(arr[:, scored], axis=0)
@@ -209,10 +208,10 @@ def summarise(result: dict, rng: np.random.Generator) -> dict:
             rows.append({"protocol": protocol, "model": model, "dice": float(seed_means.mean()),
                          "seed_sd": float(seed_means.std(ddof=1)) if len(seed_means) > 1 else 0.0, "seeds": len(seed_means)})
         if lead in per_model:
-            ours = np.nanmean(per_model[lead], axis=0)  # per image, averaged over seeds
+            ours = _per_image(per_model[lead])
             keep = ~np.isnan(ours)
             for other in [m for m in per_model if m != lead]:
-                theirs = np.nanmean(per_model[other], axis=0)
+                theirs = _per_image(per_model[other])
                 intervals.append({"protocol": protocol, "versus": other,
                                   **paired_interval(ours[keep], theirs[keep], rng)})
     return {"lead": lead, "rows": rows, "intervals": intervals}
@@ -313,7 +312,7 @@ def pool_report(results: list[dict], rng: np.random.Generator) -> tuple[str, dic
             if protocol not in next(iter(runs.values())):
                 cells.append("–")
                 continue
-            per_image = [_per_image(r["models"][model], protocol) for r in results]
+            per_image = [_per_image(_array(r["models"][model], protocol)) for r in results]
             cells.append(f"{100 * np.nanmean(np.concatenate(per_image)):.1f}")
         lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
     name = "CPC-SAM" if lead == "cpcsam" else f"`{lead}`"
@@ -325,12 +324,13 @@ def pool_report(results: list[dict], rng: np.random.Generator) -> tuple[str, dic
     for protocol in first["protocols"]:
         if protocol not in next(iter(first["models"][lead].values())):
             continue
+        ours = [_per_image(_array(r["models"][lead], protocol)) for r in results]  # per split
         for other in [m for m in first["models"] if m != lead and protocol in next(iter(first["models"][m].values()))]:
             diffs = []
-            for r in results:
-                ours, theirs = _per_image(r["models"][lead], protocol), _per_image(r["models"][other], protocol)
-                keep = ~np.isnan(ours)
-                diffs.append(ours[keep] - theirs[keep])
+            for r, lead_scores in zip(results, ours):
+                theirs = _per_image(_array(r["models"][other], protocol))
+                keep = ~np.isnan(lead_scores)
+                diffs.append(lead_scores[keep] - theirs[keep])
             per_split = [paired_interval(d, np.zeros_like(d), rng) for d in diffs]
             pooled = stratified_interval(diffs, rng)
             intervals.append({"protocol": protocol, "versus": other, "splits": dict(zip(seeds, per_split)),

@@ -23,6 +23,14 @@ videos than one split has. Each split's images are resampled within that split (
 bootstrap), and the pooled mean weighs every image once per split that holds it. Writes
 `<out>/pooled.md` and `<out>/pooled.json`.
 
+    python benchmarks/study.py --profiles trashcan --holdout trashcan_new ...
+
+also scores the same trained models on every image of another data profile (`--holdout`), a set
+that no split of the study's profile holds (e.g. other videos of the same data set): its own
+report section, whose intervals also resample whole groups (videos), since frames of one video are
+near-duplicates and an image bootstrap would overstate how much they tell. The held-out profile
+must name the same target classes.
+
 `--inference-ablations` also scores every trained CPC-SAM with a part of CaPL removed at inference
 only (`cpcsam-task_off`: no task causal module, `cpcsam-entity_off`: no entity causal module),
 the same weights otherwise: what each module contributes to the model that was trained with it.
@@ -93,6 +101,17 @@ def stratified_interval(diffs: list[np.ndarray], rng: np.random.Generator) -> di
             "high": float(np.percentile(means, 97.5))}
 
 
+def clustered_interval(diff: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """95% percentile bootstrap interval of the mean of `diff` with whole groups resampled (each
+    draw: as many groups as there are, with replacement; the mean over the drawn groups' images)."""
+    names, index = np.unique(groups, return_inverse=True)
+    sums, counts = np.bincount(index, weights=diff), np.bincount(index)
+    draws = rng.integers(0, len(names), size=(BOOTSTRAP, len(names)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    return {"group_low": float(np.percentile(means, 2.5)), "group_high": float(np.percentile(means, 97.5)),
+            "groups": int(len(names))}
+
+
 # Parts of a trained CPC-SAM removed at inference by `--inference-ablations` (CaPL attributes).
 INFERENCE_ABLATIONS = {"cpcsam-task_off": "task", "cpcsam-entity_off": "entity"}
 
@@ -107,8 +126,35 @@ def without_module(model: Any, part: str) -> Any:
     return ablated
 
 
+def holdout_images(params: Any, holdout: str, target: set[str], out: Path) -> tuple[list, list[str]]:
+    """Every image of the data profile `holdout` (ingested with all its images in one part, so
+    that no target-class entity is withheld from training) with its pixels, and each one's group
+    (video). Raises SystemExit when the profile is unknown or names other target classes."""
+    from cpcsam.config import SplitOverride
+    from cpcsam.data import load_classes, load_manifest, read_image
+    from cpcsam.data.ingest import run_ingest
+    from cpcsam.evaluation.protocols import image_records
+
+    profiles = dict(params.data.profiles)
+    if holdout not in profiles:
+        raise SystemExit(f"study --holdout: no data profile {holdout!r} in data.profiles (add it with -S)")
+    profiles[holdout] = profiles[holdout].model_copy(update={"split": SplitOverride(ratios={"test": 1.0})})
+    data_dir = out / "data" / holdout
+    run_ingest(params.data.model_copy(update={"profile": holdout, "profiles": profiles, "eval_splits": ["test"],
+                                              "progress": False}), data_dir)
+    manifest, classes = load_manifest(data_dir / "manifest.parquet"), load_classes(data_dir / "classes.json")
+    if set(classes["target"]) != target:
+        raise SystemExit(f"study --holdout: {holdout!r} has target classes {sorted(classes['target'])}, "
+                         f"the study's profile {sorted(target)}: set the same roles")
+    group = dict(zip(manifest["image_id"].astype(str), manifest["group_id"].astype(str)))
+    records = image_records(manifest, ["test"])
+    return [(im, np.array(read_image(im.uri))) for im in records], [group[im.image_id] for im in records]
+
+
 def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str], split: str, out: Path,
-                inference_ablations: bool = False) -> dict:
+                inference_ablations: bool = False, holdout: str | None = None) -> list[dict]:
+    """The study of one profile: its result, and with `holdout` a second one, the same models
+    scored on every image of that profile."""
     from cpcsam.data import load_classes, load_manifest, read_image
     from cpcsam.data.ingest import run_ingest
     from cpcsam.inference import Predictor
@@ -127,6 +173,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     prompts = perturb_manifest(manifest, perturb, perturb.seed, progress=False)
     images = [(im, np.array(read_image(im.uri))) for im in image_records(manifest, [split])]
     target = set(classes["target"])
+    held, groups = holdout_images(params, holdout, target, out) if holdout else ([], [])
     protocols = [Protocol.parse(f"{kind}@{s:g}") for kind in ("box", "points") for s in params.evaluate.sigmas]
     if params.evaluate.tta.k > 1:  # test-time calibration rows, as the evaluate stage adds them
         protocols += [Protocol.parse(f"{name}+tta{params.evaluate.tta.k}") for name in params.evaluate.tta.protocols]
@@ -142,19 +189,26 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
 
     def score(engine, model: str, run: str) -> dict[str, list]:
         """Target Dice per image; under `evaluate.threshold: auto` at this model's (and seed's) own
-        threshold, chosen on the calibration split's base classes as the evaluate stage does."""
+        threshold, chosen on the calibration split's base classes as the evaluate stage does.
+        With a held-out profile its images' scores go to `result_held`, at the same threshold."""
         own = threshold
         if threshold == "auto":
             own = calibrate_threshold(engine, calibration_images, classes["base"], calibration.grid, eval_seed,
                                       lambda im: calibration_pixels[im.image_id], model).threshold
             thresholds.setdefault(model, {})[run] = own
+        if held:
+            result_held["models"].setdefault(model, {})[run] = per_image_scores(engine, held, protocols, target,
+                                                                                eval_seed, own)
         return per_image_scores(engine, images, protocols, target, eval_seed, own)
 
     result: dict[str, Any] = {"profile": profile, "split": split, "images": len(images), "target": sorted(target),
                               "base": classes["base"], "protocols": [p.name for p in protocols], "models": {},
                               "budget": {}, "seconds": {}, "thresholds": thresholds}
-    result["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), images, [p for p in protocols if p.kind == "box"],
-                                                            target, eval_seed, 0.0)}  # hard masks: any threshold
+    result_held: dict[str, Any] = {**result, "profile": f"{profile} models on {holdout}", "split": "every",
+                                   "images": len(held), "groups": groups, "models": {}}
+    box_protocols = [p for p in protocols if p.kind == "box"]
+    for res, imgs in ((result, images), (result_held, held)):  # hard masks: any threshold
+        res["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), imgs, box_protocols, target, eval_seed, 0.0)}
     start = CPCSAM(build_sam(params.model.model_copy(update={"checkpoint": sam_path})), {"mode": "fixed"})
     result["models"]["sam"] = {"-": score(Predictor.from_model(start, crop=params.model.crop), "sam", "-")}
     for variant in variants:
@@ -175,7 +229,7 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
             result["budget"][variant] = summary["budget"]
             result["seconds"].setdefault(variant, []).append(seconds)
             print(f"{profile} {variant} seed {seed}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return result
+    return [result, result_held] if holdout else [result]
 
 
 def _array(runs: dict[str, dict[str, list]], protocol: str) -> np.ndarray:
@@ -212,8 +266,10 @@ def summarise(result: dict, rng: np.random.Generator) -> dict:
             keep = ~np.isnan(ours)
             for other in [m for m in per_model if m != lead]:
                 theirs = _per_image(per_model[other])
-                intervals.append({"protocol": protocol, "versus": other,
-                                  **paired_interval(ours[keep], theirs[keep], rng)})
+                interval = paired_interval(ours[keep], theirs[keep], rng)
+                if result.get("groups"):
+                    interval |= clustered_interval(ours[keep] - theirs[keep], np.asarray(result["groups"])[keep], rng)
+                intervals.append({"protocol": protocol, "versus": other, **interval})
     return {"lead": lead, "rows": rows, "intervals": intervals}
 
 
@@ -239,11 +295,15 @@ def report(results: list[dict], summaries: list[dict]) -> str:
                              (f" ± {100 * row['seed_sd']:.1f}" if row["seeds"] > 1 else ""))
             lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
         lead = "CPC-SAM" if summary["lead"] == "cpcsam" else f"`{summary['lead']}`"
-        lines += ["", f"Paired difference of target Dice, {lead} − other (per image, seeds averaged; 95% bootstrap):", "",
-                  "| protocol | versus | mean | 95% interval |", "| --- | --- | ---: | --- |"]
+        grouped = bool(result.get("groups"))
+        lines += ["", f"Paired difference of target Dice, {lead} − other (per image, seeds averaged; 95% bootstrap"
+                  + (f" over images, and over the {len(set(result['groups']))} videos" if grouped else "") + "):", "",
+                  "| protocol | versus | mean | 95% interval |" + (" videos resampled |" if grouped else ""),
+                  "| --- | --- | ---: | --- |" + (" --- |" if grouped else "")]
         for iv in summary["intervals"]:
             lines.append(f"| {iv['protocol']} | {iv['versus']} | {100 * iv['mean']:+.1f} | "
-                         f"[{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}] |")
+                         f"[{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}] |"
+                         + (f" [{100 * iv['group_low']:+.1f}, {100 * iv['group_high']:+.1f}] |" if grouped else ""))
         if result.get("thresholds"):
             lines += ["", "Mask thresholds (`evaluate.threshold: auto`, chosen per model and seed on the base classes "
                       "of the calibration split): " + "; ".join(
@@ -354,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--inference-ablations", action="store_true",
                         help="also score each trained CPC-SAM without its task / entity module at inference")
+    parser.add_argument("--holdout", metavar="PROFILE",
+                        help="also score the trained models on every image of this data profile")
     parser.add_argument("--out", default=str(ROOT / "reports" / "study"))
     parser.add_argument("--pool", metavar="DIR,DIR,...",
                         help="pool finished studies that differ only in data.split.seed; trains nothing")
@@ -397,10 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         if root is not None and not str(root).startswith("s3://") and not Path(root).is_dir():
             print(f"study: skipping {profile}: {root} is absent", file=sys.stderr)
             continue
-        results.append(run_profile(params, profile, seeds, args.variants.split(","), args.split, out,
-                                   args.inference_ablations))
-        results[-1]["overrides"] = overrides
-        summaries.append(summarise(results[-1], rng))
+        for result in run_profile(params, profile, seeds, args.variants.split(","), args.split, out,
+                                  args.inference_ablations, args.holdout):
+            result["overrides"] = overrides
+            results.append(result)
+            summaries.append(summarise(result, rng))
         (out / "study.json").write_text(json.dumps({"results": results, "summaries": summaries}))
     text = report(results, summaries)
     (out / "report.md").write_text(text)

@@ -1,4 +1,5 @@
-"""`benchmarks/study.py --pool`: studies of several data splits pooled into one paired estimate."""
+"""`benchmarks/study.py`: studies of several data splits pooled into one paired estimate (`--pool`),
+and a held-out profile scored whole, with intervals that resample its videos (`--holdout`)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _study_module():
-    spec = importlib.util.spec_from_file_location("cpcsam_study_script", ROOT / "benchmarks" / "study.py")
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-study = _study_module()
+study = _load("cpcsam_study_script", ROOT / "benchmarks" / "study.py")
 PROTOCOLS = ["box@0", "box@0.5", "points@0.5"]
 
 
@@ -80,3 +81,49 @@ def test_studies_that_differ_in_more_than_the_split_are_refused(tmp_path: Path) 
         study.load_for_pooling([first, same_split])
     with pytest.raises(SystemExit, match=r"missing/study.json: not a finished study"):
         study.load_for_pooling([first, tmp_path / "missing"])
+
+
+def test_held_out_intervals_resample_whole_videos() -> None:
+    """12 videos of 30 near-identical frames: the frames tell little more than the 12 videos do, so
+    the videos-resampled interval is the bootstrap of the 12 video means, far wider than the images'."""
+    rng = np.random.default_rng(5)
+    video_effect = rng.normal(0.03, 0.05, 12)
+    groups = [f"vid_{v:02d}" for v in range(12) for _ in range(30)]
+    theirs = rng.uniform(0.3, 0.8, (3, 360))
+    ours = theirs + np.repeat(video_effect, 30) + rng.normal(0, 0.002, (3, 360))
+    runs = lambda scores: {str(k): {"points@0.8": list(map(float, row))} for k, row in enumerate(scores)}  # noqa: E731
+    result = {"profile": "trashcan models on new", "split": "every", "images": 360, "target": ["fish"],
+              "protocols": ["points@0.8"], "groups": groups, "budget": {}, "seconds": {},
+              "models": {"cpcsam": runs(ours), "lora_only": runs(theirs)}}
+
+    (iv,) = study.summarise(result, np.random.default_rng(0))["intervals"]
+
+    means = (ours - theirs).mean(axis=0).reshape(12, 30).mean(axis=1)
+    boot = means[np.random.default_rng(1).integers(0, 12, (10_000, 12))].mean(axis=1)
+    assert iv["groups"] == 12
+    assert iv["group_low"] == pytest.approx(np.percentile(boot, 2.5), abs=0.003)
+    assert iv["group_high"] == pytest.approx(np.percentile(boot, 97.5), abs=0.003)
+    assert iv["group_high"] - iv["group_low"] > 3 * (iv["high"] - iv["low"])
+    text = study.report([result], [{"lead": "cpcsam", "rows": [], "intervals": [iv]}])
+    assert "over the 12 videos" in text and f"[{100 * iv['group_low']:+.1f}, {100 * iv['group_high']:+.1f}] |" in text
+
+
+def test_a_held_out_profile_is_scored_whole_and_must_name_the_same_targets(tmp_path: Path) -> None:
+    from cpcsam.config import load_config
+
+    builders = _load("cpcsam_test_data_builders", ROOT / "tests" / "data" / "data_builders.py")
+    builders.make_coco(str(tmp_path / "coco"), n_images=6, frames_per_video=2)
+    profile = (f"data.profiles.new={{source: coco, root: {tmp_path / 'coco'}, group_pattern: '^(vid_\\d+)_frame', "
+               "roles: {target: [bottle]}}")
+    params = load_config(ROOT / "params.yaml", [profile])
+
+    held, groups = study.holdout_images(params, "new", {"bottle"}, tmp_path / "out")
+
+    # every image, none of its entities withheld (the profile's own split would put half in train)
+    assert len(held) == 6 and all(len(im.entities) == 3 for im, _ in held)
+    assert groups == ["vid_000000"] * 2 + ["vid_000001"] * 2 + ["vid_000002"] * 2
+    assert all(pixels.shape[:2] == (48, 64) for _, pixels in held)
+    with pytest.raises(SystemExit, match=r"'new' has target classes \['bottle'\], the study's profile \['fish'\]"):
+        study.holdout_images(params, "new", {"fish"}, tmp_path / "out2")
+    with pytest.raises(SystemExit, match="no data profile 'absent'"):
+        study.holdout_images(params, "absent", {"bottle"}, tmp_path / "out3")

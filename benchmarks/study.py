@@ -126,10 +126,12 @@ def without_module(model: Any, part: str) -> Any:
     return ablated
 
 
-def holdout_images(params: Any, holdout: str, target: set[str], out: Path) -> tuple[list, list[str]]:
+def holdout_images(params: Any, holdout: str, target: set[str], seen_groups: set[str],
+                   out: Path) -> tuple[list, list[str]]:
     """Every image of the data profile `holdout` (ingested with all its images in one part, so
     that no target-class entity is withheld from training) with its pixels, and each one's group
-    (video). Raises SystemExit when the profile is unknown or names other target classes."""
+    (video). Raises SystemExit when the profile is unknown, names other target classes, or holds
+    a group of the study's own profile (`seen_groups`): those frames are not held out."""
     from cpcsam.config import SplitOverride
     from cpcsam.data import load_classes, load_manifest, read_image
     from cpcsam.data.ingest import run_ingest
@@ -147,6 +149,10 @@ def holdout_images(params: Any, holdout: str, target: set[str], out: Path) -> tu
         raise SystemExit(f"study --holdout: {holdout!r} has target classes {sorted(classes['target'])}, "
                          f"the study's profile {sorted(target)}: set the same roles")
     group = dict(zip(manifest["image_id"].astype(str), manifest["group_id"].astype(str)))
+    shared = sorted(set(group.values()) & seen_groups)
+    if shared:
+        raise SystemExit(f"study --holdout: {holdout!r} shares {len(shared)} group(s) with the study's profile "
+                         f"({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}): not held out")
     records = image_records(manifest, ["test"])
     return [(im, np.array(read_image(im.uri))) for im in records], [group[im.image_id] for im in records]
 
@@ -173,7 +179,8 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     prompts = perturb_manifest(manifest, perturb, perturb.seed, progress=False)
     images = [(im, np.array(read_image(im.uri))) for im in image_records(manifest, [split])]
     target = set(classes["target"])
-    held, groups = holdout_images(params, holdout, target, out) if holdout else ([], [])
+    seen = set(manifest["group_id"].astype(str))
+    held, groups = holdout_images(params, holdout, target, seen, out) if holdout else ([], [])
     protocols = [Protocol.parse(f"{kind}@{s:g}") for kind in ("box", "points") for s in params.evaluate.sigmas]
     if params.evaluate.tta.k > 1:  # test-time calibration rows, as the evaluate stage adds them
         protocols += [Protocol.parse(f"{name}+tta{params.evaluate.tta.k}") for name in params.evaluate.tta.protocols]

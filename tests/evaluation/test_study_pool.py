@@ -108,7 +108,7 @@ def test_held_out_intervals_resample_whole_videos() -> None:
     assert "over the 12 videos" in text and f"[{100 * iv['group_low']:+.1f}, {100 * iv['group_high']:+.1f}] |" in text
 
 
-def test_a_held_out_profile_is_scored_whole_and_must_name_the_same_targets(tmp_path: Path) -> None:
+def test_a_held_out_profile_is_scored_whole_and_must_be_held_out_with_the_same_targets(tmp_path: Path) -> None:
     from cpcsam.config import load_config
 
     builders = _load("cpcsam_test_data_builders", ROOT / "tests" / "data" / "data_builders.py")
@@ -117,13 +117,15 @@ def test_a_held_out_profile_is_scored_whole_and_must_name_the_same_targets(tmp_p
                "roles: {target: [bottle]}}")
     params = load_config(ROOT / "params.yaml", [profile])
 
-    held, groups = study.holdout_images(params, "new", {"bottle"}, tmp_path / "out")
+    held, groups = study.holdout_images(params, "new", {"bottle"}, {"vid_000009"}, tmp_path / "out")
 
     # every image, none of its entities withheld (the profile's own split would put half in train)
     assert len(held) == 6 and all(len(im.entities) == 3 for im, _ in held)
     assert groups == ["vid_000000"] * 2 + ["vid_000001"] * 2 + ["vid_000002"] * 2
     assert all(pixels.shape[:2] == (48, 64) for _, pixels in held)
     with pytest.raises(SystemExit, match=r"'new' has target classes \['bottle'\], the study's profile \['fish'\]"):
-        study.holdout_images(params, "new", {"fish"}, tmp_path / "out2")
+        study.holdout_images(params, "new", {"fish"}, set(), tmp_path / "out2")
     with pytest.raises(SystemExit, match="no data profile 'absent'"):
-        study.holdout_images(params, "absent", {"bottle"}, tmp_path / "out3")
+        study.holdout_images(params, "absent", {"bottle"}, set(), tmp_path / "out3")
+    with pytest.raises(SystemExit, match=r"'new' shares 1 group\(s\) with the study's profile \(vid_000001\): not held"):
+        study.holdout_images(params, "new", {"bottle"}, {"vid_000001", "vid_000042"}, tmp_path / "out4")

@@ -43,6 +43,16 @@ LONG_FILES_FIRST = (
 )
 
 
+# The files whose tests use the orchestration folder's one stack (`stack` in
+# tests/orchestration/conftest.py). xdist sets a package fixture up once per worker, so with these
+# files on two workers the run brought up a second Prefect server, MLflow server and worker (about
+# 40 CPU-seconds, half a minute of wall time on 2 cores); as one work unit they share one.
+SHARED_STACK_FILES = (
+    "tests/orchestration/test_end_to_end.py",
+    "tests/orchestration/test_flows.py",
+)
+
+
 def pytest_xdist_make_scheduler(config, log):
     from collections import OrderedDict
 
@@ -50,7 +60,8 @@ def pytest_xdist_make_scheduler(config, log):
 
     class LongFilesFirst(LoadFileScheduling):
         """LoadFileScheduling with LONG_FILES_FIRST moved to the head of its queue, once, before
-        the first file is handed out (the queue is complete by then)."""
+        the first file is handed out (the queue is complete by then), and SHARED_STACK_FILES
+        handed out together, as one file."""
 
         _reordered = False
 
@@ -61,6 +72,10 @@ def pytest_xdist_make_scheduler(config, log):
                 order = sorted(self.workqueue, key=lambda scope: rank.get(scope, len(rank)))
                 self.workqueue = OrderedDict((scope, self.workqueue[scope]) for scope in order)
             super()._assign_work_unit(node)
+
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_STACK_FILES[0] if scope in SHARED_STACK_FILES else scope
 
     if config.getvalue("dist") != "loadfile":
         return None  # another --dist: xdist's own scheduler

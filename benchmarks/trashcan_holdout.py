@@ -223,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     coco = sample(to_coco(args.trashcan, fresh), args.per_video, args.seed)
     (args.out / "images").mkdir(parents=True, exist_ok=True)
     for im in coco["images"]:
-        shutil.copyfile(args.trashcan / "original_data" / "images" / im["file_name"], args.out / "images" / im["file_name"])
+        source = args.trashcan / "original_data" / "images" / im["file_name"]
+        try:
+            shutil.copyfile(source, args.out / "images" / im["file_name"])
+        except OSError as err:
+            raise SystemExit(f"trashcan_holdout: {source}: cannot copy ({err.strerror or err})") from None
     (args.out / "annotations.json").write_text(json.dumps(coco))
     videos = {VIDEO.match(im["file_name"]).group(1) for im in coco["images"]}
     print(f"{len(fresh)} images of {len({VIDEO.match(f).group(1) for f in fresh})} videos absent from {args.shared}; "

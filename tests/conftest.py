@@ -46,7 +46,7 @@ LONG_FILES_FIRST = (
 # The files whose tests use the orchestration folder's one stack (`stack` in
 # tests/orchestration/conftest.py). xdist sets a package fixture up once per worker, so with these
 # files on two workers the run brought up a second Prefect server, MLflow server and worker (about
-# 40 CPU-seconds, half a minute of wall time on 2 cores); as one work unit they share one.
+# 40 CPU-seconds of start-up); as one work unit they share one.
 SHARED_STACK_FILES = (
     "tests/orchestration/test_end_to_end.py",
     "tests/orchestration/test_flows.py",

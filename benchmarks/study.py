@@ -194,32 +194,32 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
     calibration_pixels = {im.image_id: np.array(read_image(im.uri)) for im in calibration_images}  # read once
     thresholds: dict[str, dict[str, float]] = {}
 
-    def score(engine, model: str, run: str) -> dict[str, list]:
-        """Target Dice per image; under `evaluate.threshold: auto` at this model's (and seed's) own
-        threshold, chosen on the calibration split's base classes as the evaluate stage does.
-        With a held-out profile its images' scores go to `result_held`, at the same threshold."""
-        own = threshold
-        if threshold == "auto":
-            own = calibrate_threshold(engine, calibration_images, classes["base"], calibration.grid, eval_seed,
-                                      lambda im: calibration_pixels[im.image_id], model).threshold
-            thresholds.setdefault(model, {})[run] = own
-        if held:
-            result_held["models"].setdefault(model, {})[run] = per_image_scores(engine, held, protocols, target,
-                                                                                eval_seed, own)
-        return per_image_scores(engine, images, protocols, target, eval_seed, own)
-
     result: dict[str, Any] = {"profile": profile, "split": split, "images": len(images), "target": sorted(target),
                               "base": classes["base"], "protocols": [p.name for p in protocols], "models": {},
                               "budget": {}, "seconds": {}, "thresholds": thresholds}
-    result_held: dict[str, Any] = {**result, "profile": f"{profile} models on {holdout}", "split": "every",
-                                   "images": len(held), "groups": groups, "models": {}}
-    box_protocols = [p for p in protocols if p.kind == "box"]
-    for res, imgs in ((result, images), (result_held, held)):  # hard masks: any threshold
-        res["models"]["filled_box"] = {"-": per_image_scores(FilledBox(), imgs, box_protocols, target, eval_seed, 0.0)}
+    scored = [(result, images)]  # each result with the images it is scored on
+    if holdout:
+        scored.append(({**result, "profile": f"{profile} models on {holdout}", "split": "every", "images": len(held),
+                        "groups": groups, "models": {}}, held))
+
+    def score(engine, model: str, run: str, kinds: tuple[str, ...] | None = None, own: float | None = None) -> None:
+        """Record target Dice per image of every result; under `evaluate.threshold: auto` at this
+        model's (and seed's) own threshold, chosen on the calibration split's base classes as the
+        evaluate stage does (the held-out images at that same threshold)."""
+        if own is None:
+            own = threshold
+            if threshold == "auto":
+                own = calibrate_threshold(engine, calibration_images, classes["base"], calibration.grid, eval_seed,
+                                          lambda im: calibration_pixels[im.image_id], model).threshold
+                thresholds.setdefault(model, {})[run] = own
+        for res, imgs in scored:
+            res["models"].setdefault(model, {})[run] = per_image_scores(
+                engine, imgs, [p for p in protocols if kinds is None or p.kind in kinds], target, eval_seed, own)
+
+    score(FilledBox(), "filled_box", "-", kinds=("box",), own=0.0)  # hard masks: any threshold
     start = CPCSAM(build_sam(params.model.model_copy(update={"checkpoint": sam_path})), {"mode": "fixed"})
-    result["models"]["sam"] = {"-": score(Predictor.from_model(start, crop=params.model.crop), "sam", "-")}
+    score(Predictor.from_model(start, crop=params.model.crop), "sam", "-")
     for variant in variants:
-        result["models"][variant] = {}
         for seed in seeds:
             seeded = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
             train, model = variant_sections(variant, seeded.seeded("train"), params.model)
@@ -227,16 +227,15 @@ def run_profile(params: Any, profile: str, seeds: list[int], variants: list[str]
             trainer = prepare_training(train, model, params.perturb, manifest, prompts, sam_path, None)
             summary = trainer.run(resume=False, progress=False)
             seconds = time.perf_counter() - started
-            result["models"][variant][str(seed)] = score(Predictor.from_model(trainer.model.eval(), crop=params.model.crop),
-                                                               variant, str(seed))
+            score(Predictor.from_model(trainer.model.eval(), crop=params.model.crop), variant, str(seed))
             if inference_ablations and variant == "cpcsam":
                 for name, part in INFERENCE_ABLATIONS.items():
                     ablated = Predictor.from_model(without_module(trainer.model, part), crop=params.model.crop)
-                    result["models"].setdefault(name, {})[str(seed)] = score(ablated, name, str(seed))
+                    score(ablated, name, str(seed))
             result["budget"][variant] = summary["budget"]
             result["seconds"].setdefault(variant, []).append(seconds)
             print(f"{profile} {variant} seed {seed}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return [result, result_held] if holdout else [result]
+    return [res for res, _ in scored]
 
 
 def _array(runs: dict[str, dict[str, list]], protocol: str) -> np.ndarray:

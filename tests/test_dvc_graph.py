@@ -88,3 +88,59 @@ def test_the_check_catches_a_missing_dep() -> None:
     stage = dict(_stages()["evaluate"])
     stage["deps"] = [d for d in stage["deps"] if d != "cpcsam/evaluation"]
     assert "cpcsam/evaluation/protocols.py" in missing_deps(stage)
+
+
+def stale_lock_entries(status: dict) -> dict[str, dict[str, object]]:
+    """From `dvc status --json` of a fresh clone: per stage, what differs from dvc.lock other than
+    outs and upstream outs not made yet ("deleted"): a committed file or folder dep edited after
+    the lock was written ("modified", "new"), a param (a dict), the command ("changed command")."""
+    stale: dict[str, dict[str, object]] = {}
+    for stage, changes in status.items():
+        for change in changes:
+            if isinstance(change, str):
+                stale.setdefault(stage, {})[change] = True
+                continue
+            for path, what in change.get("changed deps", {}).items():
+                if what != "deleted":
+                    stale.setdefault(stage, {})[path] = what
+    return stale
+
+
+def test_the_committed_lock_matches_the_committed_deps(tmp_path: Path) -> None:
+    """A fresh clone's `dvc status` finds no stage whose committed deps changed since dvc.lock was
+    written: otherwise `dvc pull` brings outs that `dvc repro` then rebuilds, and the lock's hashes
+    name code or data that the repository no longer holds. (Once, an edit of checkpoints/README.md
+    left the pretrain stage, and so the whole pipeline, out of date.) HEAD is checked, not the
+    working tree, so an uncommitted edit does not fail it; commit the lock with the code."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout with git installed: the committed dvc.lock cannot be read")
+    clone = tmp_path / "head"
+    subprocess.run([git, "clone", "-q", str(ROOT), str(clone)], check=True, capture_output=True)
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    proc = subprocess.run([dvc, "status", "--json"], cwd=clone, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    stale = stale_lock_entries(json.loads(proc.stdout or "{}"))
+    assert not stale, f"dvc.lock is out of date for {stale}: run the pipeline in a fresh clone and commit dvc.lock"
+
+
+def test_the_lock_check_reads_what_dvc_reports() -> None:
+    """Plant the bugs: an edited folder dep, a new param and a changed command are stale; outs not in
+    the cache and upstream outs not made yet are not."""
+    status = {
+        "ingest": [{"changed outs": {"data/ingest": "not in cache"}}],
+        "pretrain": [{"changed deps": {"checkpoints": "modified"}}, {"changed outs": {"a.pth": "not in cache"}}],
+        "embed": [{"changed deps": {"artifacts/pretrain/sam.pth": "deleted",
+                                    "params.yaml": {"model": "modified"}}}],
+        "gate": ["changed command"],
+    }
+    assert stale_lock_entries(status) == {
+        "pretrain": {"checkpoints": "modified"},
+        "embed": {"params.yaml": {"model": "modified"}},
+        "gate": {"changed command": True},
+    }

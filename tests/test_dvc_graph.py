@@ -115,15 +115,15 @@ def test_the_committed_lock_matches_the_committed_deps(tmp_path: Path) -> None:
     import json
     import shutil
     import subprocess
-    import sys
+
+    from flows.stages import dvc_executable
 
     git = shutil.which("git")
     if git is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout with git installed: the committed dvc.lock cannot be read")
     clone = tmp_path / "head"
     subprocess.run([git, "clone", "-q", str(ROOT), str(clone)], check=True, capture_output=True)
-    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-    proc = subprocess.run([dvc, "status", "--json"], cwd=clone, capture_output=True, text=True)
+    proc = subprocess.run([dvc_executable(), "status", "--json"], cwd=clone, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     stale = stale_lock_entries(json.loads(proc.stdout or "{}"))
     assert not stale, f"dvc.lock is out of date for {stale}: run the pipeline in a fresh clone and commit dvc.lock"

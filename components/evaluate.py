@@ -5,7 +5,8 @@
 Models, in one table: `sam` — the SAM the run started from (no CaPL, no fine-tuning) — every
 variant of `variants` (`artifacts/train/<variant>/model.pt`: CPC-SAM, its baselines and
 ablations, all DVC deps of this stage) and, with `evaluate.references`, the prompt-only rows
-`filled_box` and `grabcut` that every model must beat.
+`filled_box` and `grabcut` that every model must beat, as the `references` stage scored them
+(`--references`: they need no model, so they are not recomputed for new weights).
 
 Writes under `--out`: `metrics.json` (all numbers + the `headline` the gate reads), `scores.json`
 (the compact numbers `dvc metrics` shows: headline, base/target Dice per model and protocol), `table.md`,
@@ -32,6 +33,7 @@ MANIFEST = "data/ingest/manifest.parquet"
 CLASSES = "data/ingest/classes.json"
 PRETRAINED_SAM = "artifacts/pretrain/sam.pth"
 TRAINED = "artifacts/train"
+REFERENCES = "artifacts/references/results.json"
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +43,8 @@ def trained_model_path(variant: str, trained: str | Path = TRAINED) -> Path:
 
 
 def load_models(params, trained: str | Path = TRAINED, sam_path: str = PRETRAINED_SAM) -> dict[str, Any]:
-    """{name: model} to evaluate: the starting SAM, every trained variant, the prompt-only references."""
+    """{name: model} to evaluate: the starting SAM and every trained variant."""
     from cpcsam.inference import Predictor
-    from cpcsam.evaluation.references import reference_engines
     from cpcsam.modeling import CPCSAM, build_sam, load_cpcsam
 
     cfg = params.evaluate
@@ -55,8 +56,6 @@ def load_models(params, trained: str | Path = TRAINED, sam_path: str = PRETRAINE
         if not path.is_file():
             raise CheckpointError(f"{path}: the trained {variant!r} model is missing; run its train stage (dvc repro)")
         engines[variant] = Predictor.from_model(load_cpcsam(str(path), fold_lora=True), cfg.batch_entities, crop=params.model.crop)
-    if cfg.references:
-        engines.update(reference_engines())
     return engines
 
 
@@ -67,7 +66,6 @@ def calibrate_thresholds(params, engines: dict[str, Any], manifest, base: list[s
     from cpcsam.errors import ConfigError
     from cpcsam.evaluation.calibration import calibrate_threshold
     from cpcsam.evaluation.protocols import image_records
-    from cpcsam.evaluation.references import PromptOnlyReference
 
     cal = params.evaluate.calibration
     if not (manifest["split"] == cal.split).any():
@@ -75,8 +73,6 @@ def calibrate_thresholds(params, engines: dict[str, Any], manifest, base: list[s
     images = image_records(manifest, [cal.split], 0, seed)
     thresholds, report = {}, {}
     for name, engine in engines.items():
-        if isinstance(engine, PromptOnlyReference):
-            continue
         try:
             found = calibrate_threshold(engine, images, base, cal.grid, seed, load_image, name)
         except ValueError as err:
@@ -135,6 +131,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--classes", default=CLASSES)
     parser.add_argument("--sam", default=PRETRAINED_SAM, help="the starting SAM (the pretrain stage adopts model.checkpoint)")
     parser.add_argument("--trained", default=TRAINED, help="folder of <variant>/model.pt")
+    parser.add_argument("--references", default=REFERENCES, help="the references stage's results.json")
     parser.add_argument("--out", default="artifacts/eval")
 
 
@@ -143,6 +140,7 @@ def work(params, args, run) -> str:
 
     from cpcsam.data import load_classes, load_manifest, read_image
     from cpcsam.evaluation.protocols import EvalConfig, evaluate_models, flat_metrics, image_records
+    from cpcsam.evaluation.stored_results import read_results, result_scope
     from cpcsam.training.device import apply_threads
 
     cfg = params.evaluate
@@ -159,20 +157,25 @@ def work(params, args, run) -> str:
 
     manifest = load_manifest(args.manifest)
     images = image_records(manifest, cfg.splits, cfg.max_images, seed)
+    references = {}
+    if cfg.references:
+        references = read_results(args.references, result_scope(args.manifest, images, eval_cfg, True), "references")
     thresholds, calibration = None, None
     if cfg.threshold == "auto":
         thresholds, calibration = calibrate_thresholds(params, engines, manifest, classes["base"], seed, load_image)
     metrics, overlays = evaluate_models(engines, images, classes["base"], classes["target"], eval_cfg, load_image,
                                         headline_model=cfg.headline.model, headline_protocol=cfg.headline.protocol,
-                                        thresholds=thresholds)
+                                        thresholds=thresholds, scored_elsewhere=references)
     if calibration is not None:
         metrics["calibration"] = calibration
-    metrics["sources"] = {"sam": args.sam, **{v: str(trained_model_path(v, args.trained)) for v in params.variants}}
+    metrics["sources"] = {"sam": args.sam, **{v: str(trained_model_path(v, args.trained)) for v in params.variants},
+                          **{name: args.references for name in references}}
     out = Path(args.out)
     seconds = time.perf_counter() - started
     written = write_outputs(out, metrics, overlays, images, load_image)
     # Wall time differs run to run: beside the outs, never in one (DVC outs must be reproducible).
-    write_json_atomic(out / "timing.json", {"seconds": seconds, "images": len(images), "models": len(engines)})
+    write_json_atomic(out / "timing.json", {"seconds": seconds, "images": len(images), "models": len(engines),
+                                            "references_read": len(references)})
     run.log_params({"evaluate.images": len(images), "evaluate.protocols": ",".join(metrics["protocols"]),
                     "evaluate.models": ",".join(metrics["models"])})
     run.log_metrics(flat_metrics(metrics))

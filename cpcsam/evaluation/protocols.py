@@ -287,21 +287,30 @@ def evaluate_models(
     headline_model: str = "cpcsam",
     headline_protocol: str = "box@0.1",
     thresholds: Mapping[str, float] | None = None,
+    scored_elsewhere: Mapping[str, ModelResult] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, list[np.ndarray]]]]:
     """All models on all protocols: the `metrics.json` dict and the overlay masks per model.
 
     `thresholds`: a model's own mask threshold instead of `cfg.threshold` (`evaluate.threshold:
-    auto`); each model's entry and the headline then say which one it was scored at."""
-    support = choose_support(images, target, cfg.support_fraction, cfg.seed) if any(
-        p.kind == "auto" for p in cfg.protocols) else []
-    metrics: dict[str, Any] = {
-        "protocols": {p.name: p.spec() for p in cfg.protocols},
-        "classes": {"base": list(base), "target": list(target)},
-        "images": {"evaluated": len(images), "auto_support": sorted(support),
-                   "auto_queries": len(images) - len(support)},
-        "models": {},
-    }
-    overlays: dict[str, dict[str, list[np.ndarray]]] = {}
+    auto`); each model's entry and the headline then say which one it was scored at.
+    `scored_elsewhere`: results of the same images and protocols computed before (the pipeline's
+    `references` stage), listed after `engines` in the table."""
+    results = score_models(engines, images, base, target, cfg, load_image, thresholds)
+    return assemble_metrics({**results, **(scored_elsewhere or {})}, images, base, target, cfg,
+                            headline_model, headline_protocol, thresholds)
+
+
+def score_models(
+    engines: Mapping[str, Predictor],
+    images: Sequence[ImageRecord],
+    base: Sequence[str],
+    target: Sequence[str],
+    cfg: EvalConfig,
+    load_image: Callable[[ImageRecord], np.ndarray],
+    thresholds: Mapping[str, float] | None = None,
+) -> dict[str, ModelResult]:
+    """`evaluate_model` for every engine, two at a time; the results in the engines' order."""
+    support = auto_support(images, target, cfg)
 
     def run(name: str) -> tuple[ModelResult, float]:
         started = time.perf_counter()
@@ -311,11 +320,11 @@ def evaluate_models(
 
     # The prompt-only references need no model and no torch: GrabCut (OpenCV releases the GIL)
     # runs in a second thread beside the models, on the second core of a 2-core machine, instead
-    # of after them (it costs as much as all the models together on the embedded data). When the
-    # models run on one torch thread each, that thread then takes models too, from the same queue,
-    # so that both cores stay busy to the end; with more torch threads per model it does not (two
-    # models' thread teams on the same cores stall each other). Each model's numbers depend only
-    # on its own seeded prompts, so the order of work and the thread that does it change nothing.
+    # of after them. When the models run on one torch thread each, that thread then takes models
+    # too, from the same queue, so that both cores stay busy to the end; with more torch threads
+    # per model it does not (two models' thread teams on the same cores stall each other). Each
+    # model's numbers depend only on its own seeded prompts, so the order of work and the thread
+    # that does it change nothing.
     references = [name for name, engine in engines.items() if isinstance(engine, PromptOnlyReference)]
     models = [name for name in engines if name not in references]
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="evaluate") as pool:
@@ -326,16 +335,47 @@ def evaluate_models(
             pending = {name: pool.submit(run, name) for name in references}
             done = {name: run(name) for name in models}
             done.update({name: future.result() for name, future in pending.items()})
-    for name in engines:  # the engines' order, whatever finished first
+    for name in engines:
         result, seconds = done[name]
+        logger.info("evaluated %s in %.1f s: target Dice %s", name, seconds,
+                    {p: round(s["target"]["dice"], 4) for p, s in result.protocols.items() if s["target"]["dice"] is not None})
+    return {name: done[name][0] for name in engines}  # the engines' order, whatever finished first
+
+
+def auto_support(images: Sequence[ImageRecord], target: Sequence[str], cfg: EvalConfig) -> list[str]:
+    """The support images of the `auto` protocol (none without it)."""
+    if not any(p.kind == "auto" for p in cfg.protocols):
+        return []
+    return choose_support(images, target, cfg.support_fraction, cfg.seed)
+
+
+def assemble_metrics(
+    results: Mapping[str, ModelResult],
+    images: Sequence[ImageRecord],
+    base: Sequence[str],
+    target: Sequence[str],
+    cfg: EvalConfig,
+    headline_model: str,
+    headline_protocol: str,
+    thresholds: Mapping[str, float] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, list[np.ndarray]]]]:
+    """The `metrics.json` dict (models in the order of `results`) and the overlays per model."""
+    support = auto_support(images, target, cfg)
+    metrics: dict[str, Any] = {
+        "protocols": {p.name: p.spec() for p in cfg.protocols},
+        "classes": {"base": list(base), "target": list(target)},
+        "images": {"evaluated": len(images), "auto_support": sorted(support),
+                   "auto_queries": len(images) - len(support)},
+        "models": {},
+    }
+    overlays: dict[str, dict[str, list[np.ndarray]]] = {}
+    for name, result in results.items():
         metrics["models"][name] = {"protocols": result.protocols}
         if thresholds and name in thresholds:
             metrics["models"][name]["threshold"] = float(thresholds[name])
         if result.auto_missing:
             metrics["models"][name]["auto_classes_without_prototype"] = result.auto_missing
         overlays[name] = result.overlays
-        logger.info("evaluated %s in %.1f s: target Dice %s", name, seconds,
-                    {p: round(s["target"]["dice"], 4) for p, s in result.protocols.items() if s["target"]["dice"] is not None})
     metrics["headline"] = headline_numbers(metrics, headline_model, headline_protocol)
     return metrics, overlays
 

@@ -16,6 +16,7 @@ from components import evaluate as evaluate_step  # noqa: E402
 from components import export as export_step  # noqa: E402
 from components import gate as gate_step  # noqa: E402
 from components import ingest as ingest_step  # noqa: E402
+from components import references as references_step  # noqa: E402
 from cpcsam.modeling import build_sam, save_cpcsam  # noqa: E402
 
 FAST = [
@@ -48,9 +49,11 @@ def _common(root: Path, params: str) -> list[str]:
 def test_evaluate_export_gate(workspace, capsys, monkeypatch):
     monkeypatch.setenv("CPCSAM_TRACKING", "off")
     root, params = workspace
-    ev, ex = root / "eval", root / "export"
-    args = _common(root, params) + FAST + ["--manifest", str(root / "ingest/manifest.parquet"),
-                                           "--classes", str(root / "ingest/classes.json"), "--out", str(ev)]
+    ev, ex, refs = root / "eval", root / "export", root / "references"
+    data = ["--manifest", str(root / "ingest/manifest.parquet"), "--classes", str(root / "ingest/classes.json")]
+    assert references_step.main(_common(root, params)[:2] + ["-S", "evaluate.splits=[val, test]"] + FAST + data +
+                                ["--out", str(refs)]) == 0
+    args = _common(root, params) + FAST + data + ["--references", str(refs / "results.json"), "--out", str(ev)]
     assert evaluate_step.main(args) == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert set(metrics["models"]) == {"sam", "cpcsam", "filled_box", "grabcut"}
@@ -141,3 +144,55 @@ def test_threshold_auto_scores_each_model_at_its_own_validation_threshold(worksp
     args = common + ["-S", "evaluate.threshold=auto", "-S", "evaluate.splits=[val, test]", "--out", str(root / "x")]
     assert evaluate_step.main(args) == 2
     assert "a threshold chosen on the images it is judged on is tuned on test" in capsys.readouterr().err
+
+
+def test_stored_references_are_the_rows_evaluate_would_compute(workspace, capsys, monkeypatch):
+    """The `references` stage's file, read back for the same scope, holds exactly what scoring the
+    prompt-only engines in the evaluate process gives (numbers and overlay masks); read for another
+    scope, or missing, it stops evaluate with one line naming the file."""
+    import numpy as np
+
+    from cpcsam.config import load_config
+    from cpcsam.data import load_classes, load_manifest, read_image
+    from cpcsam.evaluation.protocols import EvalConfig, image_records, score_models
+    from cpcsam.evaluation.references import reference_engines
+    from cpcsam.evaluation.stored_results import read_results, result_scope
+
+    monkeypatch.setenv("CPCSAM_TRACKING", "off")
+    root, params = workspace
+    manifest, out = root / "ingest/manifest.parquet", root / "refs_contract"
+    data = ["--manifest", str(manifest), "--classes", str(root / "ingest/classes.json")]
+    overrides = [*FAST, "-S", "evaluate.splits=[test]", "-S", "evaluate.kinds=[box, box+points, points]"]
+    assert references_step.main(["--params", params, *overrides, *data, "--out", str(out)]) == 0
+
+    p = load_config(params, [o for o in overrides if o != "-S"])
+    cfg = EvalConfig.from_section(p.evaluate, p.stage_seed("evaluate"))
+    images = image_records(load_manifest(manifest), p.evaluate.splits, p.evaluate.max_images, cfg.seed)
+    classes = load_classes(root / "ingest/classes.json")
+    here = score_models(reference_engines(), images, classes["base"], classes["target"], cfg,
+                        lambda im: np.array(read_image(im.uri)))
+    stored = read_results(out / "results.json", result_scope(manifest, images, cfg, True), "references")
+    assert list(stored) == ["filled_box", "grabcut"]
+    assert "box+points@0" in stored["grabcut"].protocols and "points@0" not in stored["grabcut"].protocols
+    for name, result in here.items():
+        assert stored[name].protocols == result.protocols
+        assert stored[name].overlays.keys() == result.overlays.keys() and result.overlays
+        for image_id, masks in result.overlays.items():
+            assert all(np.array_equal(a, b) for a, b in zip(stored[name].overlays[image_id], masks, strict=True))
+
+    evaluate = _common(root, params) + data + ["--references", str(out / "results.json"), "--out", str(root / "e4")]
+    capsys.readouterr()  # the progress bars above
+    assert evaluate_step.main(evaluate + overrides + ["-S", "evaluate.sigmas=[0.0, 0.2, 0.5]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refs_contract/results.json" in err[0] and "(protocols differ)" in err[0], err
+    assert "dvc repro references" in err[0]
+    missing = [a if a != str(out / "results.json") else str(root / "none.json") for a in evaluate]
+    assert evaluate_step.main(missing + overrides) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none.json" in err[0] and "not found" in err[0], err
+    # evaluate.references false: the stage writes no row and evaluate reads no file
+    assert references_step.main(["--params", params, *overrides, *data, "--out", str(root / "no_refs"),
+                                 "-S", "evaluate.references=false"]) == 0
+    assert json.loads((root / "no_refs" / "results.json").read_text())["models"] == {}
+    assert evaluate_step.main(missing + overrides + ["-S", "evaluate.references=false"]) == 0
+    assert set(json.loads((root / "e4" / "metrics.json").read_text())["models"]) == {"sam", "cpcsam"}

@@ -105,18 +105,52 @@ ALL = ["s3", "mlflow", "prefect-server", "prefect-worker"]
 
 
 @pytest.mark.slow
-def test_up_down_up_down_with_real_servers(project: Path, tmp_path: Path) -> None:
-    """The issue: `up`, `down`, `up` again failed ("Work pool named 'cpcsam-process' already
-    exists", the pool survives in Prefect's database) and left three services running."""
+def test_failed_up_then_up_down_up_down_with_real_servers(project: Path, tmp_path: Path) -> None:
+    """One life of a real stack (each start of the four services costs ~15 CPU-seconds, so the
+    cases share it):
+
+    1. `up` fails at the last service (another program holds the worker's health port): the
+       services this `up` started (MLflow, Prefect server) are stopped and their PID files
+       removed; S3, which ran before, keeps running, and so does the other program.
+    2. Once the port is free, `up` brings the stack back; `up` on the healthy stack is a no-op.
+    3. `down`, then `up` again: the issue was that this second `up` failed ("Work pool named
+       'cpcsam-process' already exists", the pool survives in Prefect's database) and left three
+       services running. `down` twice: the second has nothing to stop.
+    """
     st = _real_stack(project, tmp_path / "infra")
-    pgids: dict[str, int] = {}
+    (s3,) = [svc for svc in st.services() if svc.name == "s3"]
+    s3_pid = st.start(s3)  # up before the first `up`: not its to stop
+    holder = _hold_port(st.worker_health_port)
+    pgids: dict[str, int] = {"s3#1": s3_pid}
     timings = {}
     try:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError) as failed:
+            st.up(deploy=True, pause_schedules=True)
+        timings["failed-up"] = time.monotonic() - start
+        for name in ("mlflow", "prefect-server"):  # it had started them ...
+            assert "===" in st.log_file(name).read_text()
+        for name in ("mlflow", "prefect-server", "prefect-worker"):  # ... and stopped them
+            assert st.pid(name) is None, f"{name} left running by the failed up"
+        assert _pid_files(st) == {"s3"}
+        assert not _listening(st.mlflow_port) and not _listening(st.prefect_port)
+        assert st.pid("s3") == s3_pid and _listening(st.s3_port)  # S3 was left alone
+        assert holder.poll() is None  # and so was the other program
+        message = str(failed.value)
+        assert f"port {HOST}:{st.worker_health_port} is already in use" in message, message
+        assert "stopped what this start had started: prefect-server, mlflow" in message, message
+        assert sorted(failed.value.stopped) == ["mlflow", "prefect-server"]
+        _stop_holder(holder)
+
         for round_ in (1, 2):
             start = time.monotonic()
-            pids = st.up(deploy=True, pause_schedules=True)
+            pids = st.up(deploy=True, pause_schedules=True)  # round 2: the old code failed here
             timings[f"up{round_}"] = time.monotonic() - start
             assert sorted(pids) == sorted(ALL)
+            if round_ == 1:  # after the failed up: S3 kept, the rest started
+                assert pids["s3"] == s3_pid and st.started == ["mlflow", "prefect-server", "prefect-worker"]
+            else:
+                assert st.started == ALL
             rows = {row["service"]: row for row in st.status()}
             assert all(row["healthy"] and row["pid"] == pids[name] for name, row in rows.items()), rows
             for name, pid in pids.items():
@@ -133,11 +167,9 @@ def test_up_down_up_down_with_real_servers(project: Path, tmp_path: Path) -> Non
             assert pool.returncode == 0, pool.stdout + pool.stderr
 
             # `up` on a healthy stack: a no-op that says so (nothing started, same processes)
-            started = vars(st).get("started")  # what the `up` above started (read before the next `up`)
             start = time.monotonic()
             again = st.up(deploy=True, pause_schedules=True)  # the old code failed here too: pool "already exists"
             timings[f"noop-up{round_}"] = time.monotonic() - start
-            assert started == ALL
             assert again == pids and st.started == []
 
             start = time.monotonic()
@@ -149,53 +181,11 @@ def test_up_down_up_down_with_real_servers(project: Path, tmp_path: Path) -> Non
             assert not any(row["alive"] or row["healthy"] for row in st.status())
             assert st.down() == []  # `down` again: nothing to stop, no error
     finally:
-        st.down()
-    _assert_gone(st, pgids, _ports(st))
-    print("[stack lifecycle] " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-
-
-@pytest.mark.slow
-def test_failed_up_stops_only_what_it_started(project: Path, tmp_path: Path) -> None:
-    """`up` fails at the last service (another program holds the worker's health port): the
-    services this `up` started (MLflow, Prefect server) are stopped and their PID files removed;
-    S3, which ran before, keeps running. Once the port is free, `up` brings the stack back."""
-    st = _real_stack(project, tmp_path / "infra")
-    (s3,) = [svc for svc in st.services() if svc.name == "s3"]
-    s3_pid = st.start(s3)  # up before this `up`: not its to stop
-    holder = _hold_port(st.worker_health_port)
-    pgids = {"s3": s3_pid}
-    try:
-        start = time.monotonic()
-        with pytest.raises(RuntimeError) as failed:
-            st.up(deploy=True, pause_schedules=True)
-        failed_after = time.monotonic() - start
-        for name in ("mlflow", "prefect-server"):  # it had started them ...
-            assert "===" in st.log_file(name).read_text()
-        for name in ("mlflow", "prefect-server", "prefect-worker"):  # ... and stopped them
-            assert st.pid(name) is None, f"{name} left running by the failed up"
-        assert _pid_files(st) == {"s3"}
-        assert not _listening(st.mlflow_port) and not _listening(st.prefect_port)
-        assert st.pid("s3") == s3_pid and _listening(st.s3_port)  # S3 was left alone
-        assert holder.poll() is None  # and so was the other program
-        message = str(failed.value)
-        assert f"port {HOST}:{st.worker_health_port} is already in use" in message, message
-        assert "stopped what this start had started: prefect-server, mlflow" in message, message
-        assert sorted(failed.value.stopped) == ["mlflow", "prefect-server"]
-
-        _stop_holder(holder)
-        start = time.monotonic()
-        pids = st.up(deploy=True, pause_schedules=True)
-        recovered_after = time.monotonic() - start
-        assert pids["s3"] == s3_pid and st.started == ["mlflow", "prefect-server", "prefect-worker"]
-        assert all(row["healthy"] for row in st.status())
-        pgids.update({name: pid for name, pid in pids.items()})
-    finally:
         if holder.poll() is None:
             _stop_holder(holder)
         st.down()
     _assert_gone(st, pgids, _ports(st))
-    assert _pid_files(st) == set()
-    print(f"[stack lifecycle] failed up after {failed_after:.1f} s, recovered up {recovered_after:.1f} s")
+    print("[stack lifecycle] " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
 
 # ---- stand-in services (fast): the rollback logic itself

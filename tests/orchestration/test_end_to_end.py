@@ -305,34 +305,60 @@ def _flow_run(flow_run_id: str):
     return asyncio.run(read())
 
 
-def test_a_flow_run_survives_a_prefect_server_restart(pipeline: dict, stack, stack_env) -> None:
-    """The Prefect server is stopped and started again while train/oceancoco runs a stage: the flow
-    process keeps working (its stage is a DVC subprocess), its API calls retry until the server is
-    back, and the run completes; the state it reports is in the server's database."""
+# CPC-SAM alone (the stage under test, not the other variants), long enough to be caught mid-training.
+LONG_TRAIN = [*FAST, "variants=[cpcsam]", "train.steps=40", "train.seed=17"]
+
+
+def _model_md5(client: MlflowClient, run_id: str) -> str:
+    """md5 of train@cpcsam's model.pt as recorded in the dvc.lock a pipeline run logged."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lock = yaml.safe_load(Path(client.download_artifacts(run_id, "config/dvc.lock", tmp)).read_text())
+    return {o["path"]: o["md5"] for o in lock["stages"]["train@cpcsam"]["outs"]}["artifacts/train/cpcsam/model.pt"]
+
+
+@pytest.fixture(scope="module")
+def restarted_run(pipeline: dict, stack) -> dict:
+    """A train/oceancoco run (LONG_TRAIN) during which the Prefect server is stopped and started
+    again while a stage runs. {"flow_run_id", "state"} once the run has ended.
+
+    The restart never touches the stage processes (DVC subprocesses of the flow), so the run is also
+    the uninterrupted reference of the resume test below, which so trains nothing of its own to
+    compare with."""
     import time
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     prefect = str(Path(sys.executable).with_name("prefect"))
     env = {**os.environ, **stack.client_env(), "PREFECT_HOME": str(stack.prefect_home)}
     proc = subprocess.run(
         [prefect, "deployment", "run", "train/oceancoco", "--params",
-         json.dumps({"profile": "tiny", "overrides": [*FAST, "variants=[cpcsam]", "train.steps=30"]})],
+         json.dumps({"profile": "tiny", "overrides": LONG_TRAIN})],
         cwd=stack.project, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout + proc.stderr).group(1)
 
-    deadline = time.monotonic() + 300
-    while _flow_run(flow_run_id).state.type.value != "RUNNING":
-        assert time.monotonic() < deadline, "the flow run never started"
-        time.sleep(2)
-    time.sleep(8)  # inside the DVC stages
-    assert stack.stop("prefect-server"), "could not stop the Prefect server"
-    time.sleep(5)
-    stack.up(deploy=False)  # starts what is not running: the server again, on the same port and database
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+        deadline = time.monotonic() + 300
+        while _flow_run(flow_run_id).state.type.value != "RUNNING":
+            assert time.monotonic() < deadline, "the flow run never started"
+            time.sleep(2)
+        time.sleep(8)  # inside the DVC stages
+        assert stack.stop("prefect-server"), "could not stop the Prefect server"
+        time.sleep(5)
+        stack.up(deploy=False)  # starts what is not running: the server again, on the same port and database
 
-    deadline = time.monotonic() + 900
-    while not (state := _flow_run(flow_run_id).state).is_final():
-        assert time.monotonic() < deadline, f"the flow run did not end after the restart ({state.type})"
-        time.sleep(3)
+        deadline = time.monotonic() + 900
+        while not (state := _flow_run(flow_run_id).state).is_final():
+            assert time.monotonic() < deadline, f"the flow run did not end after the restart ({state.type})"
+            time.sleep(3)
+    return {"flow_run_id": flow_run_id, "state": state}
+
+
+def test_a_flow_run_survives_a_prefect_server_restart(restarted_run: dict, stack) -> None:
+    """The flow process keeps working through the restart (its stage is a DVC subprocess), its API
+    calls retry until the server is back, and the run completes; the state it reports is in the
+    server's database."""
+    state = restarted_run["state"]
     assert state.is_completed(), f"flow run ended {state.type}: {state.message}\n" + _worker_log(stack)
 
 
@@ -362,15 +388,16 @@ def _kill_flow_processes(stack) -> int:
     return killed
 
 
-def test_a_worker_killed_during_train_resumes_in_the_next_run_to_the_same_weights(pipeline: dict, stack,
-                                                                                   stack_env, tmp_path: Path) -> None:
+def test_a_worker_killed_during_train_resumes_in_the_next_run_to_the_same_weights(
+        restarted_run: dict, pipeline: dict, stack, stack_env) -> None:
     """The worker and its flow run are SIGKILLed while `train@cpcsam` runs; the next deployment run
     resumes from the checkpoints the killed run left (`.workspaces/.checkpoints/train-tiny-<key>`)
-    and its model.pt equals the one of an uninterrupted `dvc repro` of the same stage, byte for byte."""
+    and its model.pt equals, byte for byte, the one of the uninterrupted run of the same params
+    (`restarted_run`). Only the checkpoint interval differs, which makes DVC train the stage again
+    (it is a param) and must not change a weight."""
     import time
 
-    # CPC-SAM alone: the resumed stage is under test, not the other variants.
-    overrides = [*FAST, "variants=[cpcsam]", "train.steps=40", "train.checkpoint_every=5", "train.seed=17"]
+    overrides = [*LONG_TRAIN, "train.checkpoint_every=5"]
     shared = stack.project / ".workspaces" / ".checkpoints"
     before = set(shared.rglob("step_*.pt"))  # earlier runs' checkpoints (other overrides, other folders)
     prefect = str(Path(sys.executable).with_name("prefect"))
@@ -396,35 +423,32 @@ def test_a_worker_killed_during_train_resumes_in_the_next_run_to_the_same_weight
     first_step = min(m.step for m in client.get_metric_history(train_run.info.run_id, key))
     assert first_step > 1, f"the next run trained from step {first_step}: it did not resume ({left})"
 
-    # The uninterrupted reference: the same stage, same params, in a fresh copy with no checkpoints.
-    # Its upstream stages come from the project's run cache; the stage itself is forced to run.
-    reference = tmp_path / "reference"
-    git(stack.project, "worktree", "add", "--detach", "--quiet", str(reference), "HEAD")
-    from flows.workspace import write_overrides
-
-    write_overrides(reference / "params.yaml", ["data.profile=tiny", *overrides])
-    dvc(reference, "config", "--local", "cache.dir", str(stack.project / ".dvc" / "cache"))
-    dvc(reference, "repro", "train@cpcsam")
-    shutil.rmtree(reference / "artifacts" / "checkpoints", ignore_errors=True)  # from scratch, whatever ran above
-    assert "Running stage 'train@cpcsam'" in dvc(reference, "repro", "--single-item", "--force", "train@cpcsam")
-    expected = hashlib.md5((reference / "artifacts/train/cpcsam/model.pt").read_bytes()).hexdigest()
-    with tempfile.TemporaryDirectory() as tmp:
-        lock = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "config/dvc.lock", tmp)).read_text())
-    outs = {o["path"]: o["md5"] for o in lock["stages"]["train@cpcsam"]["outs"]}
-    assert outs["artifacts/train/cpcsam/model.pt"] == expected, f"resumed after {left[-1]}: other weights"
+    assert restarted_run["state"].is_completed(), "the uninterrupted reference run failed"
+    expected = _model_md5(client, _pipeline_run(client, restarted_run["flow_run_id"])[0].info.run_id)
+    assert _model_md5(client, parent.info.run_id) == expected, f"resumed after {left[-1]}: other weights"
 
 
 def test_dvc_push_then_pull_restores_the_outputs(pipeline: dict, s3_endpoint: str) -> None:
     import boto3
 
+    from flows.workspace import write_overrides
+
     repo = pipeline["repo"]
-    dvc(repo, "repro", "validate")  # in the checkout itself (flow runs worked in their own worktrees)
-    manifest = repo / "data/ingest/manifest.parquet"
-    digest = hashlib.md5(manifest.read_bytes()).hexdigest()
-    dvc(repo, "push", "ingest", "validate")
-    assert boto3.client("s3").list_objects_v2(Bucket="cpcsam-dvc").get("KeyCount", 0) > 0
-    shutil.rmtree(repo / ".dvc" / "cache")
-    shutil.rmtree(repo / "data" / "ingest")
-    dvc(repo, "pull", "ingest", "validate")
-    assert hashlib.md5(manifest.read_bytes()).hexdigest() == digest
-    assert "up to date" in dvc(repo, "status", "validate")
+    params = repo / "params.yaml"
+    committed = params.read_text()
+    # In the checkout itself (flow runs worked in their own worktrees), on the profile the flow runs
+    # used: DVC restores both stages from the run cache they left, instead of ingesting the default.
+    write_overrides(params, ["data.profile=tiny"])
+    try:
+        assert "Running stage" not in dvc(repo, "repro", "validate"), "the flow runs' run cache was not used"
+        manifest = repo / "data/ingest/manifest.parquet"
+        digest = hashlib.md5(manifest.read_bytes()).hexdigest()
+        dvc(repo, "push", "ingest", "validate")
+        assert boto3.client("s3").list_objects_v2(Bucket="cpcsam-dvc").get("KeyCount", 0) > 0
+        shutil.rmtree(repo / ".dvc" / "cache")
+        shutil.rmtree(repo / "data" / "ingest")
+        dvc(repo, "pull", "ingest", "validate")
+        assert hashlib.md5(manifest.read_bytes()).hexdigest() == digest
+        assert "up to date" in dvc(repo, "status", "validate")
+    finally:
+        params.write_text(committed)

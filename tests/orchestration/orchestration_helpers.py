@@ -139,9 +139,9 @@ SMALL_CLASSES = {"classes": [{"name": "crab", "id": 1, "role": "target"}, {"name
                  "base": ["rov", "trash_bag"], "target": ["crab"]}
 
 
-def register_small_champion(root: Path, profile: str = "oceancoco") -> dict:
+def register_small_champion(root: Path, profile: str = "oceancoco", tracking_uri: str | None = None) -> dict:
     """A small calibrated CPC-SAM exported to ONNX and registered as `cpcsam-<profile>` (gate passed,
-    so champion) with a class table, in a sqlite registry under `root`.
+    so champion) with a class table, in a sqlite registry under `root` (or at `tracking_uri`).
 
     Returns {'db', 'params', 'export', 'run_id', 'version'}. The tracking env is left to the caller.
     """
@@ -163,7 +163,7 @@ def register_small_champion(root: Path, profile: str = "oceancoco") -> dict:
     classes.write_text(json.dumps(SMALL_CLASSES))
     gate = root / "gate.json"
     gate.write_text(json.dumps({"passed": True, "reasons": [], "candidate": {"target_dice": 0.5}}))
-    db = f"sqlite:///{root / 'mlflow.db'}"
+    db = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     params = {"data": {"profile": profile},
               "tracking": {"uri": db, "experiment": "pyfunc", "artifact_location": str(root / "mlruns")}}
     with tracking.pipeline_run(params, run_name="pipeline") as run:

@@ -72,8 +72,8 @@ def _worker_log(stack) -> str:
     return log.read_text()[-6000:] if log.exists() else ""
 
 
-def _pipeline_run(client: MlflowClient, flow_run_id: str):
-    exp = client.get_experiment_by_name("cpcsam")
+def _pipeline_run(client: MlflowClient, flow_run_id: str, experiment: str = "cpcsam"):
+    exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs(
         [exp.experiment_id], f"tags.`cpcsam.prefect.flow_run_id` = '{flow_run_id}' and tags.`cpcsam.stage` = 'pipeline'"
     )

@@ -3,9 +3,12 @@ server's and the Prefect server's store from sqlite to PostgreSQL.
 
 A throwaway PostgreSQL cluster (Debian's `postgresql` package, the `postgres` fixture; the test
 skips without it) on a loopback port, a stack of its own (not the folder's sqlite one) from a
-copy of the repository, one `prefect deployment run train/oceancoco` on the `tiny` profile, and
-then the rows themselves, read with psycopg2: the MLflow run and model version in the `mlflow`
-database, the flow run in the `prefect` database, no sqlite file beside them, no password in a log.
+copy of the repository, one `prefect deployment run train/oceancoco`, a model registered through
+`operations.registry`, and then the rows themselves, read with psycopg2: the MLflow runs and model
+version in the `mlflow` database, the flow run in the `prefect` database, no sqlite file beside
+them, no password in a log. The stores are under test, not the model: the deployment runs the
+repository's flow over the two-stage toy DVC project of test_flows.py (the real pipeline on the
+real stack: test_end_to_end.py), which costs seconds where the `tiny` pipeline cost a minute.
 A fast test checks the URLs each service gets from the variable, without any server.
 """
 
@@ -17,8 +20,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestration_helpers import copy_repo, dvc, free_port, git, load_stack_module
-from test_end_to_end import PASS_GATE, _pipeline_run, run_deployment_cli
+from orchestration_helpers import (DVC_YAML, PARAMS, STEP, copy_repo, dvc, free_port, git, load_stack_module,
+                                   register_small_champion)
+from test_end_to_end import _pipeline_run, run_deployment_cli
 
 
 def test_the_database_variable_alone_moves_both_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,10 +58,8 @@ def test_the_database_variable_alone_moves_both_stores(tmp_path: Path, monkeypat
 @pytest.fixture
 def pg_stack(postgres, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
     """The real stack (MLflow server, Prefect server + worker) with CPCSAM_STACK_DATABASE set to the
-    throwaway cluster, from its own committed repository copy with one variant (CPC-SAM)."""
+    throwaway cluster, from its own committed repository copy whose DVC project is the toy one."""
     import boto3
-
-    from flows.workspace import write_overrides
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -65,8 +67,11 @@ def pg_stack(postgres, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.Mon
     with contextlib.suppress(Exception):  # the session's moto_server may have it already
         boto3.client("s3").create_bucket(Bucket="cpcsam-dvc")
     dvc(repo, "remote", "modify", "--local", "s3", "endpointurl", s3_endpoint)
-    write_overrides(repo / "params.yaml", ["variants=[cpcsam]"])  # one training stage: the stores are under test
-    git(repo, "commit", "-qam", "test: one variant")
+    for name, text in (("params.yaml", PARAMS), ("dvc.yaml", DVC_YAML), ("step.py", STEP)):
+        (repo / name).write_text(text)
+    (repo / "dvc.lock").unlink()
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "test: the toy DVC project under the repository's flows")
 
     monkeypatch.setenv("CPCSAM_STACK_DATABASE", postgres.url)  # the one variable
     monkeypatch.delenv("CPCSAM_MLFLOW_BACKEND_URI", raising=False)  # it would win for MLflow
@@ -86,17 +91,18 @@ def pg_stack(postgres, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.Mon
 
 
 @pytest.mark.slow
-def test_train_deployment_stores_in_postgresql(pg_stack, postgres) -> None:
+def test_train_deployment_stores_in_postgresql(pg_stack, postgres, tmp_path: Path, monkeypatch) -> None:
     stack = pg_stack
     repo = stack.project
     stages = dvc(repo, "stage", "list", "--name-only").split()
+    assert sorted(stages) == ["make_a", "report"]
     assert set(postgres.query("postgres", "SELECT datname FROM pg_database")) >= {("mlflow",), ("prefect",)}
 
-    flow_run = run_deployment_cli(stack, {"profile": "tiny", "overrides": PASS_GATE}, timeout=900)
+    flow_run = run_deployment_cli(stack, {"profile": "toy", "overrides": ["train.steps=4"]}, timeout=600)
 
     # through the servers' APIs
     client = MlflowClient(stack.mlflow_url)
-    parent, children = _pipeline_run(client, flow_run)
+    parent, children = _pipeline_run(client, flow_run, experiment="toy")
     assert parent.info.status == "FINISHED"
     assert set(children) == set(stages) and all(c.info.status == "FINISHED" for c in children.values())
 
@@ -108,16 +114,17 @@ def test_train_deployment_stores_in_postgresql(pg_stack, postgres) -> None:
     assert n_children == len(stages)
     assert postgres.query("mlflow", "SELECT value FROM tags WHERE run_uuid = %s AND key = 'cpcsam.prefect.flow_run_id'",
                           (run_id,)) == [(flow_run,)]
-    if "gate" in stages:
-        versions = client.search_model_versions("name='cpcsam-tiny'")
-        assert [v.run_id for v in versions] == [run_id]
-        assert ("cpcsam-tiny",) in postgres.query("mlflow", "SELECT name FROM registered_models")
-        assert postgres.query("mlflow", "SELECT version, run_id FROM model_versions WHERE name = 'cpcsam-tiny'") == [
-            (int(versions[0].version), run_id)]
-        assert postgres.query("mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = 'cpcsam-tiny'"
-                              ) == [("champion", int(versions[0].version))]
-    else:
-        print("[pg] dvc.yaml has no gate stage yet: registry not exercised")
+    (metric,) = postgres.query("mlflow", "SELECT value FROM metrics WHERE key = 'make_a/value' AND run_uuid = %s",
+                               (run_id,))
+    assert metric == (4.0,), "the run's own params reached the stage"
+
+    # the registry, through the project's registration code (the toy pipeline has no gate)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
+    registered = register_small_champion(tmp_path / "registry", profile="pg", tracking_uri=stack.mlflow_url)
+    assert postgres.query("mlflow", "SELECT version, run_id FROM model_versions WHERE name = 'cpcsam-pg'") == [
+        (int(registered["version"]), registered["run_id"])]
+    assert postgres.query("mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = 'cpcsam-pg'"
+                          ) == [("champion", int(registered["version"]))]
 
     # Prefect's store: the flow run of the train/oceancoco deployment, completed
     rows = postgres.query(

@@ -18,6 +18,8 @@
   and its exit code is the workers' (2 or 3 if a worker refused its input, else 1 for a crash or
   a killed worker, which a re-run resumes from the last checkpoint). Every rank runs `work`; the
   ranks other than 0 open no MLflow run (`CPCSAM_TRACKING=off`) and print no closing line.
+- The CPU's kernel paths are pinned before any torch work (`pin_cpu_kernels`), so that outs do
+  not depend on which x86-64 CPU ran the stage.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import errno
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -46,6 +49,35 @@ RANK_STATUS_ENV = "CPCSAM_RANK_STATUS_DIR"
 
 class CheckFailed(CpcSamError):
     """A deterministic check refused the stage's result (the same inputs fail the same way)."""
+
+
+# The same stage, params and threads gave other training bytes on an AMD EPYC than the committed
+# dvc.lock recorded from another machine: MKL picks its code path by CPU (MKL_CBWR changes the
+# bytes on that EPYC, where ATen already ran AVX2), ATen dispatches its vectorised kernels by
+# instruction set (ATEN_CPU_CAPABILITY=default changes them too), and oneDNN does the same. Each
+# library reads its variable when it first runs a kernel, so these are set before any torch work.
+PINNED_CPU_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu_kernels(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """Set PINNED_CPU_KERNELS in this process's environment (and its children's) on an x86-64
+    CPU with AVX2; a variable the user set is kept. Returns what was set.
+
+    Only with AVX2: ATen trusts the variable and would run AVX2 code on a CPU without it. Elsewhere
+    (other CPUs, no /proc/cpuinfo) nothing is pinned and outs are reproducible per machine only.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return {}
+    if "avx2" not in flags:
+        return {}
+    pinned = {key: value for key, value in PINNED_CPU_KERNELS.items() if key not in os.environ}
+    os.environ.update(pinned)
+    return pinned
 
 
 def stage_parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
@@ -84,6 +116,7 @@ def stage_main(
     re-launches itself under torchrun. `failure_hint(args)`: a sentence added to the message of a
     failed multi-process run (where it can resume from).
     """
+    pin_cpu_kernels()
     parser = stage_parser(stage, doc)
     add_arguments(parser)
     args = parser.parse_args(argv)

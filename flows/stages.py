@@ -1,7 +1,7 @@
 """DVC as the flows see it: the stage graph (asked of DVC), one stage's repro, several at once, push.
 
 No Prefect here (plain functions the flows wrap in tasks). The stage graph stays in
-`dvc.yaml`: nodes and edges come from `dvc stage list` + `dvc dag --dot`, never from Python.
+`dvc.yaml`: nodes and edges come from `dvc dag --dot`, never from Python.
 (Not named `dvc.py`: Prefect puts this folder first on `sys.path` when it loads a flow.)
 
 Independent stages (the variants' trainings) run side by side: each is one `dvc repro
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _EDGE = re.compile(r'^\s*"?([^"\s]+)"?\s*->\s*"?([^"\s;]+)"?\s*;?\s*$')
+_NODE = re.compile(r'^\s*"([^"]+)"\s*;?\s*$')
 
 
 class StageFailed(RuntimeError):
@@ -119,17 +120,18 @@ def stage_graph(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """The stages of `dvc.yaml` in an order DVC can run them one by one (upstream first), and the
     edges (upstream, downstream) between them.
 
-    Nodes from `dvc stage list` (file order breaks ties), edges from `dvc dag --dot`.
+    One `dvc dag --dot` (each DVC process costs about a second): it lists every stage as a node
+    line, in `dvc.yaml`'s order (which breaks ties), then the edges.
     """
-    listed = run_dvc(root, ["stage", "list", "--name-only"]).split()
-    stages = [s for s in listed if s and not s.startswith("WARNING")]
-    if not stages:
-        return [], []
+    stages: list[str] = []
     edges: list[tuple[str, str]] = []
     for line in run_dvc(root, ["dag", "--dot"]).splitlines():
-        match = _EDGE.match(line)
-        if match:
+        if match := _EDGE.match(line):
             edges.append((match.group(1), match.group(2)))
+        elif match := _NODE.match(line):
+            stages.append(match.group(1))
+    if not stages:
+        return [], []
     return topological(stages, edges), edges
 
 

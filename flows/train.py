@@ -8,7 +8,7 @@
 3. the run gets its own git worktree of the commit (`flows.workspace`), sharing the DVC cache,
    with the overrides written into *its* params.yaml: the user's checkout is never written, and
    runs of different profiles share a worker without touching each other;
-4. one task per DVC stage, in the order DVC gives (`dvc stage list` + `dvc dag`), each a
+4. one task per DVC stage, in the order DVC gives (`dvc dag --dot`), each a
    `dvc repro --single-item <stage>` with retries and a timeout. DVC decides what re-runs;
    Prefect's result caching is off;
 5. the stages log into nested MLflow runs under this flow's pipeline run; the registry's champion
@@ -230,11 +230,12 @@ def train(
         order, edges = stage_graph_task(str(ws))
 
         def run_stage(stage: str) -> dict[str, Any]:
+            # No Prefect `timeout_seconds`: the task runs in a worker thread, where Prefect cannot
+            # interrupt it (and warns so on every stage); `run_dvc` kills the stage's process group.
             task_ = repro_task.with_options(
                 name=f"dvc-repro-{stage}", retries=flow_cfg.stage_retries,
                 retry_delay_seconds=flow_cfg.stage_retry_delay_s,
                 retry_condition_fn=retry_unless_refused,
-                timeout_seconds=flow_cfg.stage_timeout_s + 60,  # the subprocess's own timeout fires first
             )
             return task_(str(ws), stage, env, flow_cfg.stage_timeout_s, pull)
 

@@ -177,8 +177,10 @@ def _image_to_token_output(attn: nn.Module, p: Tensor, tokens_v: Tensor) -> Tens
     v = _heads(attn.v_proj(tokens_v), heads)  # N x H x T x d
     w_o, b_o = _weight_and_bias(attn.out_proj)  # C x H·d
     e = v @ w_o.reshape(w_o.shape[0], heads, -1).permute(1, 2, 0)  # N x H x T x C
-    out = p.reshape(n, heads * t, hw).transpose(1, 2) @ e.reshape(n, heads * t, -1)
-    return out if b_o is None else out + b_o
+    p_t = p.reshape(n, heads * t, hw).transpose(1, 2)
+    if b_o is None:
+        return p_t @ e.reshape(n, heads * t, -1)
+    return torch.baddbmm(b_o, p_t, e.reshape(n, heads * t, -1))  # the bias added inside the product
 
 
 def _image_to_token(attn: nn.Module, image_with_pe: Tensor, tokens_k: Tensor, tokens_v: Tensor,
@@ -240,10 +242,12 @@ def _upscaled_mask(upscaling: nn.Sequential, keys: Tensor, grid: tuple[int, int]
     n, hw, _ = keys.shape
     h, w = grid
     w1, b1 = _sub_pixel_weight(first)
-    y = (keys @ w1 + b1).reshape(n, hw, 4, first.out_channels)  # position, (row, col) offset, channel
+    # addmm: each bias is added inside its product, not in a pass of its own over the features
+    y = torch.addmm(b1, keys.reshape(n * hw, -1), w1).reshape(n, hw, 4, first.out_channels)  # position, (row, col) offset, channel
     y = act1(F.layer_norm(y, (first.out_channels,), norm.weight, norm.bias, norm.eps))
     w2, b2 = _sub_pixel_weight(second)
-    z = act2(y @ w2 + b2).reshape(n, h, w, 2, 2, 2, 2, second.out_channels)  # i, j, a, b, a', b', channel
+    z = act2(torch.addmm(b2, y.reshape(-1, first.out_channels), w2))
+    z = z.reshape(n, h, w, 2, 2, 2, 2, second.out_channels)  # i, j, a, b, a', b', channel
     if stages:  # pixel (4i + 2a + a', 4j + 2b + b')
         image = z.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, second.out_channels, 4 * h, 4 * w)
         for stage in stages:

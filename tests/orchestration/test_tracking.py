@@ -228,7 +228,7 @@ def test_a_tracking_server_lost_mid_stage_costs_seconds_and_nothing_on_disk(stor
 
     MLflow's own HTTP retries are off here (`MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`): our retry loop
     and its give-up are under test, not urllib3's back-off, which with the defaults of
-    `operations.tracking` makes the same loss cost ~18 s instead of ~2."""
+    `operations.tracking` makes the same loss cost ~18 s instead of a fraction of one."""
     import time
 
     from orchestration_helpers import free_port, load_stack_module
@@ -254,7 +254,8 @@ def test_a_tracking_server_lost_mid_stage_costs_seconds_and_nothing_on_disk(stor
             lost_for = time.monotonic() - start
             assert run.failures == run.max_consecutive_failures  # then it stopped trying
         assert model.read_bytes() == b"weights after step 19"
-        # 3 attempts (0.5 + 1 s apart) for the first failed call, then one per call until the 5th
+        # retries for the first failed call (`store` waits 0.01 s between them), then one attempt per
+        # call until the 5th consecutive failure: connection refused costs milliseconds each
         assert lost_for < 10, f"a lost server slowed the stage by {lost_for:.0f} s"
         print(f"[tracking] server lost mid-stage: {lost_for:.1f} s of failed logging, then logging stopped")
     finally:

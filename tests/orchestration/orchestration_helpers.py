@@ -1,4 +1,4 @@
-"""Helpers of the orchestration tests: repo copies, git/dvc calls, the infra stack module, a toy project."""
+"""Helpers of the orchestration tests: repo copies, git/dvc calls, Prefect API reads, the infra stack module, a toy project."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +54,23 @@ def copy_repo(dest: Path) -> Path:
     git(dest, "add", "-A")
     git(dest, "commit", "-qm", "snapshot of the working tree for the orchestration tests")
     return dest
+
+
+def prefect_read(read: Callable[[Any], Awaitable[T]], api_url: str | None = None) -> T:
+    """`await read(client)` with a Prefect client, from synchronous test code: of `api_url`, else of
+    the API this process is configured for. (A `prefect` CLI call costs some 3 CPU-seconds.)"""
+    import asyncio
+    import contextlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def run() -> T:
+        async with get_client() as client:
+            return await read(client)
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}) if api_url else contextlib.nullcontext():
+        return asyncio.run(run())
 
 
 def dvc(cwd: Path, *args: str) -> str:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from orchestration_helpers import dvc, git
+from orchestration_helpers import dvc, git, prefect_read
 
 pytestmark = pytest.mark.slow
 
@@ -237,18 +237,12 @@ def test_retrain_picks_up_new_s3_data_once(pipeline: dict, stack_env, tmp_path: 
 
 def _predict_runs() -> list:
     """Flow runs of the predict/deepsea deployment, oldest first (the stack's API: `stack_env`)."""
-    import asyncio
-
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
 
-    async def read():
-        async with get_client() as client:
-            return await client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["predict"])),
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["deepsea"])))
-
-    return sorted(asyncio.run(read()), key=lambda r: r.created)
+    runs = prefect_read(lambda client: client.read_flow_runs(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=["predict"])),
+        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["deepsea"]))))
+    return sorted(runs, key=lambda r: r.created)
 
 
 def test_a_promotion_triggers_batch_inference_which_skips_done_images(pipeline: dict, stack, stack_env,
@@ -294,15 +288,7 @@ def test_a_promotion_triggers_batch_inference_which_skips_done_images(pipeline: 
 
 
 def _flow_run(flow_run_id: str):
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_flow_run(flow_run_id)
-
-    return asyncio.run(read())
+    return prefect_read(lambda client: client.read_flow_run(flow_run_id))
 
 
 # CPC-SAM alone (the stage under test, not the other variants), long enough to be caught mid-training.

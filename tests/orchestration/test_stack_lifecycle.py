@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration_helpers import copy_repo, free_port, load_stack_module
+from orchestration_helpers import copy_repo, free_port, load_stack_module, prefect_read
 
 stack_module = load_stack_module()
 Stack, Service = stack_module.Stack, stack_module.Service
@@ -105,21 +105,14 @@ ALL = ["s3", "mlflow", "prefect-server", "prefect-worker"]
 
 
 def _deployments_and_pool(st) -> tuple[set[str], str]:
-    """The deployment names and the work pool the stack's Prefect server holds, read through its API
-    in this process (a `prefect` CLI call costs some 3 CPU-seconds of start-up)."""
-    import asyncio
+    """The deployment names and the work pool the stack's Prefect server holds, through its API."""
 
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    async def read(client) -> tuple[set[str], str]:
+        deployments = await client.read_deployments()
+        pool = await client.read_work_pool(st.work_pool)  # raises ObjectNotFound when missing
+        return {d.name for d in deployments}, pool.name
 
-    async def read() -> tuple[set[str], str]:
-        async with get_client() as client:
-            deployments = await client.read_deployments()
-            pool = await client.read_work_pool(st.work_pool)  # raises ObjectNotFound when missing
-            return {d.name for d in deployments}, pool.name
-
-    with temporary_settings(updates={PREFECT_API_URL: st.prefect_api}):
-        return asyncio.run(read())
+    return prefect_read(read, st.prefect_api)
 
 
 @pytest.mark.slow

@@ -26,6 +26,11 @@ image-sized upscaling. Here the same function is computed with less work per ent
   gates are computed next to its attention. Both directions keep logits as [N, H, T, HW]: the
   image→token softmax runs over dimension 2 (the T tokens), because torch's softmax over a last
   dimension this short is some 30× slower than along the HW positions.
+- **The final attention for the two tokens read after it.** The single-mask output reads only
+  the iou token and mask token 0 once the final token→image attention has run, and each token's
+  row of that attention (and its residual and LayerNorm) depends on that token alone; the other
+  T − 2 rows (in training, T = 13: 88 of the H·T = 104 score rows per position) are not computed.
+  The entity gates' L1 term still counts that site's every row.
 - **Upscaling in the tokens' layout.** SAM's 2×2 stride-2 transposed convolutions are matrix
   products per position, LayerNorm2d a LayerNorm over the last axis, and mask token 0's
   hypernetwork reads the features where they are made; only the one-channel mask is arranged as
@@ -51,6 +56,9 @@ from cpcsam.modeling.capl import FINAL_SITE, EntityCausalModule, cross_attention
 
 # In SAM's decoder the output tokens are [iou token, mask token 0 (single mask), mask tokens 1..3].
 SINGLE_MASK_TOKEN = 1
+# The single-mask output reads the iou token and mask token 0 after the final attention; the other
+# T − 2 tokens' outputs are never used.
+OUTPUT_TOKENS_USED = SINGLE_MASK_TOKEN + 1
 
 
 class DecoderOutput(NamedTuple):
@@ -122,8 +130,9 @@ class _Gates:
         self.q = q.transpose(1, 2) * (1.0 / math.sqrt(entity.rank))  # [N, S·H, T, r]
         self.keys = _per_entity(entity_keys, image_index)  # [1 | N, S·H, r, HW]
 
-    def site(self, path: str) -> Tensor | None:
-        """log σ(s) of one site: [N, H, T, HW] (for both directions of attention)."""
+    def site(self, path: str, tokens: int | None = None) -> Tensor | None:
+        """log σ(s) of one site: [N, H, T, HW] (for both directions of attention), or of its first
+        `tokens` rows only; the L1 term counts every row either way."""
         if self.q is None:
             return None
         i = self.sites.index(path)
@@ -131,7 +140,7 @@ class _Gates:
         k = self.keys[:, i * self.heads : (i + 1) * self.heads]
         s = q @ k
         self.l1_parts.append(torch.tanh(0.5 * s).abs().mean())  # every site has N·H·T·HW gates
-        return F.logsigmoid(s)
+        return F.logsigmoid(s if tokens is None else s[:, :, :tokens])
 
     def l1(self) -> Tensor:
         return torch.stack(self.l1_parts).mean() if self.l1_parts else self.zero
@@ -299,9 +308,12 @@ def decode_entities(sam: Sam, entity: EntityCausalModule | None, images: Tensor,
                                    gates.site(f"layers.{i}.cross_attn_image_to_token"))
         keys = layer.norm4(keys + attn_out)
 
-    attn_out, final_attn = _token_to_image(transformer.final_attn_token_to_image, queries + tokens,
-                                           keys + image_pe, keys, gates.site(FINAL_SITE))
-    queries = transformer.norm_final_attn(queries + attn_out)
+    # The final attention only for the tokens read after it: each token's row of a token→image
+    # attention, its residual and its LayerNorm depend on that token alone.
+    used = OUTPUT_TOKENS_USED
+    attn_out, final_attn = _token_to_image(transformer.final_attn_token_to_image, (queries + tokens)[:, :used],
+                                           keys + image_pe, keys, gates.site(FINAL_SITE, tokens=used))
+    queries = transformer.norm_final_attn(queries[:, :used] + attn_out)
 
     hyper = decoder.output_hypernetworks_mlps[0](queries[:, SINGLE_MASK_TOKEN])  # N x C'
     masks = _upscaled_mask(decoder.output_upscaling, keys, (h, w), hyper)

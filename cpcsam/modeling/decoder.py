@@ -275,7 +275,9 @@ def decode_entities(sam: Sam, entity: EntityCausalModule | None, images: Tensor,
     transformer = decoder.transformer
     n = tokens.shape[0]
     _, c, h, w = images.shape
-    image = images.flatten(2).transpose(1, 2)  # B x HW x C
+    # Contiguous once per image: as a transposed view, every per-entity sum with it came out in its
+    # channel-first layout, which each LayerNorm then copied, forward and backward ([N, HW, C] each).
+    image = images.flatten(2).transpose(1, 2).contiguous()  # B x HW x C
     image_pe = sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)  # 1 x HW x C
     image_with_pe = image + image_pe
     if entity is not None and entity_keys is None:

@@ -54,10 +54,9 @@ from torch.nn import functional as F
 
 from cpcsam.modeling.capl import FINAL_SITE, EntityCausalModule, cross_attention_sites
 
-# In SAM's decoder the output tokens are [iou token, mask token 0 (single mask), mask tokens 1..3].
+# In SAM's decoder the output tokens are [iou token, mask token 0 (single mask), mask tokens 1..3];
+# the single-mask output reads the first two.
 SINGLE_MASK_TOKEN = 1
-# The single-mask output reads the iou token and mask token 0 after the final attention; the other
-# T − 2 tokens' outputs are never used.
 OUTPUT_TOKENS_USED = SINGLE_MASK_TOKEN + 1
 
 
@@ -185,11 +184,9 @@ def _image_to_token_output(attn: nn.Module, p: Tensor, tokens_v: Tensor) -> Tens
     n, _, t, hw = p.shape
     v = _heads(attn.v_proj(tokens_v), heads)  # N x H x T x d
     w_o, b_o = _weight_and_bias(attn.out_proj)  # C x H·d
-    e = v @ w_o.reshape(w_o.shape[0], heads, -1).permute(1, 2, 0)  # N x H x T x C
+    e = (v @ w_o.reshape(w_o.shape[0], heads, -1).permute(1, 2, 0)).reshape(n, heads * t, -1)  # N x H·T x C
     p_t = p.reshape(n, heads * t, hw).transpose(1, 2)
-    if b_o is None:
-        return p_t @ e.reshape(n, heads * t, -1)
-    return torch.baddbmm(b_o, p_t, e.reshape(n, heads * t, -1))  # the bias added inside the product
+    return p_t @ e if b_o is None else torch.baddbmm(b_o, p_t, e)  # the bias added inside the product
 
 
 def _image_to_token(attn: nn.Module, image_with_pe: Tensor, tokens_k: Tensor, tokens_v: Tensor,
@@ -251,8 +248,9 @@ def _upscaled_mask(upscaling: nn.Sequential, keys: Tensor, grid: tuple[int, int]
     n, hw, _ = keys.shape
     h, w = grid
     w1, b1 = _sub_pixel_weight(first)
-    # addmm: each bias is added inside its product, not in a pass of its own over the features
-    y = torch.addmm(b1, keys.reshape(n * hw, -1), w1).reshape(n, hw, 4, first.out_channels)  # position, (row, col) offset, channel
+    # addmm: each bias is added inside its product, not in a pass of its own over the features;
+    # y: position, (row, col) offset, channel
+    y = torch.addmm(b1, keys.reshape(n * hw, -1), w1).reshape(n, hw, 4, first.out_channels)
     y = act1(F.layer_norm(y, (first.out_channels,), norm.weight, norm.bias, norm.eps))
     w2, b2 = _sub_pixel_weight(second)
     z = act2(torch.addmm(b2, y.reshape(-1, first.out_channels), w2))

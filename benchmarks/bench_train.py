@@ -98,10 +98,10 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from cpcsam.config import EmbedConfig, ModelConfig, PerturbConfig, TrainConfig, read_params_file
+    from cpcsam.training.device import configure_process
     from cpcsam.training.run import build_embedding_cache, prepare_training
 
-    if case.get("threads"):
-        torch.set_num_threads(int(case["threads"]))
+    configure_process(int(case.get("threads") or 0))  # as components/train.py sets its process up
     params = read_params_file(ROOT / "params.yaml")
     model = dict(params["model"])
     model.update(type=case["config"], checkpoint=None)

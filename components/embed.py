@@ -26,12 +26,12 @@ def add_arguments(parser) -> None:
 
 def work(params, args, run) -> str:
     from cpcsam.data import load_manifest
-    from cpcsam.training.device import apply_threads, resolve_device
+    from cpcsam.training.device import configure_process, resolve_device
     from cpcsam.training.distributed import process_group
     from cpcsam.training.run import build_embedding_cache
 
     train = params.seeded("train")
-    apply_threads(train.threads)
+    configure_process(train.threads)
     with process_group(train.distributed.backend, resolve_device(params.embed.device)):
         summary = build_embedding_cache(train, params.model, params.embed, load_manifest(args.manifest), args.sam,
                                         args.out)

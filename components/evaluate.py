@@ -141,13 +141,13 @@ def work(params, args, run) -> str:
     from cpcsam.data import load_classes, load_manifest, read_image
     from cpcsam.evaluation.protocols import EvalConfig, evaluate_models, flat_metrics, image_records
     from cpcsam.evaluation.stored_results import read_results, result_scope
-    from cpcsam.training.device import apply_threads
+    from cpcsam.training.device import configure_process
 
     cfg = params.evaluate
     seed = params.stage_seed("evaluate")
     eval_cfg = EvalConfig.from_section(cfg, seed)  # checks the protocols before any work
     torch.manual_seed(seed)
-    apply_threads(cfg.threads)
+    configure_process(cfg.threads)
     classes = load_classes(args.classes)
     engines = load_models(params, args.trained, args.sam)
     started = time.perf_counter()

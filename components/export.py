@@ -105,11 +105,11 @@ def work(params, args, run) -> str:
     from cpcsam.export.runtime import OnnxDecoder, OnnxImageEncoder
     from cpcsam.files import write_json_atomic
     from cpcsam.modeling import load_cpcsam
-    from cpcsam.training.device import apply_threads
+    from cpcsam.training.device import configure_process
 
     cfg = params.export
     # pinned, not the machine's: the parity report's float differences depend on the thread count
-    apply_threads(cfg.threads)
+    configure_process(cfg.threads)
     tol = tolerances(cfg)  # bad values fail before the export
     out = Path(args.out)
     model = prepare_for_export(load_cpcsam(args.model, fold_lora=True))

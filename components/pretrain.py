@@ -56,12 +56,12 @@ def work(params, args, run) -> str:
         metrics = adopt_checkpoint(str(params.model.checkpoint), params.model, out)
         message = f"pretrain: using checkpoint {metrics['checkpoint']} ({metrics['type']}) -> {out / 'sam.pth'}"
     else:
-        from cpcsam.training.device import apply_threads, resolve_device
+        from cpcsam.training.device import configure_process, resolve_device
         from cpcsam.training.distributed import process_group
         from cpcsam.training.pretrain import pretrain_sam
 
         cfg = params.seeded("pretrain")
-        apply_threads(cfg.threads)
+        configure_process(cfg.threads)
         with process_group(cfg.distributed.backend, resolve_device(cfg.device)) as world:
             run.log_params({"pretrain.effective_seed": cfg.seed, "pretrain.processes": world.size})
             _, metrics = pretrain_sam(params.model, cfg, out / "sam.pth", metric_logger=run,

@@ -32,12 +32,12 @@ def work(params, args, run) -> str:
     from cpcsam.evaluation.protocols import EvalConfig, flat_metrics, image_records, score_models
     from cpcsam.evaluation.references import reference_engines
     from cpcsam.evaluation.stored_results import result_scope, write_results
-    from cpcsam.training.device import apply_threads
+    from cpcsam.training.device import configure_process
 
     cfg = params.evaluate
     seed = params.stage_seed("evaluate")  # evaluate's prompts, so evaluate's seed
     eval_cfg = EvalConfig.from_section(cfg, seed)
-    apply_threads(1)  # no torch work here; one thread beside the trainings
+    configure_process(1)  # no torch work here; one thread beside the trainings
     classes = load_classes(args.classes)
     images = image_records(load_manifest(args.manifest), cfg.splits, cfg.max_images, seed)
     engines = reference_engines() if cfg.references else {}

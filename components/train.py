@@ -42,7 +42,7 @@ def work(params, args, run) -> str:
     from cpcsam.errors import ConfigError
     from cpcsam.modeling import save_cpcsam
     from cpcsam.prompts.perturb import load_prompts
-    from cpcsam.training.device import apply_threads, resolve_device
+    from cpcsam.training.device import configure_process, resolve_device
     from cpcsam.training.distributed import process_group
     from cpcsam.training.run import prepare_training, training_model_cfg
     from cpcsam.training.variants import variant_sections
@@ -51,7 +51,7 @@ def work(params, args, run) -> str:
         raise ConfigError(f"--variant {args.variant!r} is not in variants {params.variants}")
     out = Path(args.out or f"artifacts/train/{args.variant}")
     train, model = variant_sections(args.variant, params.seeded("train"), params.model)
-    apply_threads(train.threads)
+    configure_process(train.threads)
     with process_group(train.distributed.backend, resolve_device(train.device)) as world:
         trainer = prepare_training(train, model, params.perturb, load_manifest(args.manifest),
                                    load_prompts(args.prompts), args.sam, out, embeddings_dir=args.embeddings,

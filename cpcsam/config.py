@@ -365,7 +365,7 @@ class PretrainConfig(Section):
     val_every: int = Field(100, ge=0)  # box@0 IoU on held-out corpus scenes; 0 = never
     val_images: int = Field(64, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    threads: int = Field(1, ge=0)  # torch intra-op threads (0 = torch default); see `apply_threads`
+    threads: int = Field(1, ge=0)  # torch intra-op threads (0 = torch default); see `configure_process`
     distributed: PretrainDistributedConfig = PretrainDistributedConfig()
 
     _kinds = field_validator("kinds")(classmethod(lambda cls, v: _kind_probs(v)))
@@ -471,7 +471,7 @@ class TrainConfig(Section):
     embedding_cache: Literal["auto", "on", "off"] = "auto"  # auto: when the encoder carries no LoRA
     cache_mb: float = Field(512.0, ge=0)  # in-memory cache of preprocessed images / embeddings
     log_every: int = Field(5, ge=1)
-    threads: int = Field(1, ge=0)  # torch intra-op threads (0 = torch default); see `apply_threads`
+    threads: int = Field(1, ge=0)  # torch intra-op threads (0 = torch default); see `configure_process`
     # Recompute the image encoder's blocks in the backward pass instead of keeping their
     # activations (torch.utils.checkpoint): less memory when the encoder trains, same gradients.
     grad_checkpointing: bool = False

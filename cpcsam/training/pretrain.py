@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cpcsam.config import load_config
     from cpcsam.files import sha256_file
-    from cpcsam.training.device import apply_threads
+    from cpcsam.training.device import configure_process
 
     parser = argparse.ArgumentParser(prog="python -m cpcsam.training.pretrain", description=main.__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     params = load_config(args.params, args.overrides)
     cfg = params.pretrain
-    apply_threads(cfg.threads)
+    configure_process(cfg.threads)
     model = params.model.model_copy(update={"checkpoint": None})
     recipe = {"model": model.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json")}
     logger.info("pretrain recipe: %s", json.dumps(recipe, sort_keys=True))

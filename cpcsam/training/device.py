@@ -32,12 +32,12 @@ def _keep_freed_memory() -> None:
     torch allocates CPU tensors with malloc. glibc serves a large block with a fresh mmap (above a
     threshold that starts at 128 KiB and only adapts as blocks are freed), unmaps it when freed,
     and trims free memory at the top of its heap, so a training step faulted in and zeroed much of
-    its activation memory anew, page by page: 18,000–34,000 page faults per cached ViT-B decoder
-    step, and a fifth of the process's CPU time in the kernel. With the threshold fixed at its
-    maximum (32 MiB) and no trimming, blocks below it come from the heap the previous step left.
-    Larger blocks are still mapped and unmapped: serving them from the heap too (no mmap at all)
-    removed the rest of the faults but raised a ViT-B training process's peak RSS by ~0.8 GB
-    (fragmentation), where this raises it by < 0.1 GB. Not glibc (macOS, musl): nothing to do.
+    its activation memory anew, page by page (a cached ViT-B decoder step: 18,000–34,000 page
+    faults, 10–15 % of its CPU time in the kernel). With the threshold fixed at its maximum
+    (32 MiB) and no trimming, blocks below it come from the heap the previous step left. Larger
+    blocks are still mapped and unmapped: serving them from the heap too (no mmap at all) removed
+    the rest of the faults but fragmented the heap, a ViT-B training process's peak RSS 0.8 GB
+    higher. Not glibc (macOS, musl): nothing to do.
     """
     import ctypes
     import ctypes.util

@@ -509,35 +509,85 @@ class Stack:
             if bucket not in existing:
                 client.create_bucket(Bucket=bucket)
 
+    def _prefect_api(self, call):
+        """`await call(client)` with a Prefect client of this stack's server, in this process.
+
+        The work pool and the schedules are API calls: as `prefect` CLI commands each cost a process
+        start (~1.1 CPU-seconds, ~2 s, measured in the test suite), which every `up` paid two or three
+        times. `prefect deploy` stays a CLI call: it is what reads infra/prefect.yaml."""
+        import asyncio
+
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        async def run():
+            async with get_client() as client:
+                return await call(client)
+
+        with temporary_settings(updates={PREFECT_API_URL: self.prefect_api}):
+            return asyncio.run(run())
+
     def ensure_work_pool(self) -> None:
         """The process work pool, created unless it exists (it survives `down` in Prefect's
-        database). Asked by name: `work-pool ls` prints a table whose names are cut to the width."""
-        prefect = _exe("prefect")
-        found = self._run([prefect, "work-pool", "inspect", self.work_pool, "--output", "json"], check=False)
-        if found.returncode == 0:
-            with contextlib.suppress(ValueError):
-                kind = json.loads(found.stdout).get("type")
-                if kind and kind != "process":
-                    raise StackError(f"work pool {self.work_pool!r} exists with type {kind!r}, not 'process'; "
-                                     "delete it (`prefect work-pool delete`) or set CPCSAM_WORK_POOL")
-            return
-        if "not found" not in found.stdout:  # the server did not answer, ...
-            raise StackError(f"`prefect work-pool inspect {self.work_pool}` failed ({found.returncode}):\n"
-                             f"{found.stdout[-3000:]}")
-        created = self._run([prefect, "work-pool", "create", self.work_pool, "--type", "process"], check=False)
-        if created.returncode != 0 and "already exists" not in created.stdout:  # else: created meanwhile
-            raise StackError(f"`prefect work-pool create {self.work_pool}` failed ({created.returncode}):\n"
-                             f"{created.stdout[-3000:]}")
+        database), with the process worker's default job template, as `prefect work-pool create
+        --type process` makes it."""
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+        async def ensure(client) -> str | None:
+            try:
+                return (await client.read_work_pool(self.work_pool)).type
+            except ObjectNotFound:
+                pass
+            from prefect.workers.process import ProcessWorker
+
+            template = ProcessWorker.get_default_base_job_template()
+            with contextlib.suppress(ObjectAlreadyExists):  # created meanwhile (another `up`)
+                await client.create_work_pool(
+                    WorkPoolCreate(name=self.work_pool, type="process", base_job_template=template))
+            return None
+
+        try:
+            kind = self._prefect_api(ensure)
+        except Exception as exc:
+            what = f"work pool {self.work_pool!r} on {self.prefect_api}: {type(exc).__name__}: {exc}"
+            raise StackError(self.mask(what)) from exc
+        if kind is not None and kind != "process":
+            raise StackError(f"work pool {self.work_pool!r} exists with type {kind!r}, not 'process'; "
+                             "delete it (`prefect work-pool delete`) or set CPCSAM_WORK_POOL")
+
+    def pause_all_schedules(self) -> int:
+        """Every active schedule of every deployment on the server made inactive (what `prefect
+        deployment schedule pause --all` does); returns how many. Tests: no cron tick may start a run."""
+        from prefect.client.schemas.filters import DeploymentFilter
+
+        async def pause(client) -> int:
+            paused, offset = 0, 0
+            while page := await client.read_deployments(deployment_filter=DeploymentFilter(), limit=200, offset=offset):
+                for deployment in page:
+                    for schedule in deployment.schedules:
+                        if schedule.active:
+                            await client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+                            paused += 1
+                offset += len(page)
+            return paused
+
+        try:
+            return self._prefect_api(pause)
+        except Exception as exc:
+            what = f"pausing the schedules on {self.prefect_api}: {type(exc).__name__}: {exc}"
+            raise StackError(self.mask(what)) from exc
 
     def deploy(self, pause_schedules: bool = False) -> None:
         """Create the work pool unless it exists and register (create or update) infra/prefect.yaml's
         deployments, from the project root. Idempotent."""
-        prefect = _exe("prefect")
         self.ensure_work_pool()
         yaml_file = self.project / "infra" / "prefect.yaml"
-        self._run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(yaml_file)])
-        if pause_schedules:  # tests: no cron tick may start a run mid-test
-            self._run([prefect, "--no-prompt", "deployment", "schedule", "pause", "--all"])
+        self._run([_exe("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(yaml_file)])
+        if pause_schedules:
+            n = self.pause_all_schedules()
+            with open(self.log_file("setup"), "a") as log:
+                log.write(f"paused {n} deployment schedule(s)\n")
 
     def running(self) -> dict[str, bool]:
         """Each service of this stack: True if its PID file names a live process that answers its

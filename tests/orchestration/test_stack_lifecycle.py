@@ -104,13 +104,16 @@ def _ports(st) -> dict[str, int]:
 ALL = ["s3", "mlflow", "prefect-server", "prefect-worker"]
 
 
-def _deployments_and_pool(st) -> tuple[set[str], str]:
-    """The deployment names and the work pool the stack's Prefect server holds, through its API."""
+def _deployments_and_pool(st) -> tuple[set[str], str, int]:
+    """The deployment names, the work pool and how many schedules are active on the stack's
+    Prefect server, through its API. The pool must be a process pool with the worker's job template."""
 
-    async def read(client) -> tuple[set[str], str]:
+    async def read(client) -> tuple[set[str], str, int]:
         deployments = await client.read_deployments()
         pool = await client.read_work_pool(st.work_pool)  # raises ObjectNotFound when missing
-        return {d.name for d in deployments}, pool.name
+        assert pool.type == "process" and "command" in pool.base_job_template["job_configuration"], pool
+        active = sum(s.active for d in deployments for s in d.schedules)
+        return {d.name for d in deployments}, pool.name, active
 
     return prefect_read(read, st.prefect_api)
 
@@ -167,9 +170,11 @@ def test_failed_up_then_up_down_up_down_with_real_servers(project: Path, tmp_pat
             for name, pid in pids.items():
                 pgids[f"{name}#{round_}"] = pid
 
-            # the pool and the deployments exist (created in round 1, kept/updated in round 2)
-            deployments, pool = _deployments_and_pool(st)
+            # the pool and the deployments exist (created in round 1, kept/updated in round 2), and
+            # every schedule is inactive (pause_schedules)
+            deployments, pool, active = _deployments_and_pool(st)
             assert {"oceancoco", "deepsea-watch", "deepsea"} <= deployments and pool == st.work_pool, deployments
+            assert active == 0, f"{active} schedule(s) left active"
 
             # `up` on a healthy stack: a no-op that says so (nothing started, same processes)
             start = time.monotonic()

@@ -18,6 +18,7 @@ TRASHCAN = SHARED / "data" / "trashcan"
 for key, value in {
     "OMP_NUM_THREADS": "1",
     "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",  # else each `dvc init` of a test repository starts an analytics daemon
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",

@@ -73,6 +73,7 @@ HOST = "127.0.0.1"
 BUCKETS = ("cpcsam-dvc", "cpcsam-incoming")  # DVC remote (.dvc/config) and the retrain inbox
 QUIET_ENV = {
     "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",  # the flows' `dvc` calls, also in projects whose .dvc/config does not say it
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # else a job runner of 7 processes, ~1.6 GB

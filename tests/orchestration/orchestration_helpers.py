@@ -148,7 +148,6 @@ def make_toy_project(path: Path) -> Path:
     (path / ".gitignore").write_text("/mlflow.db\n/mlruns/\n")
     git(path, "init", "-q")
     dvc(path, "init", "-q")
-    dvc(path, "config", "core.analytics", "false")
     git(path, "add", "-A")
     git(path, "commit", "-qm", "toy")
     return path

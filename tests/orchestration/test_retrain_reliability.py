@@ -157,7 +157,6 @@ def project(tmp_path: Path, moto: MotoServer) -> Path:
     root.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "init", "-q")
-    dvc(root, "config", "core.analytics", "false")
     dvc(root, "remote", "add", "-d", "s3", f"s3://{REMOTE}")
     dvc(root, "remote", "modify", "--local", "s3", "endpointurl", moto.url)
     return root

@@ -37,6 +37,11 @@ TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
+# every performance target measured back to back in one run (~20 min on 2 cores; after `make run`)
+.PHONY: bench
+bench: venv
+	$(PY) benchmarks/bench_all.py
+
 .PHONY: reliability
 reliability: venv  ## the fault-injection tests behind docs/RELIABILITY.md
 	$(PY) -m pytest tests/orchestration/test_retrain_reliability.py tests/data/test_storage_outage.py \

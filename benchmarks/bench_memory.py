@@ -82,6 +82,18 @@ def _in_child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure(config: str, entities: int, size: tuple[int, int], threads: int) -> list[tuple[str, float, float, str]]:
+    """(process, peak RSS MB, seconds, unit) of the export and of each backend's inference, each
+    in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = _in_child(["export", config, tmp])
+        rows = [("export (one-off)", exported["peak_rss_mb"], exported["seconds"], "s in all")]
+        for backend in ("onnx", "torch"):
+            res = _in_child(["run", backend, tmp, entities, list(size), threads])
+            rows.append((f"inference, {backend}", res["peak_rss_mb"], res["seconds_per_image"], "s/image"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="vit_b")
@@ -99,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     size = tuple(int(v) for v in args.image.split("x"))
-    with tempfile.TemporaryDirectory() as tmp:
-        exported = _in_child(["export", args.config, tmp])
-        rows = [("export (one-off)", exported["peak_rss_mb"], exported["seconds"], "s in all")]
-        for backend in ("onnx", "torch"):
-            res = _in_child(["run", backend, tmp, args.entities, list(size), args.threads])
-            rows.append((f"inference, {backend}", res["peak_rss_mb"], res["seconds_per_image"], "s/image"))
+    rows = measure(args.config, args.entities, size, args.threads)
     print(f"Peak RSS, {args.config}, {args.entities} entities, image {size[0]}×{size[1]}, {args.threads} thread(s)\n")
     print("| process | peak RSS (MB) | time |\n| --- | ---: | ---: |")
     for name, rss, seconds, unit in rows:

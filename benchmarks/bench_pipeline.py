@@ -42,15 +42,16 @@ def copy_tree(dest: Path) -> None:
         subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)
 
 
-def _run_once(args: argparse.Namespace, jobs_arg: str) -> dict:
-    """One first `dvc repro` of a fresh copy, stages as `cpcsam run` and the train flow run them."""
+def run_once(overrides: list[str], jobs_arg: str, track: bool = False, keep: bool = False) -> dict:
+    """One first `dvc repro` of a fresh copy, stages as `cpcsam run` and the train flow run them;
+    then a second `dvc repro`, which should find nothing to do."""
     from cpcsam.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="cpcsam-bench-"))
     copy_tree(work)
-    env = {} if args.track else {"CPCSAM_TRACKING": "off"}
+    env = {} if track else {"CPCSAM_TRACKING": "off"}
     try:
-        write_overrides(work / "params.yaml", args.set)  # the copy's own params: the checkout is never written
+        write_overrides(work / "params.yaml", overrides)  # the copy's own params: the checkout is never written
         jobs = stages.parallel_jobs(load_config(work / "params.yaml")) if jobs_arg == "auto" else int(jobs_arg)
         order, edges = stages.stage_graph(work)
         start = time.perf_counter()
@@ -62,7 +63,7 @@ def _run_once(args: argparse.Namespace, jobs_arg: str) -> dict:
         ran_again = [line for line in out.splitlines() if line.startswith("Running stage")]
         lock = (work / "dvc.lock").read_text()
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
     return {"jobs": jobs, "results": results, "total": total, "noop": noop, "ran_again": ran_again, "lock": lock}
 
@@ -76,7 +77,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies")
     args = parser.parse_args()
 
-    runs = [_run_once(args, value.strip()) for value in args.jobs.split(",")]
+    runs = [run_once(args.set, value.strip(), args.track, args.keep) for value in args.jobs.split(",")]
     print(f"Pipeline wall time — {platform.machine()}, {os.cpu_count()} CPUs, overrides: "
           f"{' '.join(args.set) or '(none: params.yaml as committed)'}\n")
     print("| stage | " + " | ".join(f"{r['jobs']} at once: s" for r in runs) + " |")

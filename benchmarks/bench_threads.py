@@ -98,21 +98,29 @@ class BusyProcess:
         self.process.join()
 
 
-def bench_train(thread_values: list[int], steps: int) -> None:
+def train_speeds(thread_values: list[int], steps: int) -> list[dict]:
+    """Steps/s alone and beside a busy process, per `train.threads` value."""
     rows = []
     for threads in thread_values:
         alone, used = measure(threads, steps)
         with BusyProcess():
             loaded, _ = measure(threads, steps)
-        rows.append((threads, used, alone, loaded))
+        rows.append({"threads": threads, "torch_threads": used, "alone": alone, "loaded": loaded,
+                     "ratio": loaded / alone})
+    return rows
+
+
+def print_train(rows: list[dict], steps: int) -> None:
     print(f"{os.cpu_count()} cores; train@cpcsam, {steps} steps after 5 warm-up steps")
     print("| train.threads | torch threads | steps/s alone | steps/s beside a busy process | loaded / alone |")
     print("| ---: | ---: | ---: | ---: | ---: |")
-    for threads, used, alone, loaded in rows:
-        print(f"| {threads} | {used} | {alone:.2f} | {loaded:.2f} | {loaded / alone:.2f} |")
+    for r in rows:
+        print(f"| {r['threads']} | {r['torch_threads']} | {r['alone']:.2f} | {r['loaded']:.2f} | {r['ratio']:.2f} |")
 
 
-def bench_evaluate(thread_values: list[int], repeats: int) -> None:
+def evaluate_times(thread_values: list[int], repeats: int) -> list[dict]:
+    """Seconds of the whole evaluate stage alone and beside a busy process, alternating, per
+    `evaluate.threads` value; `ratio` is the speed loaded / alone of the medians."""
     rows = []
     for threads in thread_values:
         alone, loaded = [], []
@@ -120,13 +128,17 @@ def bench_evaluate(thread_values: list[int], repeats: int) -> None:
             alone.append(measure_evaluate(threads))
             with BusyProcess():
                 loaded.append(measure_evaluate(threads))
-        rows.append((threads, alone, loaded))
+        rows.append({"threads": threads, "alone": alone, "loaded": loaded,
+                     "ratio": statistics.median(alone) / statistics.median(loaded)})
+    return rows
+
+
+def print_evaluate(rows: list[dict], repeats: int) -> None:
     print(f"{os.cpu_count()} cores; the evaluate stage of params.yaml, whole process, {repeats} run(s) each")
     print("| evaluate.threads | s alone | s beside a busy process | loaded / alone (speed, medians) |")
     print("| ---: | --- | --- | ---: |")
-    for threads, alone, loaded in rows:
-        print(f"| {threads} | {_seconds(alone)} | {_seconds(loaded)} | "
-              f"{statistics.median(alone) / statistics.median(loaded):.2f} |")
+    for r in rows:
+        print(f"| {r['threads']} | {_seconds(r['alone'])} | {_seconds(r['loaded'])} | {r['ratio']:.2f} |")
 
 
 def _seconds(values: list[float]) -> str:
@@ -143,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     default = "0,1,2" if args.stage == "train" else "0,1"
     thread_values = [int(t) for t in (args.threads or default).split(",")]
     if args.stage == "train":
-        bench_train(thread_values, args.steps)
+        print_train(train_speeds(thread_values, args.steps), args.steps)
     else:
-        bench_evaluate(thread_values, args.repeats)
+        print_evaluate(evaluate_times(thread_values, args.repeats), args.repeats)
     return 0
 
 

@@ -18,8 +18,9 @@ full-size masks at `--image` (upsampling included). Timed:
 - ours eager: what the PyTorch backend (`cpcsam.inference.TorchBackend`) runs, N entities batched:
   `CPCSAM.decode`, the function the graph was traced from, and the same mask postprocessing.
 
-Warm-up runs first; then the methods run round-robin, one call each per repetition, so the
-machine's noise hits all of them alike. Prints p50/p95 (ms) and the ratios of p50s.
+Warm-up runs first; then the methods run round-robin, one call each per repetition, in a new
+seeded order each repetition, so the machine's noise, and whatever one call leaves behind for
+the next, hits all of them alike. Prints p50/p95 (ms) and the ratios of p50s.
 """
 
 from __future__ import annotations
@@ -166,8 +167,13 @@ def run_config(config: str, entities: list[int], repeats: int, warmup: int, size
                 fn()
         times: dict[str, list[float]] = {k: [] for k in methods}
         cpu: dict[str, list[float]] = {k: [] for k in methods}
+        # a new (seeded) order each repetition: a method right after the eager PyTorch call ran ~4 %
+        # slower (its threads' aftermath; measured at N = 16), and in one fixed order (or a rotation
+        # of it) that was always the same method, ours
+        order = np.random.default_rng(n)
         for _ in range(repeats):
-            for name, fn in methods.items():
+            for name in order.permutation(list(methods)):
+                fn = methods[name]
                 c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 times[name].append(1000 * (time.perf_counter() - t0))

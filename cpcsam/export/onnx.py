@@ -10,9 +10,9 @@ or where the official export is wrong:
 
 - CaPL is inside: the task causal module calibrates the sparse tokens (K = 1 group at inference)
   and the entity causal module biases the decoder's cross attention (`CPCSAM.decode`).
-- The entity gates' log σ(s) is exported exactly, as Min(s, 0) + Log(Sigmoid(|s|))
-  (`_log_sigmoid_symbolic`): saturated gates (s ≪ 0) must keep their differences, which decide
-  the attention where all of a row's gates are saturated.
+- The entity gates' softmax(logits + log σ(s)) is exported exactly, without a Log and with σ on
+  |s| only (`cpcsam.modeling.decoder._softmax_for_onnxruntime`): saturated gates (s ≪ 0) must keep
+  their differences, which decide the attention where all of a row's gates are saturated.
 - LoRA is merged into the base weights before export (`prepare_for_export`): no adapter ops.
 - Both the number of entities N and the number of point slots P are dynamic axes; one graph
   serves every N and P.
@@ -188,50 +188,13 @@ def decoder_example_inputs(model: CPCSAM, num_entities: int = 2, num_points: int
     return inputs if keys is None else (*inputs, keys.contiguous())
 
 
-def _log_sigmoid_symbolic(g, x):
-    """log σ(x) as Min(x, 0) + Log(Sigmoid(|x|)): exact for every float32 x in onnxruntime.
-
-    The identity log σ(x) = min(x, 0) + log σ(|x|) keeps Sigmoid on x ≥ 0, where its value is in
-    [0.5, 1]: onnxruntime's CPU Sigmoid is accurate there in absolute terms and the Log is
-    well-conditioned, so the result matches `F.logsigmoid` to float32 rounding (6e−7 at most from
-    −1e3 to 1e3 against a float64 reference; the tests check it), and it is finite for every
-    finite x. In the saturated tail it is exactly x, as torch's.
-
-    Neither the exporter's default, Log(Sigmoid(x)), nor a floored Log(Max(Sigmoid(x), ε)) is:
-    onnxruntime's Sigmoid is a rational approximation whose negative tail is coarse (σ(−17) comes
-    out as 8.9e−8: log −16.23 instead of −17) and exactly 0 from x ≈ −18 down. Log(Sigmoid) is −inf
-    there (a fully −inf attention row makes the softmax NaN), and any floor ε gives every saturated
-    gate the same value log ε (−69.08 for ε = 1e−30: a jump from −16 to −69 at x ≈ −18).
-
-    Saturated gates are not harmless: the gate multiplies attention probabilities that are then
-    renormalised (log C is added to the logits before the softmax), and a softmax only sees
-    differences. The image→token attention has a row of only T = 5 + P keys per image position;
-    where the gates towards all of them are saturated, the weights follow the gates' differences
-    (e.g. e^(−100 − (−200))), which PyTorch keeps (logsigmoid(x) ≈ x) and a floor sets to e^0. The
-    image-side update diverges — the low-resolution logits — and the tokens (IoU prediction) see it
-    only second-hand, through the image keys of the later token→image attention; more entities per
-    image give more such rows.
-
-    −Softplus(−x) is exact too, but onnxruntime's Softplus kernel is several times slower than
-    Abs + Sigmoid + Log + Min + Add on the [N, sites·heads, T, HW] gate tensor (≈ 18 M values for
-    ViT-B with 16 entities): +8–26 % on the whole decoder call (ViT-B decoder sizes, 16 entities,
-    1200×1800 masks, one CPU thread) against +3 % for this form, both relative to the floored one.
-    """
-    zero = g.op("Constant", value_t=torch.tensor(0.0, dtype=torch.float32))
-    return g.op("Add", g.op("Min", x, zero), g.op("Log", g.op("Sigmoid", g.op("Abs", x))))
-
-
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
             output_names: list[str], dynamic_axes: dict[str, dict[int, str]], opset: int,
             role: str | None = None, props: dict[str, str] | None = None) -> None:
     """Trace `module` to `path`; `role`: the `GRAPH_MARKER` value to write (None: no marker);
     `props`: more metadata properties."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.register_custom_op_symbolic("aten::log_sigmoid", _log_sigmoid_symbolic, opset)
-    try:
-        _export_traced(module, args, path, input_names, output_names, dynamic_axes, opset)
-    finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::log_sigmoid", opset)
+    _export_traced(module, args, path, input_names, output_names, dynamic_axes, opset)
     if role is not None:
         _mark(path, {GRAPH_MARKER: role, **(props or {})})
     import onnx

@@ -2,7 +2,7 @@
 
 The manifest and image sampling are replaced by synthetic cases (12 boxes per image); export,
 onnxruntime and the parity check are real. The failure is the real one of the issue: saturated
-entity gates exported with the old floored log σ (planted back here).
+entity gates exported through the old floored log σ (planted back here).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from cpcsam.export.parity import ParityCase
 from cpcsam.modeling import save_cpcsam
 
 
-def _floored_log_sigmoid(g, x):
-    """The old export of log σ: Log(Max(Sigmoid(x), 1e−30)), which flattens saturated gates."""
-    floor = g.op("Constant", value_t=torch.tensor(1e-30, dtype=torch.float32))
-    return g.op("Log", g.op("Max", g.op("Sigmoid", x), floor))
+def _floored_gated_softmax(logits, gate, dim):
+    """The old export of the gated softmax: log σ as Log(Max(Sigmoid(s), 1e−30)), which flattens
+    saturated gates (onnxruntime's Sigmoid is 0 below s ≈ −18)."""
+    if gate is not None:
+        logits = logits + torch.log(torch.clamp(torch.sigmoid(gate), min=1e-30))
+    return torch.softmax(logits, dim=dim)
 
 
 def _cases(n: int = 12):
@@ -63,7 +65,7 @@ def stage(saturated_model_file, tmp_path, monkeypatch):
 
 
 def test_parity_failure_exits_3_with_the_marker(stage, monkeypatch, capsys):
-    monkeypatch.setattr("cpcsam.export.onnx._log_sigmoid_symbolic", _floored_log_sigmoid)
+    monkeypatch.setattr("cpcsam.modeling.decoder._softmax_for_onnxruntime", _floored_gated_softmax)
     code, out = stage()
     err = capsys.readouterr().err
     assert code == export_step.EXIT_PARITY_FAILED == 3

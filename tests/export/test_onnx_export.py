@@ -153,32 +153,43 @@ def test_parity_report_end_to_end(exported, decoder):
     assert strict["passed"] is False
 
 
-def test_log_sigmoid_is_exact_in_onnxruntime(tmp_path):
-    """The entity gates' log σ(s) in onnxruntime is torch's, down to float32 rounding, for every s.
+@pytest.mark.parametrize("dim", [2, 3])
+def test_gated_softmax_is_exact_in_onnxruntime(tmp_path, dim):
+    """The exported softmax(logits + log σ(s)) is torch's down to float32 rounding, for every gate s.
 
-    Neither −inf (a fully −inf attention row is NaN) nor a floor: onnxruntime's Sigmoid is 0 below
-    s ≈ −18 and coarse above, so Log(Max(Sigmoid, ε)) flattened all saturated gates to log ε.
+    Rows where every gate is saturated are decided by the gates' differences (e^(−100 − (−200)));
+    onnxruntime's Sigmoid is 0 below s ≈ −18 and coarse above, so an export through
+    Log(Sigmoid(s)), floored or not, loses them (−inf rows are NaN; a floor makes them equal).
     """
     import onnxruntime as ort
     import torch.nn.functional as F
 
     from cpcsam.export.onnx import _export
+    from cpcsam.modeling.decoder import _softmax
 
-    class LogSigmoid(torch.nn.Module):
-        def forward(self, x):
-            return F.logsigmoid(x)
+    class GatedSoftmax(torch.nn.Module):
+        def forward(self, logits, gate):
+            return _softmax(logits, gate, dim), _softmax(logits, None, dim)
 
-    special = [-3e38, -1e4, -300.0, -104.0, -69.5, -69.0, -40.0, -18.5, -18.0, -17.0, -15.0, -10.0, -3.0,
-               -1e-30, 0.0, 1e-30, 2.0, 18.0, 50.0, 1e4, 3e38]
-    x = torch.cat([torch.tensor(special), torch.linspace(-1000, 1000, 20001), torch.linspace(-30, 30, 60001)])
-    _export(LogSigmoid(), (x,), tmp_path / "ls.onnx", ["x"], ["y"], {}, 17)
-    y = ort.InferenceSession(str(tmp_path / "ls.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    assert np.isfinite(y).all()
-    ref = F.logsigmoid(x.double()).numpy()
-    assert np.abs(y - ref).max() <= 2e-6  # float32 rounding of values up to |1000|: ulp(1000) = 6e-5
-    small = np.abs(ref) <= 100  # where the attention actually compares gates
-    assert np.abs(y - ref)[small].max() <= 1e-6
-    assert (y[:5] == x[:5].numpy()).all()  # log σ(s) = s in the saturated tail, as in torch
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 3, 7, 40)  # N, H, T, HW
+    logits = torch.randn(shape, generator=gen) * 4
+    special = torch.tensor([-3e38, -1e4, -300.0, -200.0, -104.0, -100.0, -69.0, -40.0, -18.5, -18.0, -17.0,
+                            -10.0, -3.0, -1e-30, 0.0, 2.0, 18.0, 50.0, 1e4, 3e38])
+    gate = special[torch.randint(len(special), shape, generator=gen)]
+    gate[0] = torch.randn(shape[1:], generator=gen) * 3  # ordinary gates
+    gate[1, 0] = -100.0 - 100.0 * torch.rand(shape[2:], generator=gen)  # every gate saturated
+    _export(GatedSoftmax(), (logits, gate), tmp_path / "sm.onnx", ["logits", "gate"], ["p", "plain"], {}, 17)
+    session = ort.InferenceSession(str(tmp_path / "sm.onnx"), providers=["CPUExecutionProvider"])
+    p, plain = session.run(None, {"logits": logits.numpy(), "gate": gate.numpy()})
+    assert np.isfinite(p).all()
+    ref = torch.softmax(logits.double() + F.logsigmoid(gate.double()), dim=dim).numpy()
+    torch32 = torch.softmax(logits + F.logsigmoid(gate), dim=dim).numpy()  # what training computes
+    assert np.abs(p - ref).max() <= 2 * np.abs(torch32 - ref).max() + 1e-7  # float32 rounding, as torch's
+    saturated = ref[1, 0]  # the gates' differences decide it: far from uniform
+    assert saturated.max() > 0.99
+    assert np.abs(p[1, 0] - saturated).max() <= 2 * np.abs(torch32[1, 0] - saturated).max() + 1e-7
+    assert np.abs(plain - torch.softmax(logits.double(), dim=dim).numpy()).max() <= 1e-6
 
 
 def _box_prompts(n: int, seed: int, image_size: int = 256):

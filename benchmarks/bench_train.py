@@ -99,9 +99,8 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
 
     from cpcsam.config import EmbedConfig, ModelConfig, PerturbConfig, TrainConfig, read_params_file
     from cpcsam.training.device import configure_process
-    from cpcsam.training.run import build_embedding_cache, prepare_training
+    from cpcsam.training.run import build_embedding_cache, prepare_training, use_embedding_cache
 
-    configure_process(int(case.get("threads") or 0))  # as components/train.py sets its process up
     params = read_params_file(ROOT / "params.yaml")
     model = dict(params["model"])
     model.update(type=case["config"], checkpoint=None)
@@ -112,6 +111,8 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
                  max_entities=case["max_entities"], upper_max_entities=1,
                  embedding_cache="on" if case["cache"] else "off", steps=1000, checkpoint_every=1000)
     train_cfg, model_cfg = TrainConfig.from_params(train), ModelConfig.from_params(model)
+    # as components/train.py sets its process up
+    configure_process(int(case.get("threads") or 0), large_blocks_from_heap=use_embedding_cache(model_cfg, train_cfg))
     perturb = PerturbConfig(k=4)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -7,9 +7,10 @@ import torch
 from cpcsam.errors import ConfigError
 
 
-def configure_process(threads: int) -> None:
+def configure_process(threads: int, large_blocks_from_heap: bool = False) -> None:
     """The CPU settings of a process that runs torch work (called by components, which own it):
-    `torch.set_num_threads(threads)` when > 0, and freed memory kept for reuse (`_keep_freed_memory`).
+    `torch.set_num_threads(threads)` when > 0, and freed memory kept for reuse (`_keep_freed_memory`;
+    `large_blocks_from_heap`: blocks of every size, for training steps on cached embeddings).
 
     The default of every stage is 1 thread: on a 2-core machine shared with anything else, two
     OpenMP threads per process spin-wait on each other and a training step fell from 3.3/s to
@@ -18,15 +19,15 @@ def configure_process(threads: int) -> None:
     """
     if threads > 0:
         torch.set_num_threads(threads)
-    _keep_freed_memory()
+    _keep_freed_memory(large_blocks_from_heap)
 
 
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
-def _keep_freed_memory() -> None:
+def _keep_freed_memory(large_blocks_from_heap: bool = False) -> None:
     """Make glibc's malloc keep the memory torch frees for reuse instead of handing it back.
 
     torch allocates CPU tensors with malloc. glibc serves a large block with a fresh mmap (above a
@@ -34,10 +35,17 @@ def _keep_freed_memory() -> None:
     and trims free memory at the top of its heap, so a training step faulted in and zeroed much of
     its activation memory anew, page by page (a cached ViT-B decoder step: 18,000–34,000 page
     faults, 10–15 % of its CPU time in the kernel). With the threshold fixed at its maximum
-    (32 MiB) and no trimming, blocks below it come from the heap the previous step left. Larger
-    blocks are still mapped and unmapped: serving them from the heap too (no mmap at all) removed
-    the rest of the faults but fragmented the heap, a ViT-B training process's peak RSS 0.8 GB
-    higher. Not glibc (macOS, musl): nothing to do.
+    (32 MiB) and no trimming, blocks below it come from the heap the previous step left.
+
+    Larger blocks are still mapped and unmapped each time, and a cached ViT-B step with 4 entities
+    per image has several of exactly 32 MiB (the upscaled features, [4 · 16·HW, 32] floats): 5,800–
+    12,700 page faults and 22–79 ms of kernel time per step remained, a step took 0.237–0.287 s.
+    `large_blocks_from_heap` turns mmap off (M_MMAP_MAX = 0), so that every block comes from the
+    heap: 0–1,024 faults, 0.207–0.220 s per step (six processes each, alternating). Only the
+    training stage asks for it, and only when its steps read cached embeddings: a heap that never
+    returns its large blocks fragments when they vary, and with the ViT-B encoder in the step (LoRA
+    on its qkv: 12 heads × 4096² attention scores per block) the process's peak RSS rose from
+    8.7–8.9 to 15.9–16.1 GB. Not glibc (macOS, musl): nothing to do.
     """
     import ctypes
     import ctypes.util
@@ -48,6 +56,8 @@ def _keep_freed_memory() -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD)
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # the largest a C int holds
+    if large_blocks_from_heap:
+        libc.mallopt(_M_MMAP_MAX, 0)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -111,8 +111,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
                  max_entities=case["max_entities"], upper_max_entities=1,
                  embedding_cache="on" if case["cache"] else "off", steps=1000, checkpoint_every=1000)
     train_cfg, model_cfg = TrainConfig.from_params(train), ModelConfig.from_params(model)
-    # as components/train.py sets its process up
-    configure_process(int(case.get("threads") or 0), large_blocks_from_heap=use_embedding_cache(model_cfg, train_cfg))
+    configure_process(int(case.get("threads") or 0))
     perturb = PerturbConfig(k=4)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -124,6 +123,10 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
         if case["cache"]:
             build_embedding_cache(train_cfg, model_cfg, EmbedConfig(batch_size=1, device="cpu"), manifest, None,
                                   root / "emb", progress=False)
+        # as components/train.py sets its process up; after the cache, which the pipeline builds in
+        # a process of its own (the embed stage): the heap setting is for the training steps only
+        configure_process(int(case.get("threads") or 0),
+                          large_blocks_from_heap=use_embedding_cache(model_cfg, train_cfg))
         trainer = prepare_training(train_cfg, model_cfg, perturb, manifest, prompts, None, None, embeddings_dir=root / "emb")
         for _ in range(case["warmup"]):
             trainer.train_step()

@@ -87,6 +87,8 @@ def run_case(case: dict[str, Any], files: dict[str, Any], world: World) -> dict[
             _to_float64(trainer)
             stack.enter_context(_float64_losses())
         grads = _record_gradients(trainer)
+        initial = {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters()
+                   if n in set(trainer._trainable_names())}
         if case.get("out"):
             trainer.run(resume=case.get("resume", True), progress=False)
             metrics = [{k: v for k, v in row.items()} for row in trainer.curve]
@@ -96,7 +98,7 @@ def run_case(case: dict[str, Any], files: dict[str, Any], world: World) -> dict[
     trainable = {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters()
                  if n in set(trainer._trainable_names())}
     digests = all_gather_objects(_digest(trainable), world)
-    return {"metrics": metrics, "trainable": trainable, "images_seen": trainer.images_seen, "gradients": grads,
+    return {"metrics": metrics, "initial": initial, "trainable": trainable, "images_seen": trainer.images_seen, "gradients": grads,
             "same_on_every_rank": len(set(digests)) == 1, "isolation": isolation, "world": world.size}
 
 

@@ -61,13 +61,19 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare(one: dict[str, Any], two: dict[str, Any]) -> dict[str, float]:
-    """The largest disagreements between a one-process and a two-process result."""
+    """The largest disagreements between a one-process and a two-process result; `update` is
+    ‖Δw₂ − Δw₁‖ / ‖Δw₁‖ over all trainable weights (how far the two-process steps are from the
+    one-process steps as a whole)."""
     losses = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-300)
                  for a, b in zip(one["metrics"], two["metrics"]) for k in a if k.startswith("loss"))
     grads = max([_relative(a, b) for level in ("upper", "lower")
                  for a, b in zip(one["gradients"][level], two["gradients"][level])] or [0.0])
     weights = max(float((one["trainable"][n] - two["trainable"][n]).abs().max()) for n in one["trainable"])
-    return {"loss": losses, "gradient": grads, "weight": weights}
+    names = list(one["trainable"])
+    step_one = torch.cat([(one["trainable"][n] - one["initial"][n]).flatten().double() for n in names])
+    step_two = torch.cat([(two["trainable"][n] - two["initial"][n]).flatten().double() for n in names])
+    update = float((step_two - step_one).norm() / step_one.norm().clamp_min(1e-300))
+    return {"loss": losses, "gradient": grads, "weight": weights, "update": update}
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +122,17 @@ def test_two_processes_compute_the_one_process_steps(one_and_two, name) -> None:
 
 @pytest.mark.slow
 def test_two_processes_in_float32_agree_to_rounding(one_and_two) -> None:
-    """float32: losses and the first step's gradients to rounding; later weights differ where Adam
-    divides a gradient entry of rounding size by its own magnitude (m/√v ≈ ±1 for |g| ≈ 1e-8)."""
+    """float32: losses and the first step's gradients to rounding. Single weights may still differ
+    by more than the learning rate: Adam divides a gradient entry of rounding size by its own
+    magnitude (m̂/√v̂ ≈ ±1 for |g| ≈ 1e-8), so two runs whose rounding differs in sign step such an
+    entry in opposite directions (a max-abs bound of lr failed once at 1.3·lr). Such entries are
+    a minority, so the update as a whole agrees to ~1 %: that is what is bounded, and a planted reduction bug
+    moves it by far more (test below)."""
     one, two = _result(one_and_two, "bilevel first-order, float32")
     worst = compare(one, two)
     first = max(_relative(one["gradients"][level][0], two["gradients"][level][0]) for level in ("upper", "lower"))
     assert worst["loss"] <= 1e-5 and first <= 1e-5, (worst, first)
-    lr = 0.003
-    assert worst["weight"] <= lr, worst
+    assert worst["update"] <= 0.05, worst  # measured 0.0098 (max-abs 0.0039 = 1.3 lr); no all-reduce: 0.66
 
 
 @pytest.mark.slow
@@ -132,6 +141,8 @@ def test_the_comparison_catches_a_planted_bug(one_and_two, name) -> None:
     one, two = _result(one_and_two, name)
     worst = compare(one, two)
     assert worst["gradient"] > 1e-6 and worst["weight"] > 1e-8, worst
+    if name == "planted: no gradient all-reduce":  # the float32 test's bound separates a wrong reduction
+        assert worst["update"] > 0.1, worst
 
 
 @pytest.mark.slow

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import re
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -318,28 +321,87 @@ def score_models(
         result = evaluate_model(engines[name], images, base, target, support, own, load_image, name)
         return result, time.perf_counter() - started
 
-    # The prompt-only references need no model and no torch: GrabCut (OpenCV releases the GIL)
-    # runs in a second thread beside the models, on the second core of a 2-core machine, instead
-    # of after them. When the models run on one torch thread each, that thread then takes models
-    # too, from the same queue, so that both cores stay busy to the end; with more torch threads
-    # per model it does not (two models' thread teams on the same cores stall each other). Each
-    # model's numbers depend only on its own seeded prompts, so the order of work and the thread
-    # that does it change nothing.
+    # Each model's numbers depend only on its own seeded prompts, so the order of work and the
+    # worker that does it change nothing. The prompt-only references need no model and no torch
+    # (GrabCut); they go first, so that a slow one does not start last.
     references = [name for name, engine in engines.items() if isinstance(engine, PromptOnlyReference)]
-    models = [name for name in engines if name not in references]
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="evaluate") as pool:
-        if torch.get_num_threads() == 1:
-            futures = {name: pool.submit(run, name) for name in [*references, *models]}
-            done = {name: future.result() for name, future in futures.items()}
-        else:
-            pending = {name: pool.submit(run, name) for name in references}
-            done = {name: run(name) for name in models}
-            done.update({name: future.result() for name, future in pending.items()})
+    names = [*references, *(name for name in engines if name not in references)]
+    if torch.get_num_threads() == 1 and len(names) > 1 and _can_fork():
+        done = _in_two_processes(run, names)
+    else:
+        done = _in_two_threads(run, names, references)
     for name in engines:
         result, seconds = done[name]
         logger.info("evaluated %s in %.1f s: target Dice %s", name, seconds,
                     {p: round(s["target"]["dice"], 4) for p, s in result.protocols.items() if s["target"]["dice"] is not None})
     return {name: done[name][0] for name in engines}  # the engines' order, whatever finished first
+
+
+# Models on one torch thread each are scored two at a time in two forked processes, not two
+# threads of this one: the per-entity work between torch calls (prompts, masks, scores) holds
+# the GIL: the embedded default's evaluate stage took 45 s on two threads and 33 s on two
+# processes (medians of three runs, alternating), and beside a busy process, where a thread
+# descheduled while it holds the GIL stalls the other one too, 57 s and 49 s (docs/PERFORMANCE.md). Fork hands the loaded engines and images to the
+# workers by copying the process, so nothing is pickled but the model's name and its result.
+# The call in progress, for the forked workers to find (fork copies module globals):
+_FORKED_RUN: Callable[[str], tuple[ModelResult, float]] | None = None
+
+
+def _run_forked(name: str) -> tuple[ModelResult, float]:
+    assert _FORKED_RUN is not None, "score_models' worker ran outside score_models"
+    return _FORKED_RUN(name)
+
+
+def _can_fork() -> bool:
+    """Fork only where it is safe: Linux (macOS's system libraries are not fork-safe) and no CUDA
+    context (a forked child cannot use its parent's)."""
+    return sys.platform == "linux" and not torch.cuda.is_initialized()
+
+
+def _exit_with_parent() -> None:
+    """In a forked worker: ask Linux for SIGTERM when the parent dies. A stage killed mid-run
+    (an orchestrator's cancel, the OOM killer) would otherwise leave its workers waiting on the
+    queue of a dead pool for ever."""
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the request
+        os._exit(1)
+
+
+def _in_two_processes(run: Callable[[str], tuple[ModelResult, float]],
+                      names: Sequence[str]) -> dict[str, tuple[ModelResult, float]]:
+    global _FORKED_RUN
+    _FORKED_RUN = run  # set before the pool forks its workers (on the first submit)
+    try:
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_exit_with_parent) as pool:
+            futures = {name: pool.submit(_run_forked, name) for name in names}
+            return {name: future.result() for name, future in futures.items()}
+    except BrokenProcessPool as exc:
+        raise RuntimeError("a worker process scoring models died (killed, or out of memory?); with the "
+                           "stage's `threads` above 1 the models are scored in the stage's own process") from exc
+    finally:
+        _FORKED_RUN = None
+
+
+def _in_two_threads(run: Callable[[str], tuple[ModelResult, float]], names: Sequence[str],
+                    references: Sequence[str]) -> dict[str, tuple[ModelResult, float]]:
+    """Two threads of this process. With one torch thread per model (where fork is not safe) both
+    take models from the same queue. With more, the models run one after another in this thread,
+    each on all its torch threads (two models' thread teams on the same cores stall each other),
+    and the second thread scores the references beside them (OpenCV releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="evaluate") as pool:
+        if torch.get_num_threads() == 1:
+            futures = {name: pool.submit(run, name) for name in names}
+            return {name: future.result() for name, future in futures.items()}
+        pending = {name: pool.submit(run, name) for name in references}
+        done = {name: run(name) for name in names if name not in pending}
+        done.update({name: future.result() for name, future in pending.items()})
+    return done
 
 
 def auto_support(images: Sequence[ImageRecord], target: Sequence[str], cfg: EvalConfig) -> list[str]:

@@ -196,3 +196,37 @@ def test_stored_references_are_the_rows_evaluate_would_compute(workspace, capsys
     assert json.loads((root / "no_refs" / "results.json").read_text())["models"] == {}
     assert evaluate_step.main(missing + overrides + ["-S", "evaluate.references=false"]) == 0
     assert set(json.loads((root / "e4" / "metrics.json").read_text())["models"]) == {"sam", "cpcsam"}
+
+
+def test_forked_workers_score_what_this_process_scores(workspace):
+    """The same numbers and overlay masks from the two forked workers (one torch thread) as from
+    this process (two): the results cross the process boundary whole, each under its own name."""
+    import numpy as np
+
+    from cpcsam.config import load_config
+    from cpcsam.data import load_classes, load_manifest, read_image
+    from cpcsam.evaluation.protocols import EvalConfig, image_records, score_models
+    from cpcsam.evaluation.references import reference_engines
+
+    root, params = workspace
+    p = load_config(params, [o for o in FAST if o != "-S"])
+    cfg = EvalConfig.from_section(p.evaluate, p.stage_seed("evaluate"))
+    images = image_records(load_manifest(root / "ingest/manifest.parquet"), p.evaluate.splits, 3, cfg.seed)
+    classes = load_classes(root / "ingest/classes.json")
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results[threads] = score_models(reference_engines(), images, classes["base"], classes["target"], cfg,
+                                            lambda im: np.array(read_image(im.uri)))
+    finally:
+        torch.set_num_threads(before)
+    forked, here = results[1], results[2]
+    assert list(forked) == list(here) == ["filled_box", "grabcut"]
+    assert forked["filled_box"].protocols != forked["grabcut"].protocols  # a swap would show
+    for name in here:
+        assert forked[name].protocols == here[name].protocols
+        assert forked[name].overlays.keys() == here[name].overlays.keys() and here[name].overlays
+        for image_id, masks in here[name].overlays.items():
+            assert all(np.array_equal(a, b) for a, b in zip(forked[name].overlays[image_id], masks, strict=True))

@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import re
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -338,12 +340,13 @@ def score_models(
 
 
 # Models on one torch thread each are scored two at a time in two forked processes, not two
-# threads of this one: the per-entity work between torch calls (prompts, masks, scores) holds
-# the GIL: the embedded default's evaluate stage took 45 s on two threads and 33 s on two
-# processes (medians of three runs, alternating), and beside a busy process, where a thread
-# descheduled while it holds the GIL stalls the other one too, 57 s and 49 s (docs/PERFORMANCE.md). Fork hands the loaded engines and images to the
-# workers by copying the process, so nothing is pickled but the model's name and its result.
-# The call in progress, for the forked workers to find (fork copies module globals):
+# threads of this one: the per-entity work between torch calls (prompts, masks, scores) holds the
+# GIL, and beside a busy process a thread descheduled while it holds the GIL stalls the other one
+# too. The embedded default's evaluate stage took 45 s on two threads and 33 s on two processes,
+# 57 s and 49 s beside a busy process (medians of three alternating runs, docs/PERFORMANCE.md).
+# Fork hands the loaded engines and images to the workers by copying the process, so nothing is
+# pickled but a model's name and its result; the call in progress waits for them here (fork
+# copies module globals).
 _FORKED_RUN: Callable[[str], tuple[ModelResult, float]] | None = None
 
 
@@ -363,8 +366,6 @@ def _exit_with_parent() -> None:
     (an orchestrator's cancel, the OOM killer) would otherwise leave its workers waiting on the
     queue of a dead pool for ever."""
     import ctypes
-    import os
-    import signal
 
     pr_set_pdeathsig = 1  # <linux/prctl.h>
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -10,7 +10,8 @@ from cpcsam.errors import ConfigError
 def configure_process(threads: int, large_blocks_from_heap: bool = False) -> None:
     """The CPU settings of a process that runs torch work (called by components, which own it):
     `torch.set_num_threads(threads)` when > 0, and freed memory kept for reuse (`_keep_freed_memory`;
-    `large_blocks_from_heap`: blocks of every size, for training steps on cached embeddings).
+    `large_blocks_from_heap`: blocks of every size, for training steps on cached embeddings), and
+    subnormal floats flushed to zero (`_flush_subnormals`).
 
     The default of every stage is 1 thread: on a 2-core machine shared with anything else, two
     OpenMP threads per process spin-wait on each other and a training step fell from 3.3/s to
@@ -20,6 +21,25 @@ def configure_process(threads: int, large_blocks_from_heap: bool = False) -> Non
     if threads > 0:
         torch.set_num_threads(threads)
     _keep_freed_memory(large_blocks_from_heap)
+    _flush_subnormals()
+
+
+def _flush_subnormals() -> None:
+    """Treat float32 values below 1.2e-38 as zero, in this process's arithmetic from now on.
+
+    A training step's backward pass makes subnormal gradients (tiny attention probabilities times
+    tiny upstream gradients), and on Intel cores every multiply that touches one takes a slow
+    microcode path: a [512, 512] product of subnormals took 423 ms instead of 1.8 ms (one thread,
+    Intel Xeon, AVX-512). Measured on the embedded default's training stage, profiled over ten
+    steps: the encoder's attention products (`bmm`) took 571 ms without the flush and 206 ms
+    with it, and a process of 45 steps 0.87× the wall time (median of six alternating pairs).
+    AMD's cores pay far less for subnormals, which is why the same steps took about half the time
+    there. The values flushed are 2^100 times smaller than anything a loss or an update can
+    resolve; TensorFlow and onnxruntime offer the same switch. torch's switch also reaches its
+    OpenMP worker threads (the same product on two threads: 230 ms → 1.3 ms). Not x86 (no SSE
+    control register): `set_flush_denormal` returns False and nothing changes.
+    """
+    torch.set_flush_denormal(True)
 
 
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems

@@ -88,9 +88,9 @@ def _stage_float_settings() -> None:
     """Subnormals flushed to zero, as `configure_process` sets every stage's process: the trainings
     the tests run in this process compute as the stages do, at the stages' speed (on Intel cores a
     training step's subnormal gradients made it some 1.4× slower)."""
-    import torch
+    from cpcsam.training.device import flush_subnormals
 
-    torch.set_flush_denormal(True)
+    flush_subnormals()
 
 
 @pytest.fixture(scope="session")

@@ -300,20 +300,22 @@ def _upscaled_mask(upscaling: nn.Sequential, keys: Tensor, grid: tuple[int, int]
     z = act2(torch.addmm(b2, y.reshape(-1, first.out_channels), w2))
     z = z.reshape(n, h, w, 2, 2, 2, 2, second.out_channels)  # i, j, a, b, a', b', channel
     if stages:  # pixel (4i + 2a + a', 4j + 2b + b')
-        if torch.onnx.is_in_onnx_export():  # a graph has no memory layouts, only the transposes below
-            image = z.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, second.out_channels, 4 * h, 4 * w)
-            for stage in stages:
-                image = stage(image)
-            return (hyper.unsqueeze(1) @ image.flatten(2)).reshape(n, 1, *image.shape[-2:])
         # Channels last: an [N, C', 4h, 4w] view of [N, 4h, 4w, C'] memory, which the stages keep.
         # oneDNN's 3×3 convolutions over these few channels (8 in the embedded default) ran 2.2×
         # faster forward and backward in it (a stage at 8 entities, 64² → 128²: 54 → 24 ms, one
         # thread), and the hypernetwork's product then reads each pixel's channels contiguously.
-        image = z.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, 4 * h, 4 * w, -1).permute(0, 3, 1, 2)
+        # An exported graph has no memory layouts, only transposes: it is traced in NCHW.
+        channels_last = not torch.onnx.is_in_onnx_export()
+        if channels_last:
+            image = z.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, 4 * h, 4 * w, -1).permute(0, 3, 1, 2)
+        else:
+            image = z.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, second.out_channels, 4 * h, 4 * w)
         for stage in stages:
             image = stage(image)
+        if not channels_last:
+            return (hyper.unsqueeze(1) @ image.flatten(2)).reshape(n, 1, *image.shape[-2:])
         _, channels, height, width = image.shape
-        pixels = image.permute(0, 2, 3, 1).reshape(n, height * width, channels)  # a view if it stayed channels last
+        pixels = image.permute(0, 2, 3, 1).reshape(n, height * width, channels)  # a view: no copy
         return (pixels @ hyper.unsqueeze(-1)).reshape(n, 1, height, width)
     mask = (z.reshape(n, hw * 16, -1) @ hyper.unsqueeze(-1)).reshape(n, h, w, 2, 2, 2, 2)
     return mask.permute(0, 1, 3, 5, 2, 4, 6).reshape(n, 1, 4 * h, 4 * w)

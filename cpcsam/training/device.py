@@ -11,7 +11,7 @@ def configure_process(threads: int, large_blocks_from_heap: bool = False) -> Non
     """The CPU settings of a process that runs torch work (called by components, which own it):
     `torch.set_num_threads(threads)` when > 0, and freed memory kept for reuse (`_keep_freed_memory`;
     `large_blocks_from_heap`: blocks of every size, for training steps on cached embeddings), and
-    subnormal floats flushed to zero (`_flush_subnormals`).
+    subnormal floats flushed to zero (`flush_subnormals`).
 
     The default of every stage is 1 thread: on a 2-core machine shared with anything else, two
     OpenMP threads per process spin-wait on each other and a training step fell from 3.3/s to
@@ -21,10 +21,10 @@ def configure_process(threads: int, large_blocks_from_heap: bool = False) -> Non
     if threads > 0:
         torch.set_num_threads(threads)
     _keep_freed_memory(large_blocks_from_heap)
-    _flush_subnormals()
+    flush_subnormals()
 
 
-def _flush_subnormals() -> None:
+def flush_subnormals() -> None:
     """Treat float32 values below 1.2e-38 as zero, in this process's arithmetic from now on.
 
     A training step's backward pass makes subnormal gradients (tiny attention probabilities times

@@ -9,8 +9,9 @@ image-sized upscaling. Here the same function is computed with less work per ent
 - **The first block's image side once per image.** Until the first block's image→token attention
   writes into the image tokens they are the same for every entity of an image (no mask prompt:
   the dense embedding is `no_mask_embed` everywhere), so that block's token→image keys and values
-  and its image→token queries are projected once per image; one image serves all its entities by
-  broadcasting, not by copies.
+  and its image→token queries are projected once per image. One image serves all its entities
+  without copies: its products with the entities' queries (and the entity gates' with their keys)
+  run heads first, as one [H, N·T, d] × [H, d, HW] product each (`_image_side_product`).
 - **Projections folded into the attention.** In a later cross attention between an entity's T
   tokens and its HW positions, the projection can act on the token side because T is small:
   token→image logits are q_h W_k,hᵀ · xᵀ (the key bias adds a constant to each softmax row, which
@@ -142,7 +143,7 @@ class _Gates:
         i = self.sites.index(path)
         q = self.q[:, i * self.heads : (i + 1) * self.heads]
         k = self.keys[:, i * self.heads : (i + 1) * self.heads]
-        s = q @ k
+        s = _image_side_product(q, k)
         self.l1_parts.append(torch.tanh(0.5 * s).abs().mean())  # every site has N·H·T·HW gates
         return s if tokens is None else s[:, :, :tokens]
 
@@ -153,6 +154,28 @@ class _Gates:
 def _per_entity(per_image: Tensor, image_index: Tensor) -> Tensor:
     """Rows of a per-image tensor for each entity; one image serves all by broadcasting (no copy)."""
     return per_image if per_image.shape[0] == 1 else per_image[image_index]
+
+
+def _heads_first(image_side: Tensor) -> bool:
+    """Whether products with a per-image tensor of B images run heads first (`_image_side_product`):
+    in PyTorch for one image. onnxruntime broadcasts one image to all entities without copying, and
+    in an exported graph the heads-first layout would only add Transpose nodes."""
+    return image_side.shape[0] == 1 and not torch.onnx.is_in_onnx_export()
+
+
+def _image_side_product(x: Tensor, image_side: Tensor) -> Tensor:
+    """x [N, H, T, a] @ image_side [1 | N, H, a, L] → [N, H, T, L].
+
+    Heads first (`_heads_first`): one [H, N·T, a] × [H, a, L] product, whose result is a view of
+    [H, N, T, L] memory. `x @ image_side` broadcasts one image's [1, H, a, L] to [N, H, a, L] by
+    copying it, and sums its gradient back over N: the first block's keys and the entity gates'
+    keys at the ViT-B decoder's sizes ([N, 8, 16, 4096]). Without those copies a LoRA-only
+    training step there (N ≤ 4, 2 threads) took 0.94× the time.
+    """
+    if not _heads_first(image_side):
+        return x @ image_side
+    n, h, t, a = x.shape
+    return (x.transpose(0, 1).reshape(h, n * t, a) @ image_side[0]).reshape(h, n, t, -1).transpose(0, 1)
 
 
 def _softmax(logits: Tensor, gate: Tensor | None, dim: int) -> Tensor:
@@ -225,12 +248,11 @@ def _image_to_token_output(attn: nn.Module, p: Tensor, tokens_v: Tensor) -> Tens
     p_t = p.reshape(n, heads * t, hw).transpose(1, 2)
     if b_o is None:
         return p_t @ e
-    if torch.onnx.is_in_onnx_export():
-        # Each position's probabilities sum to 1 per head, to H over the H·T rows of e: b_o / H on
-        # each row adds b_o, inside the product; onnxruntime has no batched product with a bias
-        # and would add it in a pass of its own over the [N, HW, C] output (4 ms at N = 16, ViT-B).
-        return p_t @ (e + b_o / heads)
-    return torch.baddbmm(b_o, p_t, e)  # the bias added inside the product
+    # Each position's probabilities sum to 1 per head, to H over the H·T rows of e: b_o / H on each
+    # row adds b_o, inside the product. A bias added to the [N, HW, C] output would be a pass of its
+    # own over it: in onnxruntime, which has no batched product with a bias (4 ms at N = 16,
+    # ViT-B), and in torch's `baddbmm` too, which first copies the bias into every row of it.
+    return p_t @ (e + b_o / heads)
 
 
 def _image_to_token(attn: nn.Module, image_with_pe: Tensor, tokens_k: Tensor, tokens_v: Tensor,
@@ -257,8 +279,14 @@ def _first_token_to_image(attn: nn.Module, tokens: Tensor, image_with_pe: Tensor
     q = _heads(attn.q_proj(tokens), heads)  # N x H x T x d
     k = _per_entity(_heads(attn.k_proj(image_with_pe), heads), image_index)  # (1 | N) x H x HW x d
     v = _per_entity(_heads(attn.v_proj(image), heads), image_index)
-    logits = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # N x H x T x HW
-    return attn.out_proj(_merge_heads(_softmax(logits, gate, dim=-1) @ v))
+    logits = _image_side_product(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2))  # N x H x T x HW
+    if _heads_first(k):  # softmax and values in the logits' [H, N, T, HW] memory: no copies
+        n, t = q.shape[0], q.shape[2]
+        p = _softmax(logits.transpose(0, 1), None if gate is None else gate.transpose(0, 1), dim=-1)
+        out = (p.reshape(heads, n * t, -1) @ v[0]).reshape(heads, n, t, -1).transpose(0, 1)  # N x H x T x d
+    else:
+        out = _softmax(logits, gate, dim=-1) @ v
+    return attn.out_proj(_merge_heads(out))
 
 
 def _first_image_to_token(attn: nn.Module, image_with_pe: Tensor, image_index: Tensor,

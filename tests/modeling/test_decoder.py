@@ -64,6 +64,7 @@ def _assert_same_function(model, embeddings, index, sparse):
         ("small", "causal", 3, 7, 1),  # entities of several images
         ("small", "causal", 1, 2, 14),  # T = 19 tokens: past the point where folding saves work
         ("small", "fixed", 2, 4, 6),  # no entity module: no gates, no L1
+        ("small", "fixed", 1, 3, 2),  # the same, one image: its side of the first block heads first
         ("base_small", "causal", 1, 3, 4),  # SAM's own upscaling only, 8 heads
     ],
 )

@@ -36,6 +36,12 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
     SECTION: ClassVar[str] = ""  # where the section sits in params.yaml, for messages
+    # How a run executes, not what it computes: left out of `as_dict`, the part of a run's
+    # fingerprint a checkpoint must match to be resumed.
+    EXECUTION_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.EXECUTION_KEYS))
 
     @classmethod
     def from_params(cls, section: Any, where: str | None = None) -> Any:
@@ -340,6 +346,7 @@ class PretrainConfig(Section):
     """SAM trained from scratch on the procedural corpus (SA-1B stand-in, `cpcsam.training.pretrain`)."""
 
     SECTION: ClassVar[str] = "pretrain"
+    EXECUTION_KEYS: ClassVar[tuple[str, ...]] = ("distributed",)  # resumes with any number of processes
 
     seed: int = Field(0, ge=0)
     steps: int = Field(500, ge=1)
@@ -477,12 +484,8 @@ class TrainConfig(Section):
     grad_checkpointing: bool = False
     distributed: DistributedConfig = DistributedConfig()
 
-    # How the run executes, not what it computes: left out of `as_dict` (the run fingerprint),
-    # so that a checkpoint resumes with another number of processes or with checkpointing on.
+    # A checkpoint resumes with another number of processes or with activation checkpointing on.
     EXECUTION_KEYS: ClassVar[tuple[str, ...]] = ("grad_checkpointing", "distributed")
-
-    def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude=set(self.EXECUTION_KEYS))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,8 +44,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import copy
-import hashlib
-import json
 import logging
 import math
 import random
@@ -58,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from cpcsam.errors import CheckpointError, ConfigError
-from cpcsam.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from cpcsam.training.checkpoint import latest_checkpoint, latest_matching, load_checkpoint, save_checkpoint
 from cpcsam.config import TrainConfig
 from cpcsam.files import write_json_atomic
 from cpcsam.training.device import configure_cuda, resolve_device
@@ -646,21 +644,15 @@ class Trainer:
     def resume(self) -> bool:
         """Load the latest checkpoint of the checkpoint folder, when there is a compatible one.
 
-        A checkpoint of another configuration (params, data, model changed) is not resumed: the
-        folder is cleared and training starts over, as a new run of the stage should. With several
+        A checkpoint of another run (params, data, starting weights or code changed: see
+        `cpcsam.training.checkpoint`) is not resumed: the folder is cleared and training starts
+        over, as a new run of the stage should. With several
         processes rank 0 picks (and clears) and every rank loads the file it picked; the state in
         a checkpoint does not depend on the number of processes that wrote it.
         """
         if self.checkpoint_dir is None:
             return False
-        path: Path | None = None
-        if self.world.is_main:
-            path = latest_checkpoint(self.checkpoint_dir)
-            if path is not None and load_checkpoint(path).get("fingerprint") != self.fingerprint:
-                logger.warning("checkpoints in %s belong to another configuration: starting over", self.checkpoint_dir)
-                for _, old in list_checkpoints(self.checkpoint_dir):
-                    old.unlink()
-                path = None
+        path = latest_matching(self.checkpoint_dir, self.fingerprint) if self.world.is_main else None
         path = broadcast_object(path, self.world)
         if path is None:
             return False
@@ -761,13 +753,3 @@ class Trainer:
         timing_dir = self.checkpoint_dir or self.out_dir
         write_json_atomic(timing_dir / "timing.json",
                           {"seconds": self.seconds, "seconds_per_step": self.seconds / max(1, len(self.curve))})
-
-
-def run_fingerprint(*parts: Any) -> str:
-    """A short hash of everything that defines a run (configs, data identities, weights)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-        digest.update(b"\x00")
-    return digest.hexdigest()[:32]
-

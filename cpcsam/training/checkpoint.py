@@ -5,10 +5,20 @@ is first written to a temporary file in the same folder, flushed to disk and the
 the final name (`os.replace` is atomic on POSIX), so a process killed at any moment leaves
 either the previous checkpoints or the new complete one, never a torn file. Leftover temporary
 files of a killed writer are ignored and removed.
+
+A checkpoint carries the fingerprint of the run that wrote it (`run_fingerprint`: configuration,
+data, starting weights and `source_digest`, the library's code) and is resumed only by a run
+with the same one (`latest_matching`). Checkpoint folders are not DVC outs, so they outlive the
+run: when a changed param or a changed source file makes DVC run a training stage again, the
+folder still holds the previous run's last checkpoint, and resuming it would write that run's
+model under the new stage's hashes in dvc.lock.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 import re
@@ -24,6 +34,36 @@ from cpcsam.files import torch_load_weights
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{6,})\.pt$")
+
+
+def run_fingerprint(*parts: Any) -> str:
+    """A short hash of everything that defines a run (configs, data identities, weights, code)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:32]
+
+
+def tree_digest(root: str | Path) -> str:
+    """SHA-256 of the Python sources under `root`: each file's path relative to it and its bytes."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\x00")
+        digest.update(path.read_bytes() + b"\x00")
+    return digest.hexdigest()
+
+
+@functools.cache
+def source_digest() -> str:
+    """`tree_digest` of the `cpcsam` package this process runs: part of every run fingerprint.
+
+    The whole package rather than the modules a stage imports: a helper moved from one module to
+    another must not leave a checkpoint resumable, and a changed docstring costs only a retrain
+    that DVC would have started anyway (the package is among the training stages' deps).
+    """
+    return tree_digest(Path(__file__).resolve().parents[1])
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:
@@ -95,3 +135,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: not a training checkpoint (no 'step' entry)")
     return state
+
+
+def latest_matching(folder: str | Path, fingerprint: str) -> Path | None:
+    """The latest checkpoint of `folder` if the run that wrote it had `fingerprint`, else None.
+
+    Checkpoints of another run (params, data, starting weights or code changed) are removed with a
+    warning: the new run starts over, as a new run of the stage should, and its checkpoints are
+    never mixed with theirs.
+    """
+    path = latest_checkpoint(folder)
+    if path is None or load_checkpoint(path).get("fingerprint") == fingerprint:
+        return path
+    logger.warning("checkpoints in %s belong to another configuration or code: starting over", folder)
+    for _, old in list_checkpoints(folder):
+        old.unlink()
+    return None

@@ -36,9 +36,9 @@ import torch
 
 from cpcsam.config import ModelConfig, PretrainConfig, coerce
 from cpcsam.errors import ConfigError
-from cpcsam.files import torch_save_atomic, write_json_atomic
+from cpcsam.files import sha256_file, torch_save_atomic, write_json_atomic
 from cpcsam.prompts.perturb import pad_prompt, prompt_from_mask
-from cpcsam.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cpcsam.training.checkpoint import latest_matching, load_checkpoint, run_fingerprint, save_checkpoint, source_digest
 from cpcsam.training.corpus import CorpusConfig, render_scene
 from cpcsam.training.device import resolve_device
 from cpcsam.training.distributed import (
@@ -47,6 +47,7 @@ from cpcsam.training.distributed import (
     all_gather_objects,
     all_reduce_gradients,
     broadcast_module,
+    broadcast_object,
     current_world,
     global_sum,
     rank_device,
@@ -190,7 +191,8 @@ def pretrain_sam(
 ) -> tuple[Any, dict[str, Any]]:
     """Train SAM (`model_section` sizes, random or `cfg.init` weights) on the corpus for `cfg.steps`; returns (sam, metrics).
 
-    With `checkpoint_dir`, resumes from its latest checkpoint and writes one every
+    With `checkpoint_dir`, resumes from its latest checkpoint if this run wrote it (same params,
+    init weights and code: `cpcsam.training.checkpoint`) and writes one every
     `cfg.checkpoint_every` steps. Writes `sam.state_dict()` to `out_path` atomically when given.
 
     Inside a process group (`cpcsam.training.distributed`, torchrun) each rank renders its share
@@ -210,7 +212,8 @@ def pretrain_sam(
                           f"({world.size}): every process needs at least one scene per step")
     device = rank_device(resolve_device(cfg.device), world)
     torch.manual_seed(cfg.seed)
-    sam = build_sam(coerce(ModelConfig, model_section, "model").model_copy(update={"checkpoint": None}))
+    model_section = coerce(ModelConfig, model_section, "model").model_copy(update={"checkpoint": None})
+    sam = build_sam(model_section)
     if cfg.init:  # a further phase: strict loading, except mask refinement stages the init lacks
         load_init(sam, cfg.init)
     seg_loss = MASK_LOSSES[cfg.mask_loss]
@@ -228,7 +231,12 @@ def pretrain_sam(
     # disabled (a no-op, the same bits) on the CPU, whose autocast is bfloat16.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     start, curve, seconds_before = 0, [], 0.0
-    if checkpoint_dir is not None and (latest := latest_checkpoint(checkpoint_dir)) is not None:
+    fingerprint = run_fingerprint(cfg.as_dict(), model_section.model_dump(mode="json"),
+                                  sha256_file(cfg.init) if cfg.init and Path(cfg.init).is_file() else cfg.init,
+                                  source_digest())
+    latest = latest_matching(checkpoint_dir, fingerprint) if checkpoint_dir is not None and world.is_main else None
+    latest = broadcast_object(latest, world)  # rank 0 alone may clear another run's checkpoints
+    if latest is not None:
         state = load_checkpoint(latest)
         model.sam.load_state_dict(state["sam"])
         optimizer.load_state_dict(state["optimizer"])
@@ -303,6 +311,7 @@ def pretrain_sam(
                             cfg.steps, total, iou_mean, per_step, per_step * (cfg.steps - step) / 60)
         if world.is_main and checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
+                "fingerprint": fingerprint,
                 "sam": model.sam.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -364,7 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from cpcsam.config import load_config
-    from cpcsam.files import sha256_file
     from cpcsam.training.device import configure_process
 
     parser = argparse.ArgumentParser(prog="python -m cpcsam.training.pretrain", description=main.__doc__)

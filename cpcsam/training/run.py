@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from cpcsam.errors import ConfigError, DataError
-from cpcsam.training.bilevel import Trainer, run_fingerprint
+from cpcsam.training.bilevel import Trainer
+from cpcsam.training.checkpoint import run_fingerprint, source_digest
 from cpcsam.config import EmbedConfig, ModelConfig, PerturbConfig, TrainConfig
 from cpcsam.training.data import TablePrompts, TrainingImages
 from cpcsam.training.metric_logger import MetricLogger
@@ -115,6 +116,7 @@ def prepare_training(
         prompts_digest(prompts_table),
         file_digest(sam_checkpoint),
         cached,
+        source_digest(),
     )
     return Trainer(model, cfg, data, prompts, out_dir, metric_logger, fingerprint=fingerprint,
                    checkpoint_dir=checkpoint_dir)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cpcsam.errors import CheckpointError
-from cpcsam.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from cpcsam.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, tree_digest
 from training_helpers import trainer_from_dicts as prepare_training
 
 # Runs the trainer on the tiny project; argv: params.json project_root out_dir seconds_per_batch.
@@ -122,3 +122,35 @@ def test_checkpoint_of_another_configuration_is_not_resumed(tiny_project, tiny_p
     first.run(progress=False)
     again = trainer(steps=2)
     assert again.resume() is True and again.step == 2
+
+
+def test_checkpoint_of_other_code_is_not_resumed(tiny_project, tiny_params, tmp_path, monkeypatch) -> None:
+    """A changed source file makes DVC run the train stage again: it must train, not "resume" the
+    previous code's finished run and write that model under the new code's hash."""
+    import cpcsam.training.run as run
+
+    def trainer():
+        return prepare_training(tiny_params, tiny_project["manifest"], tiny_project["prompts"],
+                                tiny_project["sam_checkpoint"], tmp_path, train_overrides={"steps": 2})
+
+    trainer().run(progress=False)
+    assert trainer().resume() is True  # the same code: the finished run is the result
+    monkeypatch.setattr(run, "source_digest", lambda: "the digest of edited sources")
+    assert trainer().resume() is False
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_tree_digest_follows_the_python_sources(tmp_path) -> None:
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("A = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("B = 2\n")
+    first = tree_digest(tmp_path / "pkg")
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")
+    (tmp_path / "pkg" / "sub" / "__pycache__").mkdir()
+    assert tree_digest(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("B = 3\n")
+    assert tree_digest(tmp_path / "pkg") != first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("B = 2\n")
+    assert tree_digest(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "b.py")  # same bytes, another module
+    assert tree_digest(tmp_path / "pkg") != first

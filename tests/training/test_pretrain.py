@@ -45,3 +45,24 @@ def test_without_a_progress_bar_every_log_every_steps_logs_a_line(tiny_project, 
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain step ")]
     assert [line.split(":")[0] for line in lines] == ["pretrain step 2/4", "pretrain step 4/4"]
     assert all("s/step" in line and "min left" in line for line in lines)
+
+
+def test_a_checkpoint_is_resumed_only_by_the_run_that_wrote_it(tiny_project, tmp_path, caplog) -> None:
+    """The checkpoint folder outlives a run (it is not a DVC out): a run with other params must
+    start over, not continue from the previous run's last step and write its model."""
+    model, folder = tiny_project["params"]["model"], tmp_path / "checkpoints"
+    cfg = _cfg(tiny_project, steps=2, checkpoint_every=1)
+    first, _ = pretrain_sam(model, cfg, None, progress=False, checkpoint_dir=folder)
+    with caplog.at_level("INFO", logger="cpcsam.training.pretrain"):
+        again, _ = pretrain_sam(model, cfg, None, progress=False, checkpoint_dir=folder)
+    assert any("resumed from" in r.getMessage() and "step 2" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in first.state_dict().items())
+
+    caplog.clear()
+    other = _cfg(tiny_project, steps=2, checkpoint_every=1, optim={"lr": 1e-3, "warmup_steps": 0})
+    with caplog.at_level("INFO", logger="cpcsam.training"):
+        retrained, _ = pretrain_sam(model, other, None, progress=False, checkpoint_dir=folder)
+    assert not any("resumed from" in r.getMessage() for r in caplog.records)
+    assert any("another configuration" in r.getMessage() for r in caplog.records)
+    fresh, _ = pretrain_sam(model, other, None, progress=False)  # no checkpoints at all
+    assert all(torch.equal(retrained.state_dict()[k], v) for k, v in fresh.state_dict().items())

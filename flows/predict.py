@@ -31,6 +31,7 @@ from flows import s3_watch
 from flows.train import absolute_tracking, project_root
 from operations import batch_inference, preflight
 from operations import registry as register
+from operations import tracking
 
 CACHE = ".cache/models"
 
@@ -80,7 +81,6 @@ def predict_dives(
     `support` + `classes`: automatic mode for dives without a `prompts.json` (a COCO support set
     on the worker's disk and the classes to find).
     """
-    from mlflow import MlflowClient
 
     logger = get_run_logger()
     root = project_root()
@@ -88,7 +88,7 @@ def predict_dives(
     preflight_task(params, bucket)
     name = register.model_name_for(params, profile)
     summary: dict[str, Any] = {"model": name, "alias": alias, "version": None, "dives": []}
-    version = register.champion_version(MlflowClient(params.tracking.uri), name, alias)
+    version = register.champion_version(tracking.make_client(uri=params.tracking.uri), name, alias)
     if version is None:
         logger.warning("no version of %s has the alias %r yet: nothing to predict with", name, alias)
         return summary

@@ -75,7 +75,8 @@ def download_export(model_name: str, version: str, cache_root: Path, tracking_ur
     """
     import mlflow.artifacts
     import yaml
-    from mlflow import MlflowClient
+
+    from operations.tracking import make_client
 
     dest = cache_root / f"{model_name}-v{version}"
     if not (dest / "MLmodel").is_file():
@@ -83,7 +84,7 @@ def download_export(model_name: str, version: str, cache_root: Path, tracking_ur
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_root))
         try:
             # The registry of `tracking_uri`, not the process's default one.
-            source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+            source = make_client(uri=tracking_uri).get_model_version_download_uri(
                 model_name, version)
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
                                                         tracking_uri=tracking_uri)

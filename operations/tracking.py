@@ -31,6 +31,7 @@ Design
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -146,13 +147,38 @@ def _configure_mlflow_env() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store URI (relative to the working directory, or
+    `sqlite:////absolute`), or None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def make_client(params: Params | None = None, uri: str | None = None):
-    """An `MlflowClient` on the resolved URI (tracking and registry on the same store)."""
+    """An `MlflowClient` on the resolved URI (tracking and registry on the same store).
+
+    On a sqlite store the client opens its stores at once, one process at a time (an exclusive
+    lock on `<database>.lock`). MLflow creates and migrates a new database in the first process
+    that opens it; two doing so together (the first two stages `make run` starts on a fresh
+    clone) break it for good: of three such pairs of processes, one left it half-migrated, and
+    every later process failed on it ("table _alembic_tmp_experiments already exists"), so every
+    stage ran untracked. The lock is held for the opening only (milliseconds once it exists).
+    """
     _configure_mlflow_env()
     from mlflow import MlflowClient
 
     uri = uri or resolve_tracking_uri(params)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    database = sqlite_database(uri)
+    if database is None:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store
+        client.search_registered_models(max_results=1)  # the registry's store opens on first use
+    return client
 
 
 def get_or_create_experiment(client, name: str, artifact_location: str | None, uri: str) -> str:

@@ -268,3 +268,46 @@ def test_a_tracking_server_lost_mid_stage_costs_seconds_and_nothing_on_disk(stor
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (logged,) = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
     assert [m.value for m in client.get_metric_history(logged.info.run_id, "loss")] == [1.0]
+
+
+def test_stages_opening_a_new_sqlite_store_together_all_track(tmp_path: Path) -> None:
+    """`make run` on a fresh clone starts two stages at once, and each opens the new database.
+    MLflow creates and migrates it in whichever process opens it first; two at a time used to
+    leave it half-migrated for good, and every later stage then ran untracked."""
+    import sys
+    import textwrap
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    database = tmp_path / "store" / "mlflow.db"
+    go = tmp_path / "go"
+    code = textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        import mlflow  # imported before the start line: the processes then open the store together
+        from operations.tracking import make_client
+        database, go, name = sys.argv[1:]
+        Path(go + "." + name).touch()
+        while not Path(go).exists():
+            time.sleep(0.002)
+        make_client(uri=f"sqlite:///{database}").create_experiment(name)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    names = [f"stage{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(database), str(go), name], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in names]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(Path(f"{go}.{name}").exists() for name in names):
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+            assert time.monotonic() < deadline, "the processes did not start"
+            time.sleep(0.01)
+        go.touch()
+        errors = [err[-2000:] for p in procs if (err := p.communicate(timeout=120)[1]) and p.returncode != 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert not errors, errors
+    client = tracking.make_client(uri=f"sqlite:///{database}")
+    assert sorted(e.name for e in client.search_experiments() if e.name != "Default") == names

@@ -9,9 +9,11 @@ image-sized upscaling. Here the same function is computed with less work per ent
 - **The first block's image side once per image.** Until the first block's image→token attention
   writes into the image tokens they are the same for every entity of an image (no mask prompt:
   the dense embedding is `no_mask_embed` everywhere), so that block's token→image keys and values
-  and its image→token queries are projected once per image. One image serves all its entities
-  without copies: its products with the entities' queries (and the entity gates' with their keys)
-  run heads first, as one [H, N·T, d] × [H, d, HW] product each (`_image_side_product`).
+  and its image→token queries are projected once per image. With one image, its keys' products
+  with the entities' queries (and the entity gates' keys' with theirs) run heads first, as one
+  [H, N·T, d] × [H, d, HW] product each (`_image_side_product`), without copying the image's side
+  for each entity. The image→token logits still broadcast it: heads first there, their softmax's
+  output would have to be copied into the entities' layout instead, which measured no faster.
 - **Projections folded into the attention.** In a later cross attention between an entity's T
   tokens and its HW positions, the projection can act on the token side because T is small:
   token→image logits are q_h W_k,hᵀ · xᵀ (the key bias adds a constant to each softmax row, which
@@ -169,8 +171,9 @@ def _image_side_product(x: Tensor, image_side: Tensor) -> Tensor:
     Heads first (`_heads_first`): one [H, N·T, a] × [H, a, L] product, whose result is a view of
     [H, N, T, L] memory. `x @ image_side` broadcasts one image's [1, H, a, L] to [N, H, a, L] by
     copying it, and sums its gradient back over N: the first block's keys and the entity gates'
-    keys at the ViT-B decoder's sizes ([N, 8, 16, 4096]). Without those copies a LoRA-only
-    training step there (N ≤ 4, 2 threads) took 0.94× the time.
+    keys at the ViT-B decoder's sizes ([N, 8, 16, 4096]). Without those copies (and with the
+    output bias folded, `_image_to_token_output`) a LoRA-only training step there (N ≤ 4, 2
+    threads, cached embeddings) took 0.94× the time.
     """
     if not _heads_first(image_side):
         return x @ image_side

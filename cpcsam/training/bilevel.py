@@ -646,9 +646,9 @@ class Trainer:
 
         A checkpoint of another run (params, data, starting weights or code changed: see
         `cpcsam.training.checkpoint`) is not resumed: the folder is cleared and training starts
-        over, as a new run of the stage should. With several
-        processes rank 0 picks (and clears) and every rank loads the file it picked; the state in
-        a checkpoint does not depend on the number of processes that wrote it.
+        over, as a new run of the stage should. With several processes rank 0 picks (and clears)
+        and every rank loads the file it picked; the state in a checkpoint does not depend on the
+        number of processes that wrote it.
         """
         if self.checkpoint_dir is None:
             return False

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from cpcsam.errors import CheckpointError
-from cpcsam.files import torch_load_weights
+from cpcsam.files import sha256_file, torch_load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,15 @@ def run_fingerprint(*parts: Any) -> str:
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
         digest.update(b"\x00")
     return digest.hexdigest()[:32]
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """SHA-256 of a local file (the SAM weights a run starts from), None for no file."""
+    if not path:
+        return None
+    if not Path(path).is_file():
+        return str(path)  # e.g. an s3:// URI: its name identifies it
+    return sha256_file(path)
 
 
 def tree_digest(root: str | Path) -> str:

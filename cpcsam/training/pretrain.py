@@ -36,9 +36,16 @@ import torch
 
 from cpcsam.config import ModelConfig, PretrainConfig, coerce
 from cpcsam.errors import ConfigError
-from cpcsam.files import sha256_file, torch_save_atomic, write_json_atomic
+from cpcsam.files import torch_save_atomic, write_json_atomic
 from cpcsam.prompts.perturb import pad_prompt, prompt_from_mask
-from cpcsam.training.checkpoint import latest_matching, load_checkpoint, run_fingerprint, save_checkpoint, source_digest
+from cpcsam.training.checkpoint import (
+    file_digest,
+    latest_matching,
+    load_checkpoint,
+    run_fingerprint,
+    save_checkpoint,
+    source_digest,
+)
 from cpcsam.training.corpus import CorpusConfig, render_scene
 from cpcsam.training.device import resolve_device
 from cpcsam.training.distributed import (
@@ -232,7 +239,7 @@ def pretrain_sam(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     start, curve, seconds_before = 0, [], 0.0
     fingerprint = run_fingerprint(cfg.as_dict(), model_section.model_dump(mode="json"),
-                                  sha256_file(cfg.init) if cfg.init and Path(cfg.init).is_file() else cfg.init,
+                                  file_digest(cfg.init),
                                   source_digest())
     latest = latest_matching(checkpoint_dir, fingerprint) if checkpoint_dir is not None and world.is_main else None
     latest = broadcast_object(latest, world)  # rank 0 alone may clear another run's checkpoints
@@ -373,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from cpcsam.config import load_config
+    from cpcsam.files import sha256_file
     from cpcsam.training.device import configure_process
 
     parser = argparse.ArgumentParser(prog="python -m cpcsam.training.pretrain", description=main.__doc__)

@@ -18,7 +18,7 @@ import torch
 
 from cpcsam.errors import ConfigError, DataError
 from cpcsam.training.bilevel import Trainer
-from cpcsam.training.checkpoint import run_fingerprint, source_digest
+from cpcsam.training.checkpoint import file_digest, run_fingerprint, source_digest
 from cpcsam.config import EmbedConfig, ModelConfig, PerturbConfig, TrainConfig
 from cpcsam.training.data import TablePrompts, TrainingImages
 from cpcsam.training.metric_logger import MetricLogger
@@ -60,20 +60,6 @@ def use_embedding_cache(model: ModelConfig, train: TrainConfig) -> bool:
             f"{ENCODER_LORA_TARGET!r} from model.lora.targets or use mode lora-only/bilevel (not full-finetune)"
         )
     return train.embedding_cache == "on" or (train.embedding_cache == "auto" and frozen)
-
-
-def file_digest(path: str | Path | None) -> str | None:
-    """SHA-256 of a local file (the SAM weights a run starts from), None for no file."""
-    if not path:
-        return None
-    path = Path(path)
-    if not path.is_file():
-        return str(path)  # e.g. an s3:// URI: its name identifies it
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def prepare_training(

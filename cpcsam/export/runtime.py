@@ -136,12 +136,21 @@ def _load_cuda_libraries(ort) -> None:
         logger.debug("onnxruntime.preload_dlls failed: %s", exc)
 
 
-def create_session(path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True):
+def create_session(path: str | Path, device: str = "auto", threads: int | None = None):
     """An `InferenceSession` for `path` and a `SessionInfo` of the providers it really uses.
 
-    `spin=False` stops onnxruntime's worker threads from busy-waiting between runs: slightly slower
-    wake-ups, but the cores are free for other work at once (shared machines, benchmarks that
-    alternate onnxruntime with PyTorch).
+    The intra-op threads busy-wait for the next operator during a run and stop at its end
+    (`session.force_spinning_stop`). A session here always alternates with other work: the encoder
+    graph with the decoder graph (two thread pools), both with the predictor's Python pre- and
+    post-processing, the batch and serving loops with I/O. Measured on the ViT-B-size decoder + CaPL
+    graph (benchmarks/bench_decoder.py sizes), 2 threads, onnxruntime 1.31:
+
+    - right after another graph's run (the entity keys, as the encoder graph precedes the decoder),
+      the decoder took 33.3 / 117 ms at 1 / 4 entities against 62.6 / 151 ms when every pool kept
+      spinning after its run (onnxruntime's default), taking the cores from the next one;
+    - back to back, 34.0 / 109 / 463 ms at 1 / 4 / 16 entities, against 32.7 / 107 / 446 ms
+      spinning throughout and 42.7 / 123 / 507 ms never spinning (each operator then waits for its
+      threads to wake).
     """
     ort = _ort()
     path = Path(path)
@@ -157,8 +166,8 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
     options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = int(threads)
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # onnxruntime's own provider warnings: we report the outcome ourselves
     if CUDA in requested:
         _load_cuda_libraries(ort)
@@ -233,8 +242,8 @@ class OnnxImageEncoder:
     """The exported image encoder: preprocessed [1, 3, S, S] float32 → embedding [1, C, h, w], and
     the entity module's keys [1, S·H, r, HW] when the model has one (`has_entity_keys`)."""
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> None:
-        self.session, self.info = create_session(path, device, threads, spin)
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+        self.session, self.info = create_session(path, device, threads)
         check_graph(self.session, path, ENCODER_GRAPH)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -250,8 +259,8 @@ class OnnxImageEncoder:
 class OnnxDecoder:
     """The exported CaPL + prompt encoder + mask decoder graph (see `cpcsam.export.onnx`)."""
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> None:
-        self.session, self.info = create_session(path, device, threads, spin)
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+        self.session, self.info = create_session(path, device, threads)
         check_graph(self.session, path, DECODER_GRAPH)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

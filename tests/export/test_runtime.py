@@ -28,7 +28,8 @@ class _FakeOrt:
     GraphOptimizationLevel = type("G", (), {"ORT_ENABLE_ALL": 99})
 
     class SessionOptions:
-        pass
+        def add_session_config_entry(self, key, value):
+            pass
 
     class InferenceSession:
         def __init__(self, path, sess_options=None, providers=None):
@@ -59,6 +60,10 @@ def test_real_cpu_session(exported):
     _, enc_path, _ = exported
     session, info = create_session(enc_path, "cpu")
     assert info.providers[0] == CPU and not info.fell_back
+    # its threads spin within a run only: the cores are free for the next graph or Python step at once
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     out = session.run(None, {"image": np.zeros((1, 3, 256, 256), np.float32)})[0]
     assert out.shape == (1, 64, 16, 16)
 

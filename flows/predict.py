@@ -81,7 +81,6 @@ def predict_dives(
     `support` + `classes`: automatic mode for dives without a `prompts.json` (a COCO support set
     on the worker's disk and the classes to find).
     """
-
     logger = get_run_logger()
     root = project_root()
     params = absolute_tracking(load_config(root / "params.yaml", [f"data.profile={profile}"]), root)

@@ -16,7 +16,14 @@ from pathlib import Path
 from cpcsam.config import Params
 from cpcsam.errors import CpcSamError
 from cpcsam.redact import redact
-from operations.tracking import DATABASE_PORTS, database_problem, is_remote_uri, resolve_tracking_uri, tracking_config
+from operations.tracking import (
+    DATABASE_PORTS,
+    database_problem,
+    is_remote_uri,
+    resolve_tracking_uri,
+    sqlite_database,
+    tracking_config,
+)
 
 
 class PreflightError(CpcSamError):
@@ -64,8 +71,8 @@ def check_tracking(params: Params | None, timeout: float | None = None) -> str:
             raise PreflightError(f"MLflow store {shown}: its database does not answer ({problem}). Nothing was trained.")
         return uri
     if parsed.scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-        if db is not None and str(db):
+        db = sqlite_database(uri)
+        if db is not None:
             folder = db.parent if db.parent != Path("") else Path(".")
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise PreflightError(f"MLflow store {shown}: folder {folder.resolve()} is missing or not writable")

@@ -238,8 +238,7 @@ def pretrain_sam(
     # disabled (a no-op, the same bits) on the CPU, whose autocast is bfloat16.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     start, curve, seconds_before = 0, [], 0.0
-    fingerprint = run_fingerprint(cfg.as_dict(), model_section.model_dump(mode="json"),
-                                  file_digest(cfg.init),
+    fingerprint = run_fingerprint(cfg.as_dict(), model_section.model_dump(mode="json"), file_digest(cfg.init),
                                   source_digest())
     latest = latest_matching(checkpoint_dir, fingerprint) if checkpoint_dir is not None and world.is_main else None
     latest = broadcast_object(latest, world)  # rank 0 alone may clear another run's checkpoints

@@ -29,6 +29,8 @@ or where the official export is wrong:
   still share the first block's image-side work. The entity keys read the image embedding alone,
   as in training (which has no mask prompts).
 - Single-mask output (mask token 0), as CPC-SAM is trained; no multimask selection.
+- The two bilinear resizes to full size are one matrix per axis, applied as products
+  (`cpcsam.export.mask_resize`): onnxruntime's `Resize` runs on one thread.
 
 Decoder inputs (float32 unless said): `image_embeddings` [1, C, h, w]; `point_coords` [N, P, 2] in
 the model-input frame (x, y); `point_labels` [N, P] (−1, 0, 1, 2, 3); `mask_input` [N, 1, 4h, 4w];
@@ -54,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpcsam.export.attention import chunked_global_attention
+from cpcsam.export.mask_resize import postprocess_masks_as_products
 from cpcsam.export.runtime import CROP_PROPERTY, DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 
@@ -89,11 +92,14 @@ def postprocess_masks_traceable(low_res: Tensor, orig_im_size: Tensor, image_siz
     low-res rows/cols that the crop needs are upsampled (ceil(inner / factor) + 1 of them, the +1
     being bilinear's right/bottom neighbour): same scale factor, same source coordinates, so the
     kept pixels are bit-identical to upsampling the whole square and cropping it afterwards, at a
-    fraction of the cost for non-square images.
+    fraction of the cost for non-square images. Traced for export, the same function as matrix
+    products (`mask_resize`): onnxruntime's `Resize` runs on one thread.
     """
     low = int(low_res.shape[-1])
     factor = image_size // low
     inner = prepadded_size(orig_im_size, image_size)
+    if torch.onnx.is_in_onnx_export():
+        return postprocess_masks_as_products(low_res, inner, orig_im_size, image_size)
     need = torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
     masks = low_res[..., : need[0], : need[1]]  # tensor bounds: dynamic Slices in the graph
     masks = F.interpolate(masks, size=(need[0] * factor, need[1] * factor), mode="bilinear", align_corners=False)

@@ -1,8 +1,9 @@
-"""The mask postprocessing of the exported decoder as matrix products, for onnxruntime.
+"""The decoder's mask postprocessing, one function in two forms: PyTorch's `interpolate`, and
+matrix products for the exported graph, because onnxruntime's `Resize` runs on one thread.
 
 SAM's postprocessing resizes the [N, 1, l, l] low-resolution logits twice: ×f bilinear to the
 square model frame, a crop to the resized image, bilinear to the original (H, W). onnxruntime's
-CPU `Resize` runs on one thread, and at full size it was the graph's largest cost: 110 of 548 ms
+CPU `Resize` at full size was the exported graph's largest cost: 110 of 548 ms
 at 16 entities and a 1200×1800 image (ViT-B decoder sizes, 2 threads), where PyTorch's
 multi-threaded `interpolate` is no faster on the same work.
 
@@ -13,24 +14,26 @@ neighbouring low-resolution rows (two bilinear taps of two bilinear taps), so:
 - A_W is built dense (a scatter of four taps per output column) and x · A_Wᵀ is one product
   over the rows the crop keeps: [N, h', l] × [l, W], small because h' ≤ l.
 - A_H is applied in blocks of R output rows, each block reading only its window of w
-  neighbouring rows of that product: [B, R, w] × [N, 1, B, w, W] → [N, 1, B·R = H, W], some
-  w·R/l of a dense product's multiply-adds (about a tenth at 1200×1800). R is a divisor of H,
+  neighbouring rows of that product: [B, R, w] × [N, 1, B, w, W] → [N, 1, B·R = H, W], w/h' of
+  a dense product's multiply-adds (about a tenth at 1200×1800). R is a divisor of H,
   so that the blocks tile the output exactly: slicing a padded [N, 1, B·R, W] result down to H
   rows would copy the full-size output once more (onnxruntime's Slice copies; 36 ms at 16
   entities). An H with no divisor in [32, 128] (a prime, say) is one block: a dense product,
   slower but the same result.
 
-Measured on its own, N = 1 / 4 / 16 masks to 1200×1800, 2 threads: 6.6 / 31.4 / 134 ms for the
-two `Resize` nodes against 4.0 / 10.4 / 39.4 ms here (the graph output's final Reshape, a copy,
-included). In the ViT-B decoder + CaPL graph the decoder call went from 105–118 / 521–523 ms to
-78–92 / 395–398 ms at 4 / 16 entities (benchmarks/bench_decoder.py, alternating runs). The result equals the two resizes to float32 rounding (the weights are products of the two
-stages' interpolation weights, rounded once), closer to PyTorch's `interpolate` than
-onnxruntime's own `Resize` is (tests/export/test_mask_resize.py). PyTorch keeps `interpolate`.
+Measured side by side (benchmarks/bench_mask_resize.py: 1 / 4 / 16 masks to 1200×1800, 2
+threads): 8.2 / 33.2 / 117.0 ms for the two `Resize` nodes against 2.9 / 13.1 / 38.8 ms here,
+the graph output's final Reshape (a copy) included. The result equals the two resizes to float32
+rounding (the weights are products of the two stages' interpolation weights, rounded once), and
+is closer to PyTorch's `interpolate` than onnxruntime's own `Resize` is: on logits of spread 10,
+max |Δ| 2.8e-04–3.5e-04 against 1.0e-03–1.3e-03 there. PyTorch keeps `interpolate`, which runs
+on every thread.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Output rows per block of A_H's product are a divisor of H in this range (see the module docstring):
@@ -97,13 +100,33 @@ def _apply_to_rows(t: Tensor, out_rows: Tensor, inner: Tensor, low: int, factor:
     return (weights @ rows).reshape(t.shape[0], 1, out_rows, t.shape[-1])
 
 
-def postprocess_masks_as_products(low_res: Tensor, inner: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
-    """[N, 1, l, l] low-resolution logits → [N, 1, H, W], `inner` the (h, w) of the image in the
-    square frame and `orig_im_size` (H, W): `postprocess_masks_traceable`'s function."""
+def _rows_and_cols_read(low_res: Tensor, inner: Tensor, image_size: int) -> tuple[int, Tensor]:
+    """(factor, need): the ×factor upsampling and the low-resolution (rows, cols) that the crop to
+    `inner` reads, ceil(inner / factor) + 1 of each (the +1 being bilinear's right/bottom neighbour)."""
     low = int(low_res.shape[-1])
     factor = image_size // low
-    # only the low-resolution rows/cols that the crop reads (ceil(inner / factor) + 1 of them)
-    need = torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
+    return factor, torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
+
+
+def postprocess_masks_interpolated(low_res: Tensor, inner: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
+    """[N, 1, l, l] low-resolution logits → [N, 1, H, W] with PyTorch's `interpolate`; `inner` is the
+    (h, w) of the image in the square frame and `orig_im_size` (H, W).
+
+    Only the rows/cols that the crop reads are upsampled: same scale factor, same source
+    coordinates, so the kept pixels are bit-identical to upsampling the whole square and cropping
+    it afterwards, at a fraction of the cost for non-square images."""
+    factor, need = _rows_and_cols_read(low_res, inner, image_size)
+    masks = low_res[..., : need[0], : need[1]]  # tensor bounds: dynamic Slices in a graph
+    masks = F.interpolate(masks, size=(need[0] * factor, need[1] * factor), mode="bilinear", align_corners=False)
+    masks = masks[..., : inner[0], : inner[1]]
+    out = orig_im_size.to(torch.int64)
+    return F.interpolate(masks, size=(out[0], out[1]), mode="bilinear", align_corners=False)
+
+
+def postprocess_masks_as_products(low_res: Tensor, inner: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
+    """`postprocess_masks_interpolated`'s function as the products of the module docstring."""
+    factor, need = _rows_and_cols_read(low_res, inner, image_size)
+    low = int(low_res.shape[-1])
     out = orig_im_size.to(torch.int64)
     x = low_res[..., : need[0], : need[1]]
     return _apply_to_rows(_apply_to_columns(x, out[1], inner[1], low, factor), out[0], inner[0], low, factor)

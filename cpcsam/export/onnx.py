@@ -52,11 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpcsam.export.attention import chunked_global_attention
-from cpcsam.export.mask_resize import postprocess_masks_as_products
+from cpcsam.export.mask_resize import postprocess_masks_as_products, postprocess_masks_interpolated
 from cpcsam.export.runtime import CROP_PROPERTY, DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 
@@ -86,26 +85,14 @@ def prepadded_size(orig_im_size: Tensor, image_size: int) -> Tensor:
 
 
 def postprocess_masks_traceable(low_res: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
-    """`transforms.postprocess_masks` with the sizes as tensors, so the traced graph stays exact.
-
-    Upsample to the square frame, crop the padding to the resized image, resize to (H, W). Only the
-    low-res rows/cols that the crop needs are upsampled (ceil(inner / factor) + 1 of them, the +1
-    being bilinear's right/bottom neighbour): same scale factor, same source coordinates, so the
-    kept pixels are bit-identical to upsampling the whole square and cropping it afterwards, at a
-    fraction of the cost for non-square images. Traced for export, the same function as matrix
-    products (`mask_resize`): onnxruntime's `Resize` runs on one thread.
-    """
-    low = int(low_res.shape[-1])
-    factor = image_size // low
+    """`transforms.postprocess_masks` with the sizes as tensors, so the traced graph stays exact:
+    `mask_resize.postprocess_masks_interpolated` in PyTorch, and traced for export the same function
+    as matrix products (`mask_resize.postprocess_masks_as_products`): onnxruntime's `Resize` runs on
+    one thread."""
     inner = prepadded_size(orig_im_size, image_size)
     if torch.onnx.is_in_onnx_export():
         return postprocess_masks_as_products(low_res, inner, orig_im_size, image_size)
-    need = torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
-    masks = low_res[..., : need[0], : need[1]]  # tensor bounds: dynamic Slices in the graph
-    masks = F.interpolate(masks, size=(need[0] * factor, need[1] * factor), mode="bilinear", align_corners=False)
-    masks = masks[..., : inner[0], : inner[1]]
-    out_size = orig_im_size.to(torch.int64)
-    return F.interpolate(masks, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
+    return postprocess_masks_interpolated(low_res, inner, orig_im_size, image_size)
 
 
 class DecoderOnnxModel(nn.Module):

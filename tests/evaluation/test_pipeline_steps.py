@@ -230,3 +230,78 @@ def test_forked_workers_score_what_this_process_scores(workspace):
         assert forked[name].overlays.keys() == here[name].overlays.keys() and here[name].overlays
         for image_id, masks in here[name].overlays.items():
             assert all(np.array_equal(a, b) for a, b in zip(forked[name].overlays[image_id], masks, strict=True))
+
+
+def _small_model_eval(workspace, overrides: list[str]):
+    """(engine of the trained-looking CPC-SAM, images, classes, EvalConfig) of the tiny workspace."""
+    import numpy as np
+
+    from cpcsam.config import load_config
+    from cpcsam.data import load_classes, load_manifest, read_image
+    from cpcsam.evaluation.protocols import EvalConfig, image_records
+    from cpcsam.inference import Predictor
+    from cpcsam.modeling import load_cpcsam
+
+    root, params = workspace
+    p = load_config(params, overrides)
+    cfg = EvalConfig.from_section(p.evaluate, p.stage_seed("evaluate"))
+    images = image_records(load_manifest(root / "ingest/manifest.parquet"), p.evaluate.splits, 4, cfg.seed)
+    engine = Predictor.from_model(load_cpcsam(str(root / "trained/cpcsam/model.pt"), fold_lora=True))
+    return engine, images, load_classes(root / "ingest/classes.json"), cfg, lambda im: np.array(read_image(im.uri))
+
+
+MIXED = ["evaluate.kinds=[box, points]", "evaluate.sigmas=[0.0, 0.1, 0.2]", "evaluate.tta.k=2",
+         "evaluate.tta.protocols=[box@0.1, box@0.2]", "evaluate.auto.enabled=false", "evaluate.overlays=4",
+         "evaluate.overlay_protocol=points@0.1"]
+
+
+def test_protocols_decoded_together_score_as_each_decoded_alone(workspace):
+    """One decoder call for several protocols of an image gives each protocol the numbers and
+    masks of its own call (`batch_entities=1`: one protocol per call), boxes, points and TTA mixed."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from cpcsam.evaluation.protocols import evaluate_model
+
+    engine, images, classes, cfg, load = _small_model_eval(workspace, MIXED)
+    assert len(cfg.protocols) == 8 and sum(len(im.entities) for im in images) >= 8
+    together = evaluate_model(engine, images, classes["base"], classes["target"], [], cfg, load)
+    alone = evaluate_model(engine, images, classes["base"], classes["target"], [], replace(cfg, batch_entities=1), load)
+    # To float32 rounding: a product over more rows may round differently (`_prompt_batches`).
+    numbers = _numbers(together.protocols)
+    assert len(numbers) > 100 and numbers == pytest.approx(_numbers(alone.protocols), rel=1e-4, abs=1e-6, nan_ok=True)
+    assert together.overlays.keys() == alone.overlays.keys() and together.overlays
+    for image_id, masks in together.overlays.items():
+        assert all(np.mean(a != b) < 1e-3 for a, b in zip(alone.overlays[image_id], masks, strict=True))
+
+
+def _numbers(tree, path: str = "") -> dict[str, float]:
+    """The numbers of nested dicts and lists by path, None as NaN (for `pytest.approx`)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        return {} if isinstance(tree, str) else {path: float("nan") if tree is None else float(tree)}
+    return {p: v for key, sub in items for p, v in _numbers(sub, f"{path}/{key}").items()}
+
+
+def test_a_decoder_call_takes_protocols_of_one_prompt_shape_up_to_batch_entities(workspace):
+    from dataclasses import replace
+
+    from cpcsam.evaluation.protocols import _prompt_batches
+
+    _, images, _, cfg, _ = _small_model_eval(workspace, MIXED)
+    image = max(images, key=lambda im: len(im.entities))
+    n = len(image.entities)
+    names = lambda batches: [[p.name for p, _ in batch] for batch in batches]  # noqa: E731
+    # boxes (K' 1, P 2), points (1, 1), boxes under TTA (2, 2): one call per shape
+    assert names(_prompt_batches(cfg.protocols, image, replace(cfg, batch_entities=8 * n))) == [
+        ["box@0", "box@0.1", "box@0.2"], ["points@0", "points@0.1", "points@0.2"], ["box@0.1+tta2", "box@0.2+tta2"]]
+    # at most batch_entities entities per call; a protocol with more than that is a call of its own
+    assert names(_prompt_batches(cfg.protocols, image, replace(cfg, batch_entities=2 * n))) == [
+        ["box@0", "box@0.1"], ["box@0.2"], ["points@0", "points@0.1"], ["points@0.2"], ["box@0.1+tta2", "box@0.2+tta2"]]
+    assert len(_prompt_batches(cfg.protocols, image, replace(cfg, batch_entities=1))) == 8
+    for batch in _prompt_batches(cfg.protocols, image, cfg):
+        assert all(len(prompts) == n for _, prompts in batch)  # every entity of the image, per protocol

@@ -41,6 +41,17 @@ def test_label_map_threshold_and_argmax():
     assert label_map(np.zeros((0, 2, 2))).tolist() == [[-1, -1], [-1, -1]]
 
 
+def test_label_map_is_the_first_argmax_above_the_threshold_ties_and_infinities_included():
+    rng = np.random.default_rng(0)
+    for n in range(1, 7):
+        logits = rng.integers(-3, 4, size=(n, 40, 50)).astype(np.float32)  # many ties
+        logits[rng.random(logits.shape) < 0.05] = np.inf  # the references' hard masks are ±inf
+        logits[rng.random(logits.shape) < 0.05] = -np.inf
+        for threshold in (0.0, 1.5, -np.inf):
+            expected = np.where(logits.max(axis=0) > threshold, logits.argmax(axis=0), -1)
+            assert np.array_equal(label_map(logits, threshold), expected)
+
+
 def test_label_map_miou_hand_computed():
     # Entity 0 wins the whole left half, entity 1 wins a right strip that is half its truth.
     logits = np.full((2, 2, 4), -5.0)

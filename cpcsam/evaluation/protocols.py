@@ -263,8 +263,11 @@ def evaluate_model(
     return ModelResult(summaries, overlays, missing)
 
 
-def _prompt_batches(protocols: Sequence[Protocol], image: ImageRecord,
-                    cfg: EvalConfig) -> list[list[tuple[Protocol, list[list[Prompt]]]]]:
+# One decoder call's worth of protocols: each with its prompts, K' variants per entity of the image.
+_PromptBatch = list[tuple[Protocol, list[list[Prompt]]]]
+
+
+def _prompt_batches(protocols: Sequence[Protocol], image: ImageRecord, cfg: EvalConfig) -> list[_PromptBatch]:
     """The protocols' prompts for one image, in batches for one `Predictor.predict` call each.
 
     A batch holds protocols whose prompts have the same K' variants and the same padded size P
@@ -277,8 +280,8 @@ def _prompt_batches(protocols: Sequence[Protocol], image: ImageRecord,
     block's image side, Python) is paid once per batch instead of once per protocol: the embedded
     default's eleven prompted protocols take 3 calls per image (of up to six entities) instead of 11.
     """
-    batches: list[list[tuple[Protocol, list[list[Prompt]]]]] = []
-    open_batches: dict[tuple[int, int], list[tuple[Protocol, list[list[Prompt]]]]] = {}
+    batches: list[_PromptBatch] = []
+    open_batches: dict[tuple[int, int], _PromptBatch] = {}  # by prompt shape (K', P): the batch still filling
     for protocol in protocols:
         prompts = entity_prompts(protocol, image, cfg.seed, cfg.num_positive, cfg.num_negative, cfg.tta_sigma)
         if not prompts:

@@ -100,12 +100,13 @@ def _apply_to_rows(t: Tensor, out_rows: Tensor, inner: Tensor, low: int, factor:
     return (weights @ rows).reshape(t.shape[0], 1, out_rows, t.shape[-1])
 
 
-def _rows_and_cols_read(low_res: Tensor, inner: Tensor, image_size: int) -> tuple[int, Tensor]:
-    """(factor, need): the ×factor upsampling and the low-resolution (rows, cols) that the crop to
-    `inner` reads, ceil(inner / factor) + 1 of each (the +1 being bilinear's right/bottom neighbour)."""
+def _rows_and_cols_read(low_res: Tensor, inner: Tensor, image_size: int) -> tuple[int, int, Tensor]:
+    """(low, factor, need): the low-resolution side, the ×factor upsampling and the low-resolution
+    (rows, cols) that the crop to `inner` reads, ceil(inner / factor) + 1 of each (the +1 being
+    bilinear's right/bottom neighbour)."""
     low = int(low_res.shape[-1])
     factor = image_size // low
-    return factor, torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
+    return low, factor, torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
 
 
 def postprocess_masks_interpolated(low_res: Tensor, inner: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
@@ -115,7 +116,7 @@ def postprocess_masks_interpolated(low_res: Tensor, inner: Tensor, orig_im_size:
     Only the rows/cols that the crop reads are upsampled: same scale factor, same source
     coordinates, so the kept pixels are bit-identical to upsampling the whole square and cropping
     it afterwards, at a fraction of the cost for non-square images."""
-    factor, need = _rows_and_cols_read(low_res, inner, image_size)
+    _, factor, need = _rows_and_cols_read(low_res, inner, image_size)
     masks = low_res[..., : need[0], : need[1]]  # tensor bounds: dynamic Slices in a graph
     masks = F.interpolate(masks, size=(need[0] * factor, need[1] * factor), mode="bilinear", align_corners=False)
     masks = masks[..., : inner[0], : inner[1]]
@@ -125,8 +126,7 @@ def postprocess_masks_interpolated(low_res: Tensor, inner: Tensor, orig_im_size:
 
 def postprocess_masks_as_products(low_res: Tensor, inner: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
     """`postprocess_masks_interpolated`'s function as the products of the module docstring."""
-    factor, need = _rows_and_cols_read(low_res, inner, image_size)
-    low = int(low_res.shape[-1])
+    low, factor, need = _rows_and_cols_read(low_res, inner, image_size)
     out = orig_im_size.to(torch.int64)
     x = low_res[..., : need[0], : need[1]]
     return _apply_to_rows(_apply_to_columns(x, out[1], inner[1], low, factor), out[0], inner[0], low, factor)

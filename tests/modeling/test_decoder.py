@@ -118,3 +118,23 @@ def test_attention_map_is_the_single_mask_tokens_row_max_scaled():
     row = final[:, :, 1].mean(dim=1)
     expected = (row / row.amax(dim=-1, keepdim=True)).reshape(2, 3, 4)
     torch.testing.assert_close(attention_map(final, (3, 4)), expected)
+
+
+def test_the_hypernetwork_products_own_gradients_are_exact():
+    """`_HyperProductFunction`'s backward, written out for speed, against finite differences in
+    float64 (tolerances far below any slip of a factor or a transpose), for both inputs and each
+    alone; the plain product where no gradient is wanted."""
+    from cpcsam.modeling.decoder import _hyper_product
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 40, 5, dtype=torch.float64, generator=gen)
+    hyper = torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    for wants in ((True, True), (True, False), (False, True)):
+        p, h = pixels.clone().requires_grad_(wants[0]), hyper.clone().requires_grad_(wants[1])
+        out = _hyper_product(p, h)
+        assert type(out.grad_fn).__name__ == "_HyperProductFunctionBackward"
+        assert torch.autograd.gradcheck(_hyper_product, (p, h), atol=1e-9, rtol=1e-7)
+    with torch.no_grad():
+        out = _hyper_product(pixels.requires_grad_(), hyper)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, pixels @ hyper.unsqueeze(-1), rtol=0, atol=0)

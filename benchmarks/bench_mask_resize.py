@@ -28,9 +28,10 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cpcsam.export.mask_resize import postprocess_masks_as_products, postprocess_masks_interpolated  # noqa: E402
+from cpcsam.export.mask_resize import postprocess_masks_as_products  # noqa: E402
 from cpcsam.export.onnx import _export, prepadded_size  # noqa: E402
 from cpcsam.export.runtime import create_session  # noqa: E402
+from cpcsam.modeling.transforms import postprocess_masks_interpolated  # noqa: E402
 
 IMAGE_SIZE, LOW = 1024, 256
 

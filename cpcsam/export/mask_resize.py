@@ -1,5 +1,6 @@
-"""The decoder's mask postprocessing, one function in two forms: PyTorch's `interpolate`, and
-matrix products for the exported graph, because onnxruntime's `Resize` runs on one thread.
+"""The decoder's mask postprocessing, one function in two forms: PyTorch's `interpolate`
+(`cpcsam.modeling.transforms.postprocess_masks_interpolated`), and matrix products for the
+exported graph, because onnxruntime's `Resize` runs on one thread.
 
 SAM's postprocessing resizes the [N, 1, l, l] low-resolution logits twice: ×f bilinear to the
 square model frame, a crop to the resized image, bilinear to the original (H, W). onnxruntime's
@@ -35,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cpcsam.modeling.transforms import low_res_rows_read, upsampling_factor
 
 # Output rows per block of A_H's product are a divisor of H in this range (see the module docstring):
 # small enough that a block's window stays narrow, large enough that each block's product is a real GEMM.
@@ -102,30 +105,14 @@ def _apply_to_rows(t: Tensor, out_rows: Tensor, inner: Tensor, low: int, factor:
 
 def _rows_and_cols_read(low_res: Tensor, inner: Tensor, image_size: int) -> tuple[int, int, Tensor]:
     """(low, factor, need): the low-resolution side, the ×factor upsampling and the low-resolution
-    (rows, cols) that the crop to `inner` reads, ceil(inner / factor) + 1 of each (the +1 being
-    bilinear's right/bottom neighbour)."""
+    (rows, cols) that the crop to `inner` reads (`transforms.low_res_rows_read`)."""
+    factor = upsampling_factor(low_res, image_size)
     low = int(low_res.shape[-1])
-    factor = image_size // low
-    return low, factor, torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
-
-
-def postprocess_masks_interpolated(low_res: Tensor, inner: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
-    """[N, 1, l, l] low-resolution logits → [N, 1, H, W] with PyTorch's `interpolate`; `inner` is the
-    (h, w) of the image in the square frame and `orig_im_size` (H, W).
-
-    Only the rows/cols that the crop reads are upsampled: same scale factor, same source
-    coordinates, so the kept pixels are bit-identical to upsampling the whole square and cropping
-    it afterwards, at a fraction of the cost for non-square images."""
-    _, factor, need = _rows_and_cols_read(low_res, inner, image_size)
-    masks = low_res[..., : need[0], : need[1]]  # tensor bounds: dynamic Slices in a graph
-    masks = F.interpolate(masks, size=(need[0] * factor, need[1] * factor), mode="bilinear", align_corners=False)
-    masks = masks[..., : inner[0], : inner[1]]
-    out = orig_im_size.to(torch.int64)
-    return F.interpolate(masks, size=(out[0], out[1]), mode="bilinear", align_corners=False)
+    return low, factor, low_res_rows_read(inner, low, factor)
 
 
 def postprocess_masks_as_products(low_res: Tensor, inner: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
-    """`postprocess_masks_interpolated`'s function as the products of the module docstring."""
+    """`transforms.postprocess_masks_interpolated`'s function as the products of the module docstring."""
     low, factor, need = _rows_and_cols_read(low_res, inner, image_size)
     out = orig_im_size.to(torch.int64)
     x = low_res[..., : need[0], : need[1]]

@@ -55,9 +55,10 @@ import torch
 from torch import Tensor, nn
 
 from cpcsam.export.attention import chunked_global_attention
-from cpcsam.export.mask_resize import postprocess_masks_as_products, postprocess_masks_interpolated
+from cpcsam.export.mask_resize import postprocess_masks_as_products
 from cpcsam.export.runtime import CROP_PROPERTY, DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
+from cpcsam.modeling.transforms import postprocess_masks_interpolated
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def prepadded_size(orig_im_size: Tensor, image_size: int) -> Tensor:
 
 def postprocess_masks_traceable(low_res: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
     """`transforms.postprocess_masks` with the sizes as tensors, so the traced graph stays exact:
-    `mask_resize.postprocess_masks_interpolated` in PyTorch, and traced for export the same function
+    `transforms.postprocess_masks_interpolated` in PyTorch, and traced for export the same function
     as matrix products (`mask_resize.postprocess_masks_as_products`): onnxruntime's `Resize` runs on
     one thread."""
     inner = prepadded_size(orig_im_size, image_size)

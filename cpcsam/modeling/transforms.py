@@ -89,17 +89,45 @@ def boxes_to_model(boxes: np.ndarray | torch.Tensor, original_size: tuple[int, i
     return coords_to_model(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, image_size).reshape(boxes.shape)
 
 
-def postprocess_masks(low_res_logits: torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:
-    """Low-resolution logits [N, M, h, w] → logits [N, M, H, W] at the original image size.
+def low_res_rows_read(inner: torch.Tensor, low: int, factor: int) -> torch.Tensor:
+    """How many low-resolution rows (or columns) the crop to `inner` of the ×`factor` upsampled
+    frame reads: ceil(inner / factor) + 1 (the +1 being bilinear's next neighbour of the last one),
+    at most `low`. Traceable: `inner` is an int64 tensor, a graph input's function in an export."""
+    return torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
 
-    Upsample to the square model frame, crop the padding, resize to (H, W): SAM's
-    `Sam.postprocess_masks` with the sizes computed here.
-    """
-    h, w = original_size
-    new_h, new_w = resized_shape(h, w, image_size)
-    masks = F.interpolate(low_res_logits, (image_size, image_size), mode="bilinear", align_corners=False)
-    masks = masks[..., :new_h, :new_w]
-    return F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
+
+def upsampling_factor(low_res: torch.Tensor, image_size: int) -> int:
+    """The ×factor from the [.., l, l] low-resolution logits to the square model frame."""
+    low = int(low_res.shape[-1])
+    if image_size % low:
+        raise ValueError(f"low-resolution logits of side {low} do not divide the model frame {image_size}")
+    return image_size // low
+
+
+def postprocess_masks_interpolated(low_res: torch.Tensor, inner: torch.Tensor, orig_im_size: torch.Tensor,
+                                   image_size: int) -> torch.Tensor:
+    """[N, M, l, l] low-resolution logits → [N, M, H, W]; `inner` is the (h, w) of the image in the
+    square frame and `orig_im_size` (H, W), both int64 tensors, so that a traced graph keeps them
+    as functions of its inputs (`postprocess_masks` takes plain sizes).
+
+    Only the rows/cols that the crop reads are upsampled: the same scale factor and the same
+    source coordinates, so the kept pixels are bit-identical to SAM's upsampling of the whole
+    square and cropping it afterwards, at a fraction of the cost for non-square images."""
+    factor = upsampling_factor(low_res, image_size)
+    need = low_res_rows_read(inner, int(low_res.shape[-1]), factor)
+    masks = low_res[..., : need[0], : need[1]]  # tensor bounds: dynamic Slices in a graph
+    masks = F.interpolate(masks, size=(need[0] * factor, need[1] * factor), mode="bilinear", align_corners=False)
+    masks = masks[..., : inner[0], : inner[1]]
+    out = orig_im_size.to(torch.int64)
+    return F.interpolate(masks, size=(out[0], out[1]), mode="bilinear", align_corners=False)
+
+
+def postprocess_masks(low_res_logits: torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """Low-resolution logits [N, M, h, w] → logits [N, M, H, W] at the original image size: SAM's
+    `Sam.postprocess_masks` (upsample to the square model frame, crop the padding, resize to
+    (H, W)), bit for bit, upsampling only what the crop keeps."""
+    inner = torch.tensor(resized_shape(*original_size, image_size))
+    return postprocess_masks_interpolated(low_res_logits, inner, torch.tensor(tuple(original_size)), image_size)
 
 
 def mask_to_model(mask: np.ndarray | torch.Tensor, image_size: int, out_size: int | None = None) -> torch.Tensor:

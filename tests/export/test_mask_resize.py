@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cpcsam.export.mask_resize import (composed_taps, postprocess_masks_as_products, postprocess_masks_interpolated,
-                                       rows_per_block)
+from cpcsam.export.mask_resize import composed_taps, postprocess_masks_as_products, rows_per_block
 from cpcsam.export.onnx import _export, postprocess_masks_traceable, prepadded_size
 from cpcsam.export.runtime import create_session
-from cpcsam.modeling.transforms import postprocess_masks
 
 # (H, W): landscape and portrait, square, a prime H (no block divisor: one dense block), an image
 # smaller than the frame's inner side (the second resize shrinks), a thin strip.
@@ -38,16 +36,6 @@ def test_products_equal_the_two_resizes(size: tuple[int, int], low: int, image_s
     got = _products(low_res, size, image_size)
     assert got.shape == expected.shape == (3, 1, *size)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("size", SIZES)
-def test_interpolating_only_the_rows_the_crop_reads_is_bit_identical_to_sams_order(size: tuple[int, int]) -> None:
-    """PyTorch's form upsamples only the low-resolution rows/cols the crop keeps; SAM upsamples the
-    whole square frame and crops afterwards."""
-    low_res = _smooth_logits(2, 256)
-    orig = torch.tensor(size, dtype=torch.float32)
-    got = postprocess_masks_interpolated(low_res, prepadded_size(orig, 1024), orig, 1024)
-    assert torch.equal(got, postprocess_masks(low_res, size, 1024))
 
 
 def test_each_output_reads_at_most_four_neighbouring_rows_with_weights_summing_to_one() -> None:

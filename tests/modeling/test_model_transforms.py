@@ -82,6 +82,25 @@ def test_postprocess_matches_sam(height, width):
     assert torch.equal(ours, theirs)
 
 
+# landscape and portrait, square, a prime side, an image smaller than the frame, a thin strip
+OFFICIAL_FRAME_SIZES = [(1200, 1800), (1800, 1200), (1024, 1024), (1201, 640), (100, 150), (33, 2000)]
+
+
+@pytest.mark.parametrize("height, width", OFFICIAL_FRAME_SIZES)
+def test_upsampling_only_what_the_crop_keeps_is_bit_identical_to_sams_whole_frame(height, width):
+    """`postprocess_masks` upsamples only the low-resolution rows/cols the crop keeps; SAM's own
+    `Sam.postprocess_masks` (called here on a stand-in with the official 1024 frame) upsamples the
+    whole square and crops afterwards."""
+    from types import SimpleNamespace
+
+    from segment_anything.modeling import Sam
+
+    low = torch.nn.functional.interpolate(torch.randn(2, 1, 32, 32) * 20, size=(256, 256), mode="bilinear")
+    official = SimpleNamespace(image_encoder=SimpleNamespace(img_size=1024))
+    theirs = Sam.postprocess_masks(official, low, resized_shape(height, width, 1024), (height, width))
+    assert torch.equal(postprocess_masks(low, (height, width), 1024), theirs)
+
+
 def test_mask_in_model_frame_is_padded_with_background():
     mask = np.ones((100, 400), dtype=bool)
     full = mask_to_model(mask, 256)

@@ -34,7 +34,6 @@ on every thread.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cpcsam.modeling.transforms import low_res_rows_read, upsampling_factor

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cpcsam.modeling.transforms import low_res_rows_read, upsampling_factor
+from cpcsam.modeling.transforms import low_res_rows_read
 
 # Output rows per block of A_H's product are a divisor of H in this range (see the module docstring):
 # small enough that a block's window stays narrow, large enough that each block's product is a real GEMM.
@@ -102,17 +102,9 @@ def _apply_to_rows(t: Tensor, out_rows: Tensor, inner: Tensor, low: int, factor:
     return (weights @ rows).reshape(t.shape[0], 1, out_rows, t.shape[-1])
 
 
-def _rows_and_cols_read(low_res: Tensor, inner: Tensor, image_size: int) -> tuple[int, int, Tensor]:
-    """(low, factor, need): the low-resolution side, the ×factor upsampling and the low-resolution
-    (rows, cols) that the crop to `inner` reads (`transforms.low_res_rows_read`)."""
-    factor = upsampling_factor(low_res, image_size)
-    low = int(low_res.shape[-1])
-    return low, factor, low_res_rows_read(inner, low, factor)
-
-
 def postprocess_masks_as_products(low_res: Tensor, inner: Tensor, orig_im_size: Tensor, image_size: int) -> Tensor:
     """`transforms.postprocess_masks_interpolated`'s function as the products of the module docstring."""
-    low, factor, need = _rows_and_cols_read(low_res, inner, image_size)
+    low, factor, need = low_res_rows_read(low_res, inner, image_size)
     out = orig_im_size.to(torch.int64)
     x = low_res[..., : need[0], : need[1]]
     return _apply_to_rows(_apply_to_columns(x, out[1], inner[1], low, factor), out[0], inner[0], low, factor)

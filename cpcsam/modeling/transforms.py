@@ -89,19 +89,17 @@ def boxes_to_model(boxes: np.ndarray | torch.Tensor, original_size: tuple[int, i
     return coords_to_model(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, image_size).reshape(boxes.shape)
 
 
-def low_res_rows_read(inner: torch.Tensor, low: int, factor: int) -> torch.Tensor:
-    """How many low-resolution rows (or columns) the crop to `inner` of the ×`factor` upsampled
-    frame reads: ceil(inner / factor) + 1 (the +1 being bilinear's next neighbour of the last one),
-    at most `low`. Traceable: `inner` is an int64 tensor, a graph input's function in an export."""
-    return torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
-
-
-def upsampling_factor(low_res: torch.Tensor, image_size: int) -> int:
-    """The ×factor from the [.., l, l] low-resolution logits to the square model frame."""
+def low_res_rows_read(low_res: torch.Tensor, inner: torch.Tensor, image_size: int) -> tuple[int, int, torch.Tensor]:
+    """(low, factor, need) for [.., l, l] low-resolution logits: their side, the ×factor to the
+    square model frame, and how many low-resolution (rows, cols) the crop to `inner` of the
+    upsampled frame reads: ceil(inner / factor) + 1 (the +1 being bilinear's next neighbour of the
+    last one), at most `low`. Traceable: `inner` is an int64 tensor, a graph input's function in
+    an export."""
     low = int(low_res.shape[-1])
     if image_size % low:
         raise ValueError(f"low-resolution logits of side {low} do not divide the model frame {image_size}")
-    return image_size // low
+    factor = image_size // low
+    return low, factor, torch.clamp(torch.div(inner + (factor - 1), factor, rounding_mode="floor") + 1, max=low)
 
 
 def postprocess_masks_interpolated(low_res: torch.Tensor, inner: torch.Tensor, orig_im_size: torch.Tensor,
@@ -113,8 +111,7 @@ def postprocess_masks_interpolated(low_res: torch.Tensor, inner: torch.Tensor, o
     Only the rows/cols that the crop reads are upsampled: the same scale factor and the same
     source coordinates, so the kept pixels are bit-identical to SAM's upsampling of the whole
     square and cropping it afterwards, at a fraction of the cost for non-square images."""
-    factor = upsampling_factor(low_res, image_size)
-    need = low_res_rows_read(inner, int(low_res.shape[-1]), factor)
+    _, factor, need = low_res_rows_read(low_res, inner, image_size)
     masks = low_res[..., : need[0], : need[1]]  # tensor bounds: dynamic Slices in a graph
     masks = F.interpolate(masks, size=(need[0] * factor, need[1] * factor), mode="bilinear", align_corners=False)
     masks = masks[..., : inner[0], : inner[1]]

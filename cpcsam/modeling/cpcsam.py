@@ -145,7 +145,7 @@ class CPCSAM(nn.Module):
         dense, dense_pe = self._dense_prompt()
         entity = self.capl.entity
         if not sam_order:
-            return decode_entities(self.sam, entity, image_embeddings + dense, image_index, tokens, entity_keys)
+            return decode_entities(self.sam, entity, image_embeddings, dense, image_index, tokens, entity_keys)
 
         decoder = self.sam.mask_decoder
         n = sparse.shape[0]

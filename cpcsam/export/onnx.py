@@ -5,7 +5,7 @@ decoder graph once per image for all of its entities.
 
 `DecoderOnnxModel` follows the style of segment-anything's `utils/onnx.py` (`SamOnnxModel`):
 points padded with label −1, box corners as labels 2/3, an optional low-resolution mask input
-with a `has_mask_input` flag, no data-dependent control flow. It differs where CPC-SAM needs it
+with a `has_mask_input` flag. It differs where CPC-SAM needs it
 or where the official export is wrong:
 
 - CaPL is inside: the task causal module calibrates the sparse tokens (K = 1 group at inference)
@@ -28,6 +28,11 @@ or where the official export is wrong:
   prompt gets an image of its own (`_images_with_mask_prompts`), so the entities without one
   still share the first block's image-side work. The entity keys read the image embedding alone,
   as in training (which has no mask prompts).
+- A call without any mask prompt runs a graph without them: the module is traced twice, with
+  mask prompts and without (`mask_prompts=False`: one image, which every entity reads by
+  broadcasting), and the two traces are the branches of an `If` on `has_mask_input`
+  (`cpcsam.export.branches`). The traced mask-prompt path selects every first-block image-side
+  tensor per entity, also when all entities read image 0.
 - Single-mask output (mask token 0), as CPC-SAM is trained; no multimask selection.
 - The two bilinear resizes to full size are one matrix per axis, applied as products
   (`cpcsam.export.mask_resize`): onnxruntime's `Resize` runs on one thread.
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,6 +63,7 @@ from torch import Tensor, nn
 from cpcsam.export.attention import chunked_global_attention
 from cpcsam.export.mask_resize import postprocess_masks_as_products
 from cpcsam.export.runtime import CROP_PROPERTY, DECODER_GRAPH, ENCODER_GRAPH, GRAPH_MARKER
+from cpcsam.files import atomic_path
 from cpcsam.modeling import CPCSAM, has_lora, merge_lora
 from cpcsam.modeling.transforms import postprocess_masks_interpolated
 
@@ -99,10 +106,13 @@ def postprocess_masks_traceable(low_res: Tensor, orig_im_size: Tensor, image_siz
 class DecoderOnnxModel(nn.Module):
     """CaPL + prompt encoder + mask decoder (+ mask postprocessing) of one image, N entities."""
 
-    def __init__(self, model: CPCSAM) -> None:
+    def __init__(self, model: CPCSAM, mask_prompts: bool = True) -> None:
+        """`mask_prompts=False`: the form for calls without any (`mask_input` and `has_mask_input`
+        are not read), which `export_decoder` traces as the `If`'s other branch."""
         super().__init__()
         self.model = model
         self.image_size = int(model.image_size)
+        self.mask_prompts = mask_prompts
 
     def _images_with_mask_prompts(self, image_embeddings: Tensor, mask_input: Tensor,
                                   has_mask_input: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,7 +122,8 @@ class DecoderOnnxModel(nn.Module):
         `no_mask_embed`). `decode` shares the first block's image-side work between the entities
         of an image, so an entity with a mask prompt gets an image of its own: the embedding plus
         mask_downscaling(mask) − no_mask_embed; entities without one all read image 0. The masked
-        entities are picked with NonZero in the graph, so unmasked calls pay nothing for them.
+        entities are picked with NonZero in the graph, so no unmasked entity runs the mask
+        downscaling; a call without any mask prompt runs the other branch of the exported `If`.
         """
         pe = self.model.sam.prompt_encoder
         flag = (has_mask_input > 0).to(torch.int64)  # N
@@ -138,7 +149,9 @@ class DecoderOnnxModel(nn.Module):
         one_image = torch.zeros_like(labels[:, 0])  # the plain image: a mask prompt does not move the prompt's features
         sparse = self.model.calibrate_prompts(sparse.unsqueeze(1), labels.unsqueeze(1), point_coords.unsqueeze(1),
                                               image_embeddings, one_image).squeeze(1)
-        images, image_index = self._images_with_mask_prompts(image_embeddings, mask_input, has_mask_input)
+        images, image_index = image_embeddings, one_image
+        if self.mask_prompts:
+            images, image_index = self._images_with_mask_prompts(image_embeddings, mask_input, has_mask_input)
         if entity_keys is None:  # eager use: the keys of the (unmasked) image, as the encoder graph computes them
             entity_keys = self.model.entity_keys(image_embeddings)
         out = self.model.decode(images, image_index, sparse, entity_keys=entity_keys)
@@ -203,15 +216,18 @@ def _mark(path: Path, props: dict[str, str]) -> None:
     with its references to them, is rewritten."""
     import onnx
 
-    from cpcsam.files import atomic_path
-
     graph = onnx.load(str(path), load_external_data=False)
-    for prop in [p for p in graph.metadata_props if p.key in props]:
-        graph.metadata_props.remove(prop)
-    for key, value in props.items():
-        graph.metadata_props.add(key=key, value=value)
+    _set_metadata(graph, props)
     with atomic_path(path) as tmp:  # same folder: relative references to external weights still hold
         onnx.save(graph, str(tmp))
+
+
+def _set_metadata(model: Any, props: dict[str, str]) -> None:
+    """Set metadata properties of an `onnx.ModelProto`, replacing those of the same keys."""
+    for prop in [p for p in model.metadata_props if p.key in props]:
+        model.metadata_props.remove(prop)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
 
 
 def _export_traced(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
@@ -235,11 +251,15 @@ def _export_traced(module: nn.Module, args: tuple[Tensor, ...], path: Path, inpu
 
 
 def export_decoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Export `DecoderOnnxModel(model)` (call `prepare_for_export` first) with dynamic N and P."""
+    """Export `DecoderOnnxModel(model)` (call `prepare_for_export` first) with dynamic N and P:
+    traced with mask prompts and without, the two joined by an `If` on `has_mask_input`."""
+    import onnx
+
+    from cpcsam.export.branches import join_on_any_positive
+
     if opset < 17:
         raise ValueError(f"opset {opset} < 17")
     path = Path(path)
-    wrapper = DecoderOnnxModel(model).eval()
     dynamic = {
         "point_coords": {0: "num_entities", 1: "num_points"},
         "point_labels": {0: "num_entities", 1: "num_points"},
@@ -250,9 +270,19 @@ def export_decoder(model: CPCSAM, path: str | Path, opset: int = DEFAULT_OPSET) 
         "low_res_masks": {0: "num_entities"},
     }
     inputs, outputs = DECODER_GRAPH.names(model.capl.entity is not None)
-    with torch.no_grad():
-        _export(wrapper, decoder_example_inputs(model), path, list(inputs), list(outputs), dynamic, opset,
-                DECODER_GRAPH.role, {CROP_PROPERTY: model.crop.model_dump_json()})
+    traces = []
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        for mask_prompts in (True, False):
+            trace = Path(tmp) / f"mask_prompts_{mask_prompts}.onnx"
+            _export_traced(DecoderOnnxModel(model, mask_prompts).eval(), decoder_example_inputs(model), trace,
+                           list(inputs), list(outputs), dynamic, opset)
+            traces.append(onnx.load(str(trace)))
+    joined = join_on_any_positive("has_mask_input", *traces, "mask_prompts", "no_mask_prompt")
+    _set_metadata(joined, {GRAPH_MARKER: DECODER_GRAPH.role, CROP_PROPERTY: model.crop.model_dump_json()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as out:
+        onnx.save(joined, str(out))
+    onnx.checker.check_model(str(path))
     logger.info("exported decoder + CaPL to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 

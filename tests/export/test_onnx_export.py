@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,43 @@ def test_mask_prompts_on_some_entities_only(exported, decoder):
                         entity_keys=keys)["low_res_masks"]
     assert np.abs(mixed[[0, 2]] - without[[0, 2]]).max() <= 1e-5
     assert np.abs(mixed[[1, 3]] - with_mask[[1, 3]]).max() <= 1e-5
+
+
+def _branches_run(path, feeds: dict, tmp_path) -> set[str]:
+    """The `If` branches whose nodes onnxruntime ran in one call (its profile's node names)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    return {e["name"].split("/")[0] for e in events if e.get("cat") == "Node" and "/" in e["name"]} & {
+        "mask_prompts", "no_mask_prompt"}
+
+
+def test_calls_without_mask_prompts_run_the_branch_without_them(exported, tmp_path):
+    """The graph holds two traces, joined by an `If` on `has_mask_input`: a call without any mask
+    prompt runs the one that reads no mask input (and selects no image tokens per entity)."""
+    import onnx
+
+    from cpcsam.export.branches import all_nodes
+
+    model, _, path = exported
+    emb = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(10))
+    coords, labels = _prompts(3, 3, seed=10)
+    feeds = {"image_embeddings": emb.numpy(), "point_coords": coords.numpy(), "point_labels": labels.numpy(),
+             "mask_input": np.ones((3, 1, 64, 64), np.float32), "has_mask_input": np.zeros(3, np.float32),
+             "orig_im_size": np.array([100, 100], np.float32), "entity_keys": _keys(model, emb)}
+    assert _branches_run(path, feeds, tmp_path) == {"no_mask_prompt"}
+    assert _branches_run(path, {**feeds, "has_mask_input": np.array([0, 0, 1], np.float32)}, tmp_path) == {"mask_prompts"}
+    (branch,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "If"]
+    without = next(a.g for a in branch.attribute if a.name == "else_branch")
+    read = {name for node in all_nodes(without) for name in node.input}
+    assert "mask_input" not in read and "image_embeddings" in read
+    assert not any(node.op_type == "NonZero" for node in all_nodes(without))
 
 
 def test_parity_report_end_to_end(exported, decoder):

@@ -5,18 +5,21 @@ for every input. The decoder's mask prompts (`DecoderOnnxModel._images_with_mask
 each masked entity image tokens of its own, so the one traced graph selected every first-block
 image-side tensor per entity (a `Gather` of [N, H, HW, d] each, the image tokens' [N, HW, C]), in
 calls without a mask prompt too, where all of them are the one image's: at the ViT-B decoder's
-sizes 1.7 % of a one-entity call and 5 % of a four-entity call. Traced once with mask prompts and
+sizes 2–5 % of a call at one and at four entities. Traced once with mask prompts and
 once without them (one image, which broadcasts to every entity without a copy), the two graphs
 become the branches of an `If` on whether any entity has one.
 
 The branches read the outer graph's inputs and its initializers, which hold each weight once: the
-two traces fold their constants alike, so equal tensors under different names are one tensor.
-Small constants (shapes, axes, scalars) stay in the branch that reads them: onnxruntime folds a
-subgraph's constant expressions only from the subgraph's own initializers, and with them in the
-outer graph it left 26 more nodes per call in the no-mask branch than in the same graph alone
-(21 `Unsqueeze`, 5 `Slice`) and one `Slice` pattern unfused.
-Each branch's nodes and intermediate values get the branch's name as a prefix (ONNX names are
-global across a graph and its subgraphs), which is also how a profile tells the branches apart.
+two traces fold their constants alike, so equal tensors under different names are one tensor
+(the ViT-B decoder's file grows by 2 %, its node protos). Each branch's nodes and intermediate
+values get the branch's name as a prefix (ONNX names are global across a graph and its
+subgraphs), which is also how a profile tells the branches apart.
+
+onnxruntime optimizes a branch less than the same graph on its own: the no-mask branch keeps 653
+nodes against 627 (shape arithmetic it does not fold, one `Slice` pattern it does not fuse into a
+`Split`), whether the small constants sit in the branch or in the outer graph and with or without
+the outer inputs' shapes declared in it. In time the joined graph and the no-mask trace alone were
+within each other's noise (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -26,10 +29,6 @@ from collections.abc import Iterable
 
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
-
-
-# Initializers of more bytes than this are weights, shared by the branches from the outer graph.
-SHARED_MIN_BYTES = 1024
 
 
 def _digest(tensor: TensorProto) -> tuple[int, tuple[int, ...], str]:
@@ -62,16 +61,11 @@ class _Initializers:
         return name
 
 
-def _branch(model: ModelProto, prefix: str, outer_inputs: list[onnx.ValueInfoProto],
-            initializers: _Initializers) -> GraphProto:
+def _branch(model: ModelProto, prefix: str, input_names: set[str], initializers: _Initializers) -> GraphProto:
     """`model`'s graph as an `If` branch: no inputs of its own (it reads the outer graph's inputs
     and initializers by name), every value it computes renamed `prefix + name`."""
     graph = model.graph
-    input_names = {v.name for v in outer_inputs}
-    shared = [t for t in graph.initializer if numpy_helper.to_array(t).nbytes > SHARED_MIN_BYTES]
-    own = [t for t in graph.initializer if numpy_helper.to_array(t).nbytes <= SHARED_MIN_BYTES]
-    outer = {t.name: initializers.add(t, prefix) for t in shared}
-    outer.update({t.name: prefix + t.name for t in own})
+    outer = {t.name: initializers.add(t, prefix) for t in graph.initializer}
     produced = {name for node in graph.node for name in node.output if name}
 
     def rename(name: str) -> str:
@@ -101,17 +95,8 @@ def _branch(model: ModelProto, prefix: str, outer_inputs: list[onnx.ValueInfoPro
             nodes.append(helper.make_node("Identity", [rename(value.name)], [prefix + value.name],
                                           name=f"{prefix}{value.name}/identity"))
         outputs.append(_renamed_value(value, prefix + value.name))
-    # The outer graph's inputs as the branch sees them: with their static dimensions, onnxruntime
-    # folds the shape arithmetic on them inside the branch too, as it does in a graph of its own.
-    value_info = [_renamed_value(v, v.name) for v in outer_inputs]
-    value_info += [_renamed_value(v, prefix + v.name) for v in graph.value_info if v.name in produced]
-    constants = []
-    for tensor in own:
-        constant = TensorProto()
-        constant.CopyFrom(tensor)
-        constant.name = prefix + tensor.name
-        constants.append(constant)
-    return helper.make_graph(nodes, prefix.rstrip("/"), [], outputs, initializer=constants, value_info=value_info)
+    value_info = [_renamed_value(v, prefix + v.name) for v in graph.value_info if v.name in produced]
+    return helper.make_graph(nodes, prefix.rstrip("/"), [], outputs, value_info=value_info)
 
 
 def _renamed_value(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
@@ -141,8 +126,8 @@ def join_on_any_positive(flag_input: str, then_model: ModelProto, else_model: Mo
         raise ValueError(f"the branches' outputs differ: {then_outputs} against {else_outputs}")
 
     initializers = _Initializers()
-    then_branch = _branch(then_model, f"{then_name}/", list(then_graph.input), initializers)
-    else_branch = _branch(else_model, f"{else_name}/", list(then_graph.input), initializers)
+    then_branch = _branch(then_model, f"{then_name}/", inputs, initializers)
+    else_branch = _branch(else_model, f"{else_name}/", inputs, initializers)
     zero = helper.make_tensor(f"{flag_input}/zero", TensorProto.FLOAT, [], [0.0])
     condition = [  # Σ [flag > 0] > 0: an empty flag (no entities) sums to 0
         helper.make_node("Greater", [flag_input, zero.name], [f"{flag_input}/positive"], name=f"{flag_input}/positive"),

@@ -8,10 +8,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cpcsam.export.branches import SHARED_MIN_BYTES, all_nodes, join_on_any_positive
+from cpcsam.export.branches import all_nodes, join_on_any_positive
 
-WEIGHT = np.arange(300, dtype=np.float32)  # 1200 bytes: shared from the outer graph
-assert WEIGHT.nbytes > SHARED_MIN_BYTES
+WEIGHT = np.arange(300, dtype=np.float32)
 
 
 def _model(op: str, weight_name: str, scale: float, inputs: tuple[str, ...] = ("x", "flag"),
@@ -51,15 +50,14 @@ def test_the_branch_follows_the_flag(joined):
     np.testing.assert_allclose(_run(joined, []), other, rtol=1e-6)  # no entities: nothing is > 0
 
 
-def test_weights_are_stored_once_and_small_constants_stay_in_their_branch(joined):
-    outer = {t.name: numpy_helper.to_array(t) for t in joined.graph.initializer}
-    weights = [name for name, value in outer.items() if value.shape == WEIGHT.shape]
-    assert weights == ["w_then"]
+def test_equal_weights_are_stored_once_and_equal_names_kept_apart(joined):
+    outer = {t.name: float(numpy_helper.to_array(t).ravel()[-1]) for t in joined.graph.initializer}
+    assert {name: value for name, value in outer.items() if name != "flag/zero"} == {
+        "w_then": 299.0, "scale": 2.0, "without/scale": 3.0}
     (branch,) = [n for n in joined.graph.node if n.op_type == "If"]
     for attribute in branch.attribute:
-        (scale,) = attribute.g.initializer
-        assert scale.name.startswith(("with/", "without/"))
-        assert [n.input[1] for n in attribute.g.node if n.op_type in ("Mul", "Add") and n.name.endswith("/op")] == ["w_then"]
+        assert not attribute.g.initializer and not attribute.g.input
+        assert [n.input[1] for n in attribute.g.node if n.name.endswith("/op")] == ["w_then"]
     names = [n.name for n in all_nodes(joined.graph)]
     assert len(names) == len(set(names)) and {"with//op", "without//op"} <= set(names)
 

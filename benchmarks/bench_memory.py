@@ -56,6 +56,9 @@ def run_child(backend: str, root: Path, entities: int, size: tuple[int, int], th
     from cpcsam.predict import EntityPrompt, make_backend, segment_image
 
     torch.set_num_threads(threads)
+    if backend == "torch":  # as `cpcsam predict --backend torch` sets its process
+        from cpcsam.training.device import keep_freed_memory
+        keep_freed_memory(large_blocks_from_heap=True)
     engine = make_backend(backend, root / "onnx", root / "model.pt", "cpu", threads)
     rng = np.random.default_rng(0)
     h, w = size

@@ -31,7 +31,7 @@ def work(params, args, run) -> str:
     from cpcsam.training.run import build_embedding_cache
 
     train = params.seeded("train")
-    configure_process(train.threads)
+    configure_process(train.threads, large_blocks_from_heap=True)  # no gradients here
     with process_group(train.distributed.backend, resolve_device(params.embed.device)):
         summary = build_embedding_cache(train, params.model, params.embed, load_manifest(args.manifest), args.sam,
                                         args.out)

@@ -147,7 +147,7 @@ def work(params, args, run) -> str:
     seed = params.stage_seed("evaluate")
     eval_cfg = EvalConfig.from_section(cfg, seed)  # checks the protocols before any work
     torch.manual_seed(seed)
-    configure_process(cfg.threads)
+    configure_process(cfg.threads, large_blocks_from_heap=True)  # no gradients here
     classes = load_classes(args.classes)
     engines = load_models(params, args.trained, args.sam)
     started = time.perf_counter()

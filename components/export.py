@@ -109,7 +109,7 @@ def work(params, args, run) -> str:
 
     cfg = params.export
     # pinned, not the machine's: the parity report's float differences depend on the thread count
-    configure_process(cfg.threads)
+    configure_process(cfg.threads, large_blocks_from_heap=True)  # no gradients here
     tol = tolerances(cfg)  # bad values fail before the export
     out = Path(args.out)
     model = prepare_for_export(load_cpcsam(args.model, fold_lora=True))

@@ -106,6 +106,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
+    if args.backend == "torch":  # this process only predicts: large blocks from a heap kept whole
+        from cpcsam.training.device import keep_freed_memory
+        keep_freed_memory(large_blocks_from_heap=True)
     summary = predict(
         args.images, args.out, prompts=args.prompts, support=args.support,
         classes=[c for c in (args.classes or "").split(",") if c], backend=args.backend,

@@ -9,9 +9,9 @@ from cpcsam.errors import ConfigError
 
 def configure_process(threads: int, large_blocks_from_heap: bool = False) -> None:
     """The CPU settings of a process that runs torch work (called by components, which own it):
-    `torch.set_num_threads(threads)` when > 0, and freed memory kept for reuse (`_keep_freed_memory`;
-    `large_blocks_from_heap`: blocks of every size, for training steps on cached embeddings), and
-    subnormal floats flushed to zero (`flush_subnormals`).
+    `torch.set_num_threads(threads)` when > 0, and freed memory kept for reuse (`keep_freed_memory`;
+    `large_blocks_from_heap`: blocks of every size, for inference and for training steps on cached
+    embeddings), and subnormal floats flushed to zero (`flush_subnormals`).
 
     The default of every stage is 1 thread: on a 2-core machine shared with anything else, two
     OpenMP threads per process spin-wait on each other and a training step fell from 3.3/s to
@@ -20,7 +20,7 @@ def configure_process(threads: int, large_blocks_from_heap: bool = False) -> Non
     """
     if threads > 0:
         torch.set_num_threads(threads)
-    _keep_freed_memory(large_blocks_from_heap)
+    keep_freed_memory(large_blocks_from_heap)
     flush_subnormals()
 
 
@@ -48,7 +48,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
-def _keep_freed_memory(large_blocks_from_heap: bool = False) -> None:
+def keep_freed_memory(large_blocks_from_heap: bool = False) -> None:
     """Make glibc's malloc keep the memory torch frees for reuse instead of handing it back.
 
     torch allocates CPU tensors with malloc. glibc serves a large block with a fresh mmap (above a
@@ -56,17 +56,27 @@ def _keep_freed_memory(large_blocks_from_heap: bool = False) -> None:
     and trims free memory at the top of its heap, so a training step faulted in and zeroed much of
     its activation memory anew, page by page (a cached ViT-B decoder step: 18,000–34,000 page
     faults, 10–15 % of its CPU time in the kernel). With the threshold fixed at its maximum
-    (32 MiB) and no trimming, blocks below it come from the heap the previous step left.
+    (32 MiB) and trimming off (-1, mallopt(3)), blocks below it come from the heap the previous
+    step left.
 
     Larger blocks are still mapped and unmapped each time, and a cached ViT-B step with 4 entities
     per image has several of exactly 32 MiB (the upscaled features, [4 · 16·HW, 32] floats): 5,800–
     12,700 page faults and 22–79 ms of kernel time per step remained, a step took 0.237–0.287 s.
     `large_blocks_from_heap` turns mmap off (M_MMAP_MAX = 0), so that every block comes from the
-    heap: 0–1,024 faults, 0.207–0.220 s per step (six processes each, alternating). Only the
-    training stage asks for it, and only when its steps read cached embeddings: a heap that never
-    returns its large blocks fragments when they vary, and with the ViT-B encoder in the step (LoRA
-    on its qkv: 12 heads × 4096² attention scores per block) the process's peak RSS rose from
-    8.7–8.9 to 15.9–16.1 GB. Not glibc (macOS, musl): nothing to do.
+    heap: 0–1,024 faults, 0.207–0.220 s per step (six processes each, alternating).
+
+    The ViT-B encoder's global-attention blocks hold 12 × 4096² floats (805 MB) per product, softmax
+    and added position bias: mapped afresh, one forward pass faulted in about 10 GB. From the heap
+    it faults nothing after the first image, and a forward pass without gradients took 8.0 s
+    instead of 13–17 s at the same peak RSS (3.5 GB), but only with trimming off: the threshold
+    used before (2**31 - 1, the largest positive int) still let glibc return what was free at the
+    heap's top after each global block (2.36 M faults, 9.7 GB, a pass: 13.3–13.8 s). So the stages that run models without
+    gradients (embed, evaluate, export) and `cpcsam predict --backend torch` ask for it, and the
+    training stage when its steps read cached embeddings. Not a training step through the encoder:
+    a heap that never returns its large blocks fragments when their sizes vary, and with the ViT-B
+    encoder in the step (LoRA on its qkv) the process's peak RSS rose from 8.7–8.9 to 15.9–16.1 GB
+    (measured with the earlier trim threshold).
+    Not glibc (macOS, musl): nothing to do.
     """
     import ctypes
     import ctypes.util
@@ -76,7 +86,7 @@ def _keep_freed_memory(large_blocks_from_heap: bool = False) -> None:
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # the largest a C int holds
+    libc.mallopt(_M_TRIM_THRESHOLD, -1)  # never trim (mallopt(3)); glibc reads it as the largest size_t
     if large_blocks_from_heap:
         libc.mallopt(_M_MMAP_MAX, 0)
 

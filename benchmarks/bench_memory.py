@@ -53,12 +53,10 @@ def run_child(backend: str, root: Path, entities: int, size: tuple[int, int], th
     import numpy as np
     import torch
 
-    from cpcsam.predict import EntityPrompt, make_backend, segment_image
+    from cpcsam.predict import EntityPrompt, configure_predict_process, make_backend, segment_image
 
     torch.set_num_threads(threads)
-    if backend == "torch":  # as `cpcsam predict --backend torch` sets its process
-        from cpcsam.training.device import keep_freed_memory
-        keep_freed_memory(large_blocks_from_heap=True)
+    configure_predict_process(backend)  # as `cpcsam predict` sets its process
     engine = make_backend(backend, root / "onnx", root / "model.pt", "cpu", threads)
     rng = np.random.default_rng(0)
     h, w = size

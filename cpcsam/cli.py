@@ -101,14 +101,12 @@ def _predict(args: argparse.Namespace) -> int:
     """Segment images with the exported (or PyTorch) model; exit 2 when any image failed."""
     import logging
 
-    from cpcsam.predict import predict
+    from cpcsam.predict import configure_predict_process, predict
     from cpcsam.redact import install_log_redaction
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
-    if args.backend == "torch":  # this process only predicts: large blocks from a heap kept whole
-        from cpcsam.training.device import keep_freed_memory
-        keep_freed_memory(large_blocks_from_heap=True)
+    configure_predict_process(args.backend)
     summary = predict(
         args.images, args.out, prompts=args.prompts, support=args.support,
         classes=[c for c in (args.classes or "").split(",") if c], backend=args.backend,

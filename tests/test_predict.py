@@ -199,3 +199,16 @@ def test_images_from_an_s3_prefix(models, real_images, s3_bucket, tmp_path):
     summary = predict(f"s3://{s3_bucket}/dive/", tmp_path / "s3", prompts={name: prompts[name]},
                       onnx_dir=models / "onnx")
     assert summary.processed == [f"s3://{s3_bucket}/dive/{name}"] and not summary.failures
+
+
+def test_only_the_pytorch_backend_asks_for_large_blocks_from_the_heap(monkeypatch) -> None:
+    """onnxruntime keeps its own arena; the PyTorch backend's attention blocks come from glibc."""
+    from cpcsam.predict import configure_predict_process
+    from cpcsam.training import device
+
+    calls: list[bool] = []
+    monkeypatch.setattr(device, "keep_freed_memory", lambda large_blocks_from_heap=False: calls.append(large_blocks_from_heap))
+    configure_predict_process("onnx")
+    assert calls == []
+    configure_predict_process("torch")
+    assert calls == [True]

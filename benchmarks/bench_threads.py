@@ -34,13 +34,12 @@ import sys, time, torch
 from cpcsam.config import load_config
 from cpcsam.data import load_manifest
 from cpcsam.prompts.perturb import load_prompts
-from cpcsam.training.device import configure_process
-from cpcsam.training.run import prepare_training, use_embedding_cache
+from cpcsam.training.run import configure_training_process, prepare_training
 from cpcsam.training.variants import variant_sections
 threads, steps = int(sys.argv[1]), int(sys.argv[2])
 params = load_config("params.yaml", [f"train.threads={threads}"])
 train, model = variant_sections("cpcsam", params.seeded("train"), params.model)
-configure_process(train.threads, large_blocks_from_heap=use_embedding_cache(model, train))  # as components/train.py
+configure_training_process(model, train)  # as components/train.py
 trainer = prepare_training(train, model, params.perturb, load_manifest("data/ingest/manifest.parquet"),
                            load_prompts("data/prompts/prompts.parquet"), "artifacts/pretrain/sam.pth", None)
 for _ in range(5):

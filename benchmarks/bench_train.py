@@ -121,7 +121,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
 
     from cpcsam.config import EmbedConfig, ModelConfig, PerturbConfig, TrainConfig, read_params_file
     from cpcsam.training.device import configure_process
-    from cpcsam.training.run import build_embedding_cache, prepare_training, use_embedding_cache
+    from cpcsam.training.run import build_embedding_cache, configure_training_process, prepare_training
 
     params = read_params_file(ROOT / "params.yaml")
     model = dict(params["model"])
@@ -131,9 +131,10 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     batch_images = 1 if case["config"] == "vit_b" else 2
     train = dict(params["train"], mode=case["mode"], device="cpu", batch_images=batch_images,
                  max_entities=case["max_entities"], upper_max_entities=1,
-                 embedding_cache="on" if case["cache"] else "off", steps=1000, checkpoint_every=1000)
+                 embedding_cache="on" if case["cache"] else "off", steps=1000, checkpoint_every=1000,
+                 threads=int(case.get("threads") or 0))
     train_cfg, model_cfg = TrainConfig.from_params(train), ModelConfig.from_params(model)
-    configure_process(int(case.get("threads") or 0))
+    configure_process(train_cfg.threads)
     perturb = PerturbConfig(k=4)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -147,8 +148,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
                                   root / "emb", progress=False)
         # as components/train.py sets its process up; after the cache, which the pipeline builds in
         # a process of its own (the embed stage): the heap setting is for the training steps only
-        configure_process(int(case.get("threads") or 0),
-                          large_blocks_from_heap=use_embedding_cache(model_cfg, train_cfg))
+        configure_training_process(model_cfg, train_cfg)
         trainer = prepare_training(train_cfg, model_cfg, perturb, manifest, prompts, None, None, embeddings_dir=root / "emb")
         for _ in range(case["warmup"]):
             trainer.train_step()

@@ -42,16 +42,16 @@ def work(params, args, run) -> str:
     from cpcsam.errors import ConfigError
     from cpcsam.modeling import save_cpcsam
     from cpcsam.prompts.perturb import load_prompts
-    from cpcsam.training.device import configure_process, resolve_device
+    from cpcsam.training.device import resolve_device
     from cpcsam.training.distributed import process_group
-    from cpcsam.training.run import prepare_training, training_model_cfg, use_embedding_cache
+    from cpcsam.training.run import configure_training_process, prepare_training, training_model_cfg
     from cpcsam.training.variants import variant_sections
 
     if args.variant not in params.variants:
         raise ConfigError(f"--variant {args.variant!r} is not in variants {params.variants}")
     out = Path(args.out or f"artifacts/train/{args.variant}")
     train, model = variant_sections(args.variant, params.seeded("train"), params.model)
-    configure_process(train.threads, large_blocks_from_heap=use_embedding_cache(model, train))
+    configure_training_process(model, train)
     with process_group(train.distributed.backend, resolve_device(train.device)) as world:
         trainer = prepare_training(train, model, params.perturb, load_manifest(args.manifest),
                                    load_prompts(args.prompts), args.sam, out, embeddings_dir=args.embeddings,

@@ -10,8 +10,8 @@ from cpcsam.errors import ConfigError
 def configure_process(threads: int, large_blocks_from_heap: bool = False) -> None:
     """The CPU settings of a process that runs torch work (called by components, which own it):
     `torch.set_num_threads(threads)` when > 0, and freed memory kept for reuse (`keep_freed_memory`;
-    `large_blocks_from_heap`: blocks of every size, for inference and for training steps on cached
-    embeddings), and subnormal floats flushed to zero (`flush_subnormals`).
+    `large_blocks_from_heap`: blocks of every size, for inference and for training with a frozen
+    image encoder), and subnormal floats flushed to zero (`flush_subnormals`).
 
     The default of every stage is 1 thread: on a 2-core machine shared with anything else, two
     OpenMP threads per process spin-wait on each other and a training step fell from 3.3/s to
@@ -70,12 +70,13 @@ def keep_freed_memory(large_blocks_from_heap: bool = False) -> None:
     it faults nothing after the first image, and a forward pass without gradients took 8.0 s
     instead of 13–17 s at the same peak RSS (3.5 GB), but only with trimming off: the threshold
     used before (2**31 - 1, the largest positive int) still let glibc return what was free at the
-    heap's top after each global block (2.36 M faults, 9.7 GB, a pass: 13.3–13.8 s). So the stages that run models without
-    gradients (embed, evaluate, export) and `cpcsam predict --backend torch` ask for it, and the
-    training stage when its steps read cached embeddings. Not a training step through the encoder:
-    a heap that never returns its large blocks fragments when their sizes vary, and with the ViT-B
-    encoder in the step (LoRA on its qkv) the process's peak RSS rose from 8.7–8.9 to 15.9–16.1 GB
-    (measured with the earlier trim threshold).
+    heap's top after each global block (2.36 M faults, 9.7 GB, a pass: 13.3–13.8 s). So the stages
+    that run models without gradients (embed, evaluate, export) and `cpcsam predict --backend torch`
+    ask for it, and the training stage when its image encoder is frozen (`configure_training_process`).
+    Not a training step with gradients through the encoder: a heap that never returns its large
+    blocks fragments when their sizes vary, and with the ViT-B encoder in the step (LoRA on its
+    qkv) the process's peak RSS rose from 8.7–8.9 to 15.9–16.1 GB (measured with the earlier trim
+    threshold).
     Not glibc (macOS, musl): nothing to do.
     """
     import ctypes

@@ -54,7 +54,7 @@ def configure_training_process(model: ModelConfig, train: TrainConfig) -> None:
     kept heap pays (`keep_freed_memory`). A frozen ViT-B encoder, uncached (focus crops, or
     `embedding_cache: off`), 4 entities per image: lora-only 13.4–14.1 → 8.6 s per step, bilevel
     24.8–26.0 → 15.5–17.2 s, at a peak RSS of 4.0–5.3 against 4.0 GB and 4.9–5.5 against 4.15 GB
-    (three alternating rounds each). Not with LoRA on the encoder, where the peak RSS doubled.
+    (old and new alternating in fresh processes). Not with LoRA on the encoder: peak RSS doubled.
     """
     from cpcsam.training.device import configure_process
 

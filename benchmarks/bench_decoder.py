@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_decoder.py [--configs small,vit_b] [--entities 1,4,16]
         [--repeats 15] [--warmup 3] [--image 1200x1800] [--threads 2] [--out table.md]
+    .venv/bin/python benchmarks/bench_decoder.py --roofline     # vit_b at 4 entities, and its floor here
 
 For each configuration (random weights; `vit_b` = the real ViT-B decoder sizes — the decoder is the
 same for every ViT, only its image encoder differs, which is not timed here) and each number of
@@ -99,7 +100,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_config(config: str, entities: list[int], repeats: int, warmup: int, size: tuple[int, int],
-               threads: int, workdir: Path) -> list[dict]:
+               threads: int, workdir: Path, profile: bool = False) -> list[dict]:
+    """One row per N; with `profile`, each row's "roofline" also holds our ONNX call's profile
+    (`roofline.onnx_profile`, from a second, profiling session run `repeats` times after the
+    timing) and this machine's speeds, for `--roofline`."""
     model = build_model(config)
     c = model.sam.prompt_encoder.embed_dim
     h, w = model.embedding_size
@@ -186,7 +190,29 @@ def run_config(config: str, entities: list[int], repeats: int, warmup: int, size
         print(f"  {config} N={n}: " + ", ".join(f"{k} {v[0]:.1f} ms" for k, v in row.items() if isinstance(v, tuple))
               + " (CPU " + ", ".join(f"{k[:-4]} {v:.1f}" for k, v in row.items() if k.endswith("_cpu")) + ")",
               file=sys.stderr, flush=True)
+        if profile:  # after the row's timing and its printed line
+            row["roofline"] = _profile_ours(ours_path, threads, workdir / f"profile_{n}", repeats,
+                                            lambda decoder: decoder(emb_np, coords_np, labels_np, size, entity_keys=keys_np),
+                                            row["ours_onnx"][0] / 1000)
     return rows
+
+
+def _profile_ours(path: Path, threads: int, prefix: Path, repeats: int, call: Callable[[OnnxDecoder], object],
+                  seconds: float):
+    """(profile, machine speeds) of `call` on a profiling session of our graph, after a warm-up run."""
+    import json
+
+    import roofline
+
+    decoder = OnnxDecoder(path, device="cpu", threads=threads, profile_prefix=str(prefix))
+    call(decoder)
+    for _ in range(repeats):
+        call(decoder)
+    events = json.loads(Path(decoder.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    first_timed = runs[1]["ts"]  # the warm-up run is left out
+    events = [e for e in events if e.get("ts", 0) >= first_timed]
+    return roofline.onnx_profile(events, seconds), roofline.machine_speeds()
 
 
 def ratios(row: dict) -> dict[str, float]:
@@ -230,6 +256,20 @@ def markdown(rows: list[dict], size: tuple[int, int], threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def print_roofline(repeats: int, warmup: int, size: tuple[int, int], threads: int) -> int:
+    """The eager / ONNX pair at the ViT-B sizes and 4 entities (one round-robin run as in the
+    table), and our ONNX call's floors on this machine, each against the eager call."""
+    import roofline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (row,) = run_config("vit_b", [4], repeats, warmup, size, threads, Path(tmp), profile=True)
+    profile, speeds = row["roofline"]
+    print(f"vit_b decoder + CaPL, 4 entities, {threads} threads, p50 of {repeats} round-robin repetitions\n")
+    print(roofline.markdown(row["ours_eager"][0] / 1000, "eager PyTorch, measured", profile, speeds, unit="call"))
+    print("\nTarget: eager / ours >= 2x. The profile's kernel times split the measured call into products and the rest.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="small,vit_b")
@@ -239,8 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default="1200x1800", help="original image size HxW of the full-size masks")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--roofline", action="store_true",
+                        help="only vit_b at 4 entities, and how fast our ONNX call could be here (benchmarks/roofline.py)")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.image.lower().split("x"))
+    if args.roofline:
+        return print_roofline(args.repeats, args.warmup, size, args.threads)
     entities = [int(v) for v in args.entities.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

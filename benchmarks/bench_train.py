@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train.py                      # small + base_small + vit_b
     .venv/bin/python benchmarks/bench_train.py --configs small --steps 20 --threads 2
+    .venv/bin/python benchmarks/bench_train.py --roofline           # the 50x pair, and its floor here
 
 Every case runs in its own process (so peak RSS is that case's), on synthetic images with
 2–4 ellipse entities each, through the real trainer (`prepare_training` + `train_step`):
@@ -22,6 +23,7 @@ Prints a markdown table and the two ratios the issue sets targets for.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -158,12 +160,19 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
             trainer.train_step()
         seconds = (time.perf_counter() - started) / case["steps"]
         images = (trainer.images_seen - seen) / case["steps"]
+        extra = {}
+        if case.get("roofline"):
+            import roofline  # beside this script
+
+            profile = roofline.profile_step(trainer.train_step, case["steps"])
+            extra = {"profile": dataclasses.asdict(profile), "speeds": dataclasses.asdict(roofline.machine_speeds())}
     return {
         "seconds_per_step": seconds,
         "images_per_step": images,
         "seconds_per_image": seconds / images,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        **extra,
     }
 
 
@@ -252,6 +261,24 @@ def ratios(results: list[Result], config: str) -> dict[str, Any]:
     return out
 
 
+def print_roofline(threads: int) -> int:
+    """The cached / uncached pair behind the 50x target (vit_b, lora-only, encoder frozen, 4 entities),
+    one round, and how fast the cached step could be on this machine (`roofline.markdown`)."""
+    import roofline
+
+    pair = [c for c in _cases(["vit_b"], 10, 2)
+            if c["mode"] == "lora-only" and not c["encoder_lora"] and c["max_entities"] == 4]
+    uncached, cached = (_run_child({**c, "threads": threads, "roofline": c["cache"]}) for c in pair)
+    if uncached is None or cached is None:
+        return 1
+    profile, speeds = roofline.StepProfile(**cached["profile"]), roofline.MachineSpeeds(**cached["speeds"])
+    print(f"vit_b, lora-only, encoder frozen, 4 entities/image, {cached['threads']} threads; cached step "
+          f"{cached['seconds_per_step']:.3f} s in the case's own timing\n")
+    print(roofline.markdown(uncached["seconds_per_step"], "uncached step, measured", profile, speeds))
+    print("\nTarget: uncached / cached >= 50x.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="small,base_small,vit_b")
@@ -260,11 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0 = torch default)")
     parser.add_argument("--only", default="", help="run only the cases whose table row contains this text, "
                         "e.g. 'frozen'")
+    parser.add_argument("--roofline", action="store_true",
+                        help="only the vit_b lora-only frozen pair at 4 entities, and the cached step's floor "
+                        "on this machine (benchmarks/roofline.py)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return 0
+    if args.roofline:
+        return print_roofline(args.threads)
 
     configs = args.configs.split(",")
     results = run_cases(configs, args.steps, args.warmup, args.threads, args.only)

@@ -136,8 +136,11 @@ def _load_cuda_libraries(ort) -> None:
         logger.debug("onnxruntime.preload_dlls failed: %s", exc)
 
 
-def create_session(path: str | Path, device: str = "auto", threads: int | None = None):
-    """An `InferenceSession` for `path` and a `SessionInfo` of the providers it really uses.
+def create_session(path: str | Path, device: str = "auto", threads: int | None = None, *,
+                   profile_prefix: str | None = None):
+    """An `InferenceSession` for `path` and a `SessionInfo` of the providers it really uses;
+    with `profile_prefix`, onnxruntime profiles every run into `<prefix>_<date>.json`
+    (`session.end_profiling()`; benchmarks/roofline.py reads it).
 
     The intra-op threads busy-wait for the next operator during a run and stop at its end
     (`session.force_spinning_stop`). A session here always alternates with other work: the encoder
@@ -169,6 +172,9 @@ def create_session(path: str | Path, device: str = "auto", threads: int | None =
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # onnxruntime's own provider warnings: we report the outcome ourselves
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     if CUDA in requested:
         _load_cuda_libraries(ort)
     try:
@@ -259,8 +265,9 @@ class OnnxImageEncoder:
 class OnnxDecoder:
     """The exported CaPL + prompt encoder + mask decoder graph (see `cpcsam.export.onnx`)."""
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
-        self.session, self.info = create_session(path, device, threads)
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None, *,
+                 profile_prefix: str | None = None) -> None:
+        self.session, self.info = create_session(path, device, threads, profile_prefix=profile_prefix)
         check_graph(self.session, path, DECODER_GRAPH)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -71,3 +71,22 @@ def test_real_cpu_session(exported):
 def test_missing_model_names_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="nothere.onnx"):
         create_session(tmp_path / "nothere.onnx")
+
+
+def test_a_profiled_session_writes_every_run_with_its_nodes_shapes(exported, tmp_path):
+    """`profile_prefix` is what benchmarks/roofline.py reads: onnxruntime's profile, whose node
+    records carry the operands' shapes it counts multiply-adds and bytes from."""
+    import json
+
+    _, enc_path, _ = exported
+    session, _ = create_session(enc_path, "cpu", 1, profile_prefix=str(tmp_path / "enc"))
+    for _ in range(2):
+        session.run(None, {"image": np.zeros((1, 3, 256, 256), np.float32)})
+    path = session.end_profiling()
+    assert path.startswith(str(tmp_path / "enc"))
+    events = json.loads(open(path).read())
+    assert sum(e.get("name") == "model_run" for e in events) == 2
+    matmuls = [e for e in events if e.get("cat") == "Node" and e["args"].get("op_name") == "MatMul"]
+    assert matmuls and all(e["args"]["input_type_shape"] and e["args"]["output_type_shape"] for e in matmuls)
+    plain, _ = create_session(enc_path, "cpu", 1)
+    assert not plain.get_session_options().enable_profiling

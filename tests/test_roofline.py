@@ -3,25 +3,11 @@ still go on this machine count products' multiply-adds and the other operators' 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from script_modules import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-roofline = _load("cpcsam_roofline_script", ROOT / "benchmarks" / "roofline.py")
+roofline = load_script("cpcsam_roofline_script", "benchmarks/roofline.py")
 
 
 def test_a_pytorch_step_counts_its_products_flops_and_the_other_operators_bytes():

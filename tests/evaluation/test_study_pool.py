@@ -3,26 +3,17 @@ and a held-out profile scored whole, with intervals that resample its videos (`-
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load("cpcsam_study_script", ROOT / "benchmarks" / "study.py")
+study = load_script("cpcsam_study_script", "benchmarks/study.py")
 PROTOCOLS = ["box@0", "box@0.5", "points@0.5"]
 
 
@@ -111,7 +102,7 @@ def test_held_out_intervals_resample_whole_videos() -> None:
 def test_a_held_out_profile_is_scored_whole_and_must_be_held_out_with_the_same_targets(tmp_path: Path) -> None:
     from cpcsam.config import load_config
 
-    builders = _load("cpcsam_test_data_builders", ROOT / "tests" / "data" / "data_builders.py")
+    builders = load_script("cpcsam_test_data_builders", "tests/data/data_builders.py")
     builders.make_coco(str(tmp_path / "coco"), n_images=6, frames_per_video=2)
     profile = (f"data.profiles.new={{source: coco, root: {tmp_path / 'coco'}, group_pattern: '^(vid_\\d+)_frame', "
                "roles: {target: [bottle]}}")

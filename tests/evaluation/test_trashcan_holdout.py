@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from script_modules import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("cpcsam_trashcan_holdout", ROOT / "benchmarks" / "trashcan_holdout.py")
-holdout = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = holdout
-spec.loader.exec_module(holdout)
+holdout = load_script("cpcsam_trashcan_holdout", "benchmarks/trashcan_holdout.py")
 
 
 def _obj(oid: int, title: str, tags: dict[str, object], mask: np.ndarray, origin: tuple[int, int], **extra) -> dict:

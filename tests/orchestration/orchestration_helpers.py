@@ -16,13 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def load_stack_module():
     """infra/stack.py as a module (infra/ is scripts and templates, not a package)."""
-    import importlib.util
+    from script_modules import load_script
 
-    spec = importlib.util.spec_from_file_location("cpcsam_infra_stack", ROOT / "infra" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("cpcsam_infra_stack", "infra/stack.py")
 
 
 def free_port() -> int:

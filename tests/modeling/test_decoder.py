@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 from modeling_helpers import randomize
 
 from cpcsam.modeling import build_cpcsam
@@ -138,3 +139,37 @@ def test_the_hypernetwork_products_own_gradients_are_exact():
         out = _hyper_product(pixels.requires_grad_(), hyper)
     assert out.grad_fn is None
     torch.testing.assert_close(out, pixels @ hyper.unsqueeze(-1), rtol=0, atol=0)
+
+
+def test_the_transposed_products_gradients_are_autograds_bits_in_the_inputs_layout():
+    """`_TransposedProductFunction` (the token→image logits, a @ xᵀ): the same bits as autograd's
+    own backward for both inputs, x's gradient made contiguous like x where autograd's is a
+    transposed view (whose sum with x's other gradients ran 4× slower), finite differences in
+    float64, and the plain product where no gradient is wanted or one x is broadcast over a's rows."""
+    from cpcsam.modeling.decoder import _product_with_transposed
+
+    gen = torch.Generator().manual_seed(0)
+    a, x = torch.randn(3, 13, 32, generator=gen), torch.randn(3, 64, 32, generator=gen)
+    grad = torch.randn(3, 13, 64, generator=gen)
+
+    def gradients(product) -> tuple[Tensor, Tensor, Tensor]:
+        """(a's gradient, x's, x's as the product's backward made it, before autograd stores it)."""
+        leaves = [t.clone().requires_grad_() for t in (a, x)]
+        made = []
+        x_inner = leaves[1] * 1.0  # not a leaf: its hook sees the gradient as made
+        x_inner.register_hook(made.append)
+        product(leaves[0], x_inner).backward(grad)
+        return leaves[0].grad, leaves[1].grad, made[0]
+
+    ours = gradients(_product_with_transposed)
+    theirs = gradients(lambda u, v: u @ v.transpose(1, 2))
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
+    assert ours[2].is_contiguous() and not theirs[2].is_contiguous()
+    doubles = (a[:2, :3, :4].double().requires_grad_(), x[:2, :5, :4].double().requires_grad_())
+    assert type(_product_with_transposed(*doubles).grad_fn).__name__ == "_TransposedProductFunctionBackward"
+    assert torch.autograd.gradcheck(_product_with_transposed, doubles, atol=1e-9, rtol=1e-7)
+    with torch.no_grad():
+        assert _product_with_transposed(*doubles).grad_fn is None
+    one_x = _product_with_transposed(doubles[0], doubles[1][:1])  # broadcast: autograd's own backward
+    assert type(one_x.grad_fn).__name__ != "_TransposedProductFunctionBackward"

@@ -331,8 +331,12 @@ class _TransposedProductFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         a, x = ctx.saved_tensors
-        grad_a = grad @ x if ctx.needs_input_grad[0] else None
-        grad_x = grad.transpose(1, 2) @ a if ctx.needs_input_grad[1] else None
+        # Under autocast the forward's product ran in its lower precision and `grad` comes in it:
+        # the products in that precision, as autocast's own casts and bmm's backward would compute
+        # them, and each gradient in its input's dtype (a no-op in float32).
+        low = grad.dtype
+        grad_a = (grad @ x.to(low)).to(a.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = (grad.transpose(1, 2) @ a.to(low)).to(x.dtype) if ctx.needs_input_grad[1] else None
         return grad_a, grad_x
 
 

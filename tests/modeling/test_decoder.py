@@ -166,6 +166,17 @@ def test_the_transposed_products_gradients_are_autograds_bits_in_the_inputs_layo
     for mine, reference in zip(ours, theirs):
         torch.testing.assert_close(mine, reference, rtol=0, atol=0)
     assert ours[2].is_contiguous() and not theirs[2].is_contiguous()
+
+    def under_autocast(product) -> list[Tensor]:  # bfloat16 training on the CPU (`train.amp`)
+        leaves = [t.clone().requires_grad_() for t in (a, x)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = product(*leaves)
+        out.float().sum().backward()
+        return [out, leaves[0].grad, leaves[1].grad]
+
+    for mine, reference in zip(under_autocast(_product_with_transposed), under_autocast(lambda u, v: u @ v.transpose(1, 2))):
+        assert mine.dtype == reference.dtype
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
     doubles = (a[:2, :3, :4].double().requires_grad_(), x[:2, :5, :4].double().requires_grad_())
     assert type(_product_with_transposed(*doubles).grad_fn).__name__ == "_TransposedProductFunctionBackward"
     assert torch.autograd.gradcheck(_product_with_transposed, doubles, atol=1e-9, rtol=1e-7)

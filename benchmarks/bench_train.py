@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_train.py --roofline           # the 50x pair, and its floor here
 
 Every case runs in its own process (so peak RSS is that case's), on synthetic images with
-2–4 ellipse entities each, through the real trainer (`prepare_training` + `train_step`):
+exactly the case's number of ellipse entities each (`_dataset`), through the real trainer (`prepare_training` + `train_step`):
 warm-up steps first, then timed steps. The vit_b LoRA-only pair at 4 entities (uncached, cached)
 runs three rounds, alternating; its rows are the median round's. Cases:
 
@@ -81,8 +81,14 @@ def _groups(cases: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return groups
 
 
-def _dataset(root: Path, config: str, num_images: int):
-    """Synthetic images + a manifest (CONTRACTS.md) + the perturb stage's prompts."""
+def _dataset(root: Path, config: str, num_images: int, entities_per_image: int | None = None):
+    """Synthetic images + a manifest (CONTRACTS.md) + the perturb stage's prompts.
+
+    Each image has `entities_per_image` entities, or 2–4 drawn at random when None. The timed cases
+    ask for exactly their `max_entities`: a step's decoder work grows with its entities, so a case
+    labelled "4 entities" that drew 2–4 per image timed fewer, and its cached and uncached steps,
+    which visit different images, timed different numbers of them.
+    """
     import numpy as np
     import pandas as pd
     from PIL import Image
@@ -96,7 +102,7 @@ def _dataset(root: Path, config: str, num_images: int):
     for i in range(num_images):
         image = rng.integers(0, 60, size=(height, width, 3)).astype(np.uint8)
         yy, xx = np.mgrid[:height, :width]
-        for j in range(int(rng.integers(2, 5))):
+        for j in range(entities_per_image or int(rng.integers(2, 5))):
             cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
             ry, rx = rng.uniform(0.05, 0.2) * height, rng.uniform(0.05, 0.2) * width
             mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
@@ -144,7 +150,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
         num_images = 2 * batch_images * (case["steps"] + case["warmup"])
         if case["config"] == "vit_b":
             num_images = min(num_images, 4)
-        manifest, prompts = _dataset(root, case["config"], num_images)
+        manifest, prompts = _dataset(root, case["config"], num_images, entities_per_image=case["max_entities"])
         if case["cache"]:
             build_embedding_cache(train_cfg, model_cfg, EmbedConfig(batch_size=1, device="cpu"), manifest, None,
                                   root / "emb", progress=False)

@@ -25,7 +25,7 @@ def test_a_pytorch_step_counts_its_products_flops_and_the_other_operators_bytes(
     assert profile.product_gflop == pytest.approx(2 * 64 * 32 * 96 / 1e9)
     assert profile.elementwise_gbytes == pytest.approx(2 * 16_000 / 1e9)
     assert profile.operand_gbytes == pytest.approx((16_000 + 4_000 + 16_000 + 2 * 16_000) / 1e9)
-    assert 0 < profile.product_share < 1
+    assert 0 < profile.product_seconds < 0.01  # one small product's own time, not the step's
 
 
 def _node(op: str, inputs: list[list[int]], outputs: list[list[int]], dur: int, dtype: str = "float") -> dict:
@@ -49,12 +49,12 @@ def test_an_onnx_profile_counts_products_whatever_side_is_transposed_and_leaves_
     gelu = 65536 * 128 * 4
     assert profile.elementwise_gbytes == pytest.approx((gelu + 10) / 1e9)
     assert profile.operand_gbytes == pytest.approx((2 * gelu + 40) / 1e9)
-    assert profile.product_share == pytest.approx(400 / 950)
+    assert profile.product_seconds == pytest.approx(400e-6)  # per run
     assert profile.operators == 4
 
 
 def test_the_floors_put_products_at_peak_and_the_rest_at_copy_bandwidth():
-    profile = roofline.StepProfile(seconds=0.2, product_share=0.6, product_gflop=10.0, elementwise_gbytes=1.0,
+    profile = roofline.StepProfile(seconds=0.2, product_seconds=0.12, product_gflop=10.0, elementwise_gbytes=1.0,
                                    operand_gbytes=2.0, operators=100)
     speeds = roofline.MachineSpeeds(gemm_gflops=200.0, copy_gbytes=20.0)
     f = roofline.floor_seconds(profile, speeds)
@@ -65,3 +65,13 @@ def test_the_floors_put_products_at_peak_and_the_rest_at_copy_bandwidth():
     table = roofline.markdown(8.0, "uncached step, measured", profile, speeds)
     assert "| this step, measured | 200.0 | 40.00× |" in table
     assert "| roofline floor: that, and each other operator one pass over its largest operand | 100.0 | 80.00× |" in table
+
+
+def test_products_timed_longer_than_the_unprofiled_step_count_as_the_whole_step():
+    """The products' profiled time is capped at the step's: the rest never comes out negative."""
+    profile = roofline.StepProfile(seconds=0.1, product_seconds=0.15, product_gflop=10.0, elementwise_gbytes=1.0,
+                                   operand_gbytes=2.0, operators=100)
+    f = roofline.floor_seconds(profile, roofline.MachineSpeeds(gemm_gflops=200.0, copy_gbytes=20.0))
+    assert f["products_measured"] == pytest.approx(0.1)
+    assert f["rest_measured"] == 0
+    assert f["peak_products"] == pytest.approx(10 / 200)

@@ -266,7 +266,7 @@ def print_roofline(repeats: int, warmup: int, size: tuple[int, int], threads: in
     profile, speeds = row["roofline"]
     print(f"vit_b decoder + CaPL, 4 entities, {threads} threads, p50 of {repeats} round-robin repetitions\n")
     print(roofline.markdown(row["ours_eager"][0] / 1000, "eager PyTorch, measured", profile, speeds, unit="call"))
-    print("\nTarget: eager / ours >= 2x. The profile's kernel times split the measured call into products and the rest.")
+    print("\nTarget: eager / ours >= 2x. The products take their kernel time in the profile, the rest the measured call's remainder.")
     return 0
 
 

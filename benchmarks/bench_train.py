@@ -5,9 +5,10 @@
     .venv/bin/python benchmarks/bench_train.py --roofline           # the 50x pair, and its floor here
 
 Every case runs in its own process (so peak RSS is that case's), on synthetic images with
-exactly the case's number of ellipse entities each (`_dataset`), through the real trainer (`prepare_training` + `train_step`):
-warm-up steps first, then timed steps. The vit_b LoRA-only pair at 4 entities (uncached, cached)
-runs three rounds, alternating; its rows are the median round's. Cases:
+exactly the case's number of ellipse entities each (`_dataset`), through the real trainer
+(`prepare_training` + `train_step`): warm-up steps first, then timed steps. The vit_b LoRA-only
+pair at 4 entities (uncached, cached) runs three rounds, alternating; its rows are the median
+round's. Cases:
 
 - bilevel / lora-only / full-finetune with LoRA on the encoder qkv + decoder (uncached);
 - encoder frozen (LoRA on the decoder only): bilevel and lora-only, uncached vs cached

@@ -340,11 +340,18 @@ class _TransposedProductFunction(torch.autograd.Function):
         return grad_a, grad_x
 
 
+def _gradients_wanted(*inputs: Tensor) -> bool:
+    """Whether autograd will ask for gradients of any of `inputs`: where the decoder's own backward
+    functions replace autograd's. Never in an exported graph, which has no backward and no Python
+    functions."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+            and not torch.onnx.is_in_onnx_export())
+
+
 def _product_with_transposed(a: Tensor, x: Tensor) -> Tensor:
-    """a [N, R, C] @ x [N, L, C]ᵀ; with `_TransposedProductFunction`'s gradients where autograd
-    will ask for them (as `_hyper_product`)."""
-    if (torch.is_grad_enabled() and (a.requires_grad or x.requires_grad) and a.shape[0] == x.shape[0]
-            and not torch.onnx.is_in_onnx_export()):  # (one x broadcast to N would need its gradient summed)
+    """a [N, R, C] @ x [N, L, C]ᵀ; with `_TransposedProductFunction`'s gradients where they are
+    wanted (`_gradients_wanted`)."""
+    if _gradients_wanted(a, x) and a.shape[0] == x.shape[0]:  # (one x broadcast to N would need its gradient summed)
         return _TransposedProductFunction.apply(a, x)
     return a @ x.transpose(1, 2)
 
@@ -373,10 +380,9 @@ class _HyperProductFunction(torch.autograd.Function):
 
 def _hyper_product(pixels: Tensor, hyper: Tensor) -> Tensor:
     """The hypernetwork's mask, pixels [N, P, C] · hyper [N, C] → [N, P, 1]: the same forward either
-    way; the gradients of `_HyperProductFunction` where autograd will ask for them (never in an
-    exported graph, which has no backward and no Python functions)."""
+    way; the gradients of `_HyperProductFunction` where they are wanted (`_gradients_wanted`)."""
     hyper = hyper.unsqueeze(-1)
-    if torch.is_grad_enabled() and (pixels.requires_grad or hyper.requires_grad) and not torch.onnx.is_in_onnx_export():
+    if _gradients_wanted(pixels, hyper):
         return _HyperProductFunction.apply(pixels, hyper)
     return pixels @ hyper
 

@@ -26,7 +26,7 @@ from cpcsam.modeling.capl import (
     sample_prompt_features,
     wrap_cross_attention,
 )
-from cpcsam.modeling.decoder import DecoderOutput, attention_map, decode_entities
+from cpcsam.modeling.decoder import DecoderOutput, attention_map, decode_entities, dense_positional_encoding
 
 class CPCSAM(nn.Module):
     """SAM + CaPL. `mode` (from `capl_cfg`) selects the prompt-embedding ablation:
@@ -142,7 +142,7 @@ class CPCSAM(nn.Module):
         them from the encoder graph); computed here otherwise.
         """
         tokens = self._tokens(sparse)
-        dense, dense_pe = self._dense_prompt()
+        dense = self._dense_prompt()
         entity = self.capl.entity
         if not sam_order:
             return decode_entities(self.sam, entity, image_embeddings, dense, image_index, tokens, entity_keys)
@@ -162,6 +162,7 @@ class CPCSAM(nn.Module):
                 module.logit_bias = biases.get(path)
             final.keep_attn = True
             per_entity = image_embeddings[image_index] + dense
+            dense_pe = dense_positional_encoding(self.sam.prompt_encoder)
             hs, src = decoder.transformer(per_entity, dense_pe.expand(n, -1, -1, -1), tokens)
             final_attn = final.last_attn  # N x heads x T x HW
         finally:  # never leave a bias behind for the next call
@@ -193,7 +194,8 @@ class CPCSAM(nn.Module):
         entity module): per-image work, which the exported encoder graph does beside the embedding."""
         if self.capl.entity is None:
             return None
-        image, image_pe = _image_tokens(image_embeddings, *self._dense_prompt())
+        dense, dense_pe = self._dense_prompt(), dense_positional_encoding(self.sam.prompt_encoder)
+        image, image_pe = _image_tokens(image_embeddings, dense, dense_pe)
         return self.capl.entity.image_keys(image + image_pe)
 
     def entity_calibration(self, image_embeddings: Tensor, image_index: Tensor, sparse: Tensor) -> dict[str, Tensor]:
@@ -213,10 +215,9 @@ class CPCSAM(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
         return torch.cat((output_tokens, sparse), dim=1)
 
-    def _dense_prompt(self) -> tuple[Tensor, Tensor]:
-        """The no-mask dense embedding [1, C, 1, 1] and the image PE [1, C, h, w]."""
-        pe = self.sam.prompt_encoder
-        return pe.no_mask_embed.weight.reshape(1, -1, 1, 1), pe.get_dense_pe()
+    def _dense_prompt(self) -> Tensor:
+        """The no-mask dense embedding [1, C, 1, 1], added to every image position."""
+        return self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
 
 
 def _image_tokens(image_embeddings: Tensor, dense: Tensor, dense_pe: Tensor) -> tuple[Tensor, Tensor]:

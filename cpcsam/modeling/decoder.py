@@ -52,10 +52,11 @@ benchmarks/bench_decoder.py and bench_train.py.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import torch
-from segment_anything.modeling import Sam
+from segment_anything.modeling import PromptEncoder, Sam
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -65,6 +66,37 @@ from cpcsam.modeling.capl import FINAL_SITE, EntityCausalModule, cross_attention
 # the single-mask output reads the first two.
 SINGLE_MASK_TOKEN = 1
 OUTPUT_TOKENS_USED = SINGLE_MASK_TOKEN + 1
+
+
+# prompt encoder → (its Gaussian matrix when computed, that matrix's version, grid, encoding)
+_POSITIONAL_ENCODINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def dense_positional_encoding(prompt_encoder: PromptEncoder) -> Tensor:
+    """SAM's `prompt_encoder.get_dense_pe()`, the positional encoding of the embedding grid [1, C, h, w].
+
+    It depends only on the prompt encoder's random Gaussian matrix, a buffer that no optimiser
+    updates, yet `get_dense_pe` computes its sines and cosines on every call (a training step made
+    two: 1–4 % of a cached ViT-B step). So it is computed once per matrix and grid and kept here. It
+    is recomputed when the matrix is another tensor (`to()`) or changed in place
+    (`load_state_dict`). Computed as before on every call: in a trace for export (the exported
+    graphs keep their nodes), under autocast (whose reduced-precision product gives other values),
+    and where the matrix requires gradients. Nothing may modify the returned tensor in place.
+    """
+    matrix = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    device = matrix.device.type  # autocast has no state for some devices (meta): never enabled there
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or matrix.requires_grad or autocast:
+        return prompt_encoder.get_dense_pe()
+    grid = tuple(prompt_encoder.image_embedding_size)
+    kept = _POSITIONAL_ENCODINGS.get(prompt_encoder)
+    if kept is not None and kept[0]() is matrix and kept[1] == matrix._version and kept[2] == grid:
+        return kept[3]
+    # a normal tensor even when first asked for under inference_mode, so that training can use it
+    with torch.inference_mode(False), torch.no_grad():
+        encoding = prompt_encoder.get_dense_pe()
+    _POSITIONAL_ENCODINGS[prompt_encoder] = (weakref.ref(matrix), matrix._version, grid, encoding)
+    return encoding
 
 
 class DecoderOutput(NamedTuple):
@@ -441,7 +473,7 @@ def decode_entities(sam: Sam, entity: EntityCausalModule | None, images: Tensor,
     # projection then reads an Add's output. Reading the Transpose's, onnxruntime folded the transpose
     # into that MatMul (a FusedMatMul with transA), 1.85 against 1.53 ms at the ViT-B decoder's sizes.
     image = images.flatten(2).transpose(1, 2).contiguous() + dense.reshape(1, 1, -1)  # B x HW x C
-    image_pe = sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)  # 1 x HW x C
+    image_pe = dense_positional_encoding(sam.prompt_encoder).flatten(2).transpose(1, 2)  # 1 x HW x C
     image_with_pe = image + image_pe
     if entity is not None and entity_keys is None:
         entity_keys = entity.image_keys(image_with_pe)

@@ -184,3 +184,47 @@ def test_the_transposed_products_gradients_are_autograds_bits_in_the_inputs_layo
         assert _product_with_transposed(*doubles).grad_fn is None
     one_x = _product_with_transposed(doubles[0], doubles[1][:1])  # broadcast: autograd's own backward
     assert type(one_x.grad_fn).__name__ != "_TransposedProductFunctionBackward"
+
+
+def test_the_dense_positional_encoding_is_sams_kept_once_and_renewed_when_its_matrix_changes():
+    """`dense_positional_encoding`: SAM's `get_dense_pe`, the same bits; one
+    tensor while the Gaussian matrix stands, a new one after `load_state_dict` changes it in place
+    or another tensor replaces it (as `to()` does); under autocast SAM's own reduced-precision values, not the kept
+    ones; and, first made under `inference_mode`, still usable by a training step."""
+    from cpcsam.modeling.decoder import dense_positional_encoding
+
+    model = _model(lora=False)
+    encoder = model.sam.prompt_encoder
+
+    def sams() -> Tensor:
+        return encoder.get_dense_pe()
+
+    with torch.inference_mode():
+        first = dense_positional_encoding(encoder)
+    assert not first.is_inference()
+    torch.testing.assert_close(first, sams(), rtol=0, atol=0)
+    assert dense_positional_encoding(encoder) is first
+
+    matrix = encoder.pe_layer.positional_encoding_gaussian_matrix
+    replacement = 3.0 * matrix  # another tensor at the same version, as `to()` makes
+    assert replacement._version == matrix._version
+    encoder.pe_layer.register_buffer("positional_encoding_gaussian_matrix", replacement)
+    torch.testing.assert_close(dense_positional_encoding(encoder), sams(), rtol=0, atol=0)
+    assert not torch.equal(dense_positional_encoding(encoder), first)
+    first = dense_positional_encoding(encoder)
+
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    state["pe_layer.positional_encoding_gaussian_matrix"].mul_(2.0)
+    encoder.load_state_dict(state)
+    renewed = dense_positional_encoding(encoder)
+    assert renewed is not first
+    torch.testing.assert_close(renewed, sams(), rtol=0, atol=0)
+    assert not torch.equal(renewed, first)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(dense_positional_encoding(encoder), sams(), rtol=0, atol=0)
+        assert not torch.equal(sams(), renewed)  # autocast's values differ: none kept under it
+    assert dense_positional_encoding(encoder) is renewed
+
+    embeddings, index, sparse = _inputs(model, 1, 2, 3, seed=0)
+    model.decode(embeddings, index, sparse).low_res_logits.sum().backward()  # a kept tensor in autograd

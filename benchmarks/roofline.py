@@ -212,6 +212,8 @@ def markdown(baseline_seconds: float, baseline: str, profile: StepProfile, speed
     rows = [
         (baseline, baseline_seconds),
         (f"this {unit}, measured", profile.seconds),
+        # what faster or fused element-wise kernels alone could give, however good: nothing but products
+        ("the products alone, as measured (every other operator free)", f["products_measured"]),
         ("products at the large-product speed, the rest as measured", f["peak_products"]),
         ("products so, each other operator reading its operands and writing once", f["operand_floor"]),
         ("roofline floor: that, and each other operator one pass over its largest operand", f["floor"]),

@@ -64,6 +64,7 @@ def test_the_floors_put_products_at_peak_and_the_rest_at_copy_bandwidth():
     assert f["floor"] == pytest.approx(10 / 200 + 1 / 20)
     table = roofline.markdown(8.0, "uncached step, measured", profile, speeds)
     assert "| this step, measured | 200.0 | 40.00× |" in table
+    assert "| the products alone, as measured (every other operator free) | 120.0 | 66.67× |" in table
     assert "| roofline floor: that, and each other operator one pass over its largest operand | 100.0 | 80.00× |" in table
 
 

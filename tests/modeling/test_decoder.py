@@ -187,9 +187,9 @@ def test_the_transposed_products_gradients_are_autograds_bits_in_the_inputs_layo
 
 
 def test_the_dense_positional_encoding_is_sams_kept_once_and_renewed_when_its_matrix_changes():
-    """`dense_positional_encoding`: SAM's `get_dense_pe`, the same bits; one
-    tensor while the Gaussian matrix stands, a new one after `load_state_dict` changes it in place
-    or another tensor replaces it (as `to()` does); under autocast SAM's own reduced-precision values, not the kept
+    """`dense_positional_encoding`: SAM's `get_dense_pe`, the same bits; one tensor while the
+    Gaussian matrix stands, a new one after `load_state_dict` changes it in place or another tensor
+    replaces it (as `to()` does); under autocast SAM's own reduced-precision values, not the kept
     ones; and, first made under `inference_mode`, still usable by a training step."""
     from cpcsam.modeling.decoder import dense_positional_encoding
 
